@@ -1,0 +1,97 @@
+"""Turn an item's AudioRef into a validated float32 mono waveform at 16 kHz, or an AudioError naming the item."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from speechlm_eval.data.item import AudioRef
+
+TARGET_SAMPLING_RATE = 16_000
+
+# libsndfile error codes (sndfile.h) that say *why* a file could not be opened.
+_LIBSNDFILE_CAUSES = {
+    1: "unrecognised or unsupported audio format",
+    3: "malformed (corrupt) audio file",
+    4: "unsupported audio encoding",
+}
+
+
+class AudioError(ValueError):
+    """An item's audio is missing, empty, undecodable, in an unsupported format, or holds NaN/inf samples."""
+
+
+def _fail(item_id: str, ref: AudioRef, cause: str) -> AudioError:
+    origin = ref.describe()
+    if ref.path and ref.data is not None:
+        origin += f" ({len(ref.data)} encoded bytes)"  # path is only the original file name here
+    return AudioError(f"item {item_id}: audio {origin}: {cause}")
+
+
+def _mono(samples: np.ndarray, item_id: str, ref: AudioRef) -> np.ndarray:
+    """(n,) or (n, channels) -> (n,) float32; channels are averaged."""
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    if samples.ndim != 1:
+        raise _fail(item_id, ref, f"expected a 1-D or (samples, channels) array, got shape {samples.shape}")
+    return samples.astype(np.float32, copy=False)
+
+
+def _sndfile_source(ref: AudioRef, item_id: str) -> Any:
+    """What soundfile should open: a file-like over the bytes, or a checked path."""
+    if ref.data is not None:
+        if len(ref.data) == 0:
+            raise _fail(item_id, ref, "empty audio data (0 bytes)")
+        return io.BytesIO(ref.data)
+    if ref.path:
+        path = Path(ref.path)
+        if not path.exists():
+            raise _fail(item_id, ref, "file not found")
+        if not path.is_file():
+            raise _fail(item_id, ref, "not a regular file")
+        if path.stat().st_size == 0:
+            raise _fail(item_id, ref, "empty file (0 bytes)")
+        return str(path)
+    raise _fail(item_id, ref, "no audio (no array, no bytes, no path)")
+
+
+def _read(ref: AudioRef, item_id: str) -> tuple[np.ndarray, int]:
+    if ref.array is not None:
+        if not ref.sampling_rate:
+            raise _fail(item_id, ref, "array given without a sampling rate")
+        return _mono(np.asarray(ref.array, dtype=np.float32), item_id, ref), int(ref.sampling_rate)
+    source = _sndfile_source(ref, item_id)
+    try:
+        samples, rate = sf.read(source, dtype="float32", always_2d=True)
+    except sf.LibsndfileError as err:
+        cause = _LIBSNDFILE_CAUSES.get(err.code, "cannot decode audio")
+        raise _fail(item_id, ref, f"{cause} (libsndfile: {err.error_string})") from err
+    except Exception as err:  # anything else libsndfile/soundfile raises on bad input is still a per-item error
+        raise _fail(item_id, ref, f"cannot decode audio ({type(err).__name__}: {err})") from err
+    return _mono(samples, item_id, ref), int(rate)
+
+
+def decode_audio(ref: AudioRef, *, item_id: str, target_sr: int = TARGET_SAMPLING_RATE) -> np.ndarray:
+    """Decode, mix to mono, check and resample (soxr) an item's audio.
+
+    Returns:
+        float32 array of shape ``(n,)`` at ``target_sr``.
+    Raises:
+        AudioError: missing file, empty or zero-length audio, undecodable/corrupt data, unsupported format, NaN/inf
+            samples; the message names the item id, the origin (``ref.describe()``) and the cause.
+    """
+    samples, rate = _read(ref, item_id)
+    if samples.size == 0:
+        raise _fail(item_id, ref, "zero-length audio (0 samples)")
+    if rate <= 0:
+        raise _fail(item_id, ref, f"invalid sampling rate {rate}")
+    if not np.isfinite(samples).all():
+        raise _fail(item_id, ref, "audio contains NaN or infinite samples")
+    if rate != target_sr:
+        samples = soxr.resample(samples, rate, target_sr)
+    return np.ascontiguousarray(samples, dtype=np.float32)

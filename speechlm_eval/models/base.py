@@ -1,0 +1,93 @@
+"""The one narrow interface the runner drives: generate for a batch of prompts, and log-probs of continuations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+SAMPLING_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user turn.
+
+    Attributes:
+        text: the user's text (the whole turn in text arms; an instruction beside the audio for MMAU-style items).
+        audio: 16 kHz mono float32 samples, shape ``(n_samples,)``; placed before ``text`` in the turn, as Qwen2-Audio
+            and VoiceBench order them.
+        system: a system message; ``None`` keeps the chat template's default (Qwen2-Audio's "You are a helpful
+            assistant."), which is what VoiceBench sends.
+    """
+
+    text: str | None = None
+    audio: np.ndarray | None = None
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.audio is None:
+            raise ValueError("a Prompt needs text, audio or both")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings; greedy by default. Written to the run manifest."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A model's answer to one prompt."""
+
+    text: str
+    n_prompt_tokens: int
+    n_new_tokens: int
+    finish_reason: Literal["eos", "length"]
+
+
+class ModelInputError(ValueError):
+    """A prompt the model cannot take as given (e.g. audio longer than the encoder window)."""
+
+
+@runtime_checkable
+class SpeechLM(Protocol):
+    """What every model family implements. Batching, padding and prompt formatting live behind it.
+
+    Attributes:
+        name: the id or path it was loaded from.
+        accepts_audio: whether prompts may carry audio.
+        max_audio_seconds: the longest clip the audio encoder sees whole (``None`` = no limit / no audio).
+    """
+
+    name: str
+    accepts_audio: bool
+    max_audio_seconds: float | None
+
+    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[Generation]:
+        """Answer each prompt; one batch, order preserved."""
+        ...
+
+    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
+        """Log-probabilities of each continuation's tokens given its prompt (as the assistant's reply).
+
+        Returns one float32 array per pair, shape ``(n_continuation_tokens,)``.
+        """
+        ...
+
+    def prompt_length(self, prompt: Prompt) -> int:
+        """Approximate input length in tokens (audio included), used to sort batches."""
+        ...
+
+    def describe(self) -> dict:
+        """JSON-safe identity for the manifest: family, id/path, revision, dtype, device, parameter count."""
+        ...

@@ -1,0 +1,152 @@
+"""Shared machinery for transformers decoder-only models: device/dtype choice, padded batches, generation, log-probs.
+
+Family files (``qwen2_audio.py``, ``hf_causal.py``) only turn prompts into chat-formatted model inputs; everything
+that is the same for every decoder-only model lives here once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from speechlm_eval.models.base import Generation, GenerationConfig
+
+# (prompts' chat-formatted strings, audios or None) -> left-padded model inputs (input_ids, attention_mask, extras)
+EncodeFn = Callable[[Sequence[str], Sequence[np.ndarray] | None], Mapping[str, torch.Tensor]]
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" = this process's device under accelerate/torchrun, else CUDA when present, else CPU."""
+    if device != "auto":
+        return torch.device(device)
+    from speechlm_eval.distributed import process_state
+
+    return process_state().device
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """"auto" = the checkpoint's own dtype on an accelerator, float32 on CPU (bf16 matmuls are slow on CPUs)."""
+    if dtype == "auto":
+        return "auto" if device.type != "cpu" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def checkpoint_identity(name_or_path: str, model: torch.nn.Module, revision: str | None) -> dict[str, Any]:
+    """Id, requested revision, resolved hub commit (when downloaded) and a cheap local fingerprint."""
+    identity: dict[str, Any] = {
+        "id": name_or_path,
+        "revision": revision,
+        "commit": getattr(model.config, "_commit_hash", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        # Hash of config + weight-file names and sizes: identifies a local checkpoint without reading GBs.
+        digest = hashlib.sha256()
+        for file in sorted(path.iterdir()):
+            if file.name == "config.json":
+                digest.update(file.read_bytes())
+            elif file.suffix in {".safetensors", ".bin"}:
+                digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        identity["fingerprint"] = digest.hexdigest()[:16]
+    return identity
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists. Returns ``input_ids`` and ``attention_mask``, both ``(batch, max_len)`` int64."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """The real tokens of each row of a padded batch, shape ``(batch, len)`` → list of id lists."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    inputs: Mapping[str, torch.Tensor],
+    config: GenerationConfig,
+    eos_token_ids: Sequence[int],
+) -> list[Generation]:
+    """Run ``model.generate`` on left-padded ``inputs`` and decode only the new tokens (VoiceBench's decoding)."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    kwargs: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample}
+    if config.do_sample:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p)
+        torch.manual_seed(config.seed)
+    else:
+        # Explicit, so a checkpoint's generation_config (which may ask for sampling) cannot change greedy decoding.
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    output = model.generate(
+        **inputs, **kwargs, eos_token_id=list(eos_token_ids), pad_token_id=tokenizer.pad_token_id
+    )
+    prompt_width = inputs["input_ids"].shape[1]
+    n_prompt = inputs["attention_mask"].sum(dim=1).tolist()
+    results = []
+    for row, n in zip(output[:, prompt_width:], n_prompt):
+        tokens = row.tolist()
+        hit_eos = next((i for i, t in enumerate(tokens) if t in eos_token_ids), None)
+        kept = tokens if hit_eos is None else tokens[: hit_eos + 1]
+        while kept and kept[-1] == tokenizer.pad_token_id and kept[-1] not in eos_token_ids:
+            kept.pop()
+        text = tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        results.append(
+            Generation(
+                text=text,
+                n_prompt_tokens=int(n),
+                n_new_tokens=len(kept),
+                finish_reason="eos" if hit_eos is not None else "length",
+            )
+        )
+    return results
+
+
+@torch.inference_mode()
+def continuation_logprobs_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    inputs: Mapping[str, torch.Tensor],
+    continuations: Sequence[str],
+) -> list[np.ndarray]:
+    """Log-probs of each continuation's tokens appended to its (left-padded) prompt.
+
+    ``inputs`` holds the prompts (``input_ids``/``attention_mask`` ``(batch, len)`` plus any family extras such as
+    audio features, passed through unchanged). Returns float32 arrays of shape ``(n_continuation_tokens,)``.
+    """
+    cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    rows = [p + c for p, c in zip(unpadded_rows(inputs["input_ids"], inputs["attention_mask"]), cont_ids)]
+    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    batch.update(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    longest = max((len(c) for c in cont_ids), default=0)
+    if longest == 0:
+        return [np.zeros(0, dtype=np.float32) for _ in continuations]
+    logits = model(**batch).logits[:, -(longest + 1) : -1].float()  # (batch, longest, vocab): predicts the last tokens
+    logprobs = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[:, -longest:].to(device)
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, longest)
+    return [picked[i, longest - len(c):].cpu().numpy().astype(np.float32) for i, c in enumerate(cont_ids)]
+
+
+def describe_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)

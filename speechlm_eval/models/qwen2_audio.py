@@ -1,0 +1,138 @@
+"""Qwen2-Audio (and checkpoints of the same architecture): the prompt format VoiceBench uses for it.
+
+VoiceBench (``src/models/qwen2.py``) sends a single user turn whose content is either the audio alone or the text alone,
+through the processor's chat template, which adds the default system turn "You are a helpful assistant.". Items with an
+instruction beside the audio (MMAU) put the audio first, then the text, in the same turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from speechlm_eval.models.base import Generation, GenerationConfig, ModelInputError, Prompt, SAMPLING_RATE
+from speechlm_eval.models.hf_runtime import (
+    checkpoint_identity,
+    continuation_logprobs_batch,
+    generate_batch,
+    resolve_device,
+    resolve_dtype,
+)
+from speechlm_eval.models.registry import Family, LoadOptions, register_family
+
+
+def conversation(prompt: Prompt) -> list[dict[str, Any]]:
+    """The chat messages for one prompt, in the structure Qwen2-Audio's chat template reads."""
+    content: list[dict[str, str]] = []
+    if prompt.audio is not None:
+        content.append({"type": "audio", "audio_url": "in-memory"})
+    if prompt.text is not None:
+        content.append({"type": "text", "text": prompt.text})
+    messages: list[dict[str, Any]] = []
+    if prompt.system is not None:
+        messages.append({"role": "system", "content": prompt.system})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+class Qwen2AudioModel:
+    """A loaded Qwen2-Audio checkpoint behind the :class:`~speechlm_eval.models.base.SpeechLM` interface."""
+
+    accepts_audio = True
+
+    def __init__(self, name: str, model: torch.nn.Module, processor: Any, revision: str | None = None) -> None:
+        self.name = name
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.revision = revision
+        extractor = processor.feature_extractor
+        self.max_audio_seconds: float | None = extractor.n_samples / extractor.sampling_rate
+        self._eos_ids = _eos_ids(model, self.tokenizer)
+
+    def chat_text(self, prompt: Prompt) -> str:
+        return self.processor.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs; all prompts of a batch must agree on having audio (the runner batches per arm)."""
+        texts = [self.chat_text(p) for p in prompts]
+        with_audio = [p.audio is not None for p in prompts]
+        if any(with_audio) and not all(with_audio):
+            raise ValueError("a batch must be all-audio or all-text prompts")
+        if not any(with_audio):
+            return dict(self.processor(text=texts, return_tensors="pt", padding=True))
+        for prompt in prompts:
+            self.check_audio(prompt.audio)
+        audios = [np.asarray(p.audio, dtype=np.float32) for p in prompts]
+        encoded = self.processor(
+            text=texts, audio=audios, sampling_rate=SAMPLING_RATE, return_tensors="pt", padding=True
+        )
+        return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+    def check_audio(self, audio: np.ndarray | None) -> None:
+        """Refuse clips the encoder would silently truncate to its window."""
+        if audio is None:
+            return
+        seconds = len(audio) / SAMPLING_RATE
+        if self.max_audio_seconds is not None and seconds > self.max_audio_seconds + 1e-9:
+            raise ModelInputError(
+                f"audio is {seconds:.2f} s long but the audio encoder window is {self.max_audio_seconds:.0f} s; "
+                "the processor would silently truncate it"
+            )
+
+    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[Generation]:
+        return generate_batch(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids)
+
+    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
+        return continuation_logprobs_batch(self.model, self.tokenizer, self.encode(prompts), continuations)
+
+    def prompt_length(self, prompt: Prompt) -> int:
+        n = len(self.tokenizer(self.chat_text(prompt))["input_ids"])
+        if prompt.audio is not None:
+            # ~25 audio tokens per second after the encoder's pooling, the window is always fully padded.
+            n += int(25 * (self.max_audio_seconds or 0))
+        return n
+
+    def describe(self) -> dict:
+        param = next(self.model.parameters())
+        return {
+            "family": "qwen2-audio",
+            **checkpoint_identity(self.name, self.model, self.revision),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "device": str(param.device),
+            "max_audio_seconds": self.max_audio_seconds,
+        }
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end not in ids and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    if not ids:
+        ids = [tokenizer.eos_token_id]
+    return [int(i) for i in ids]
+
+
+def load(name_or_path: str, options: LoadOptions) -> Qwen2AudioModel:
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    device = resolve_device(options.device)
+    processor = AutoProcessor.from_pretrained(
+        name_or_path, revision=options.revision, trust_remote_code=options.trust_remote_code
+    )
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(
+        name_or_path,
+        revision=options.revision,
+        dtype=resolve_dtype(options.dtype, device),
+        trust_remote_code=options.trust_remote_code,
+    )
+    model.to(device).eval()
+    return Qwen2AudioModel(name_or_path, model, processor, revision=options.revision)
+
+
+register_family(Family(name="qwen2-audio", load=load, model_types=("qwen2_audio",), accepts_audio=True))

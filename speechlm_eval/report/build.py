@@ -1,0 +1,124 @@
+"""Results and reports rebuilt from a run directory alone (manifest + items + records): no model, no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from speechlm_eval.metrics.paired import mean_ci, paired_gap
+from speechlm_eval.records import ARMS, read_records, write_json_atomic, write_text_atomic
+from speechlm_eval.scoring import load_builtin_scorers
+from speechlm_eval.scoring.base import item_rng
+from speechlm_eval.scoring.registry import Scorer, get_scorer
+
+RESULTS_SCHEMA = "speechlm-eval/results/v1"
+GAPS = {"forgetting": ("text_llm_text", "speech_llm_text"), "inequivalence": ("speech_llm_text", "speech_llm_speech")}
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
+    """The manifest, the item rows and ``{arm: {item id: record}}`` of a run directory."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    items = read_records(run_dir / "items.jsonl")
+    records = {}
+    for arm in ARMS:
+        path = run_dir / "records" / f"{arm}.jsonl"
+        if path.exists():
+            records[arm] = {r["id"]: r for r in read_records(path)}
+    return manifest, items, records
+
+
+def as_item(row: dict[str, Any]) -> SimpleNamespace:
+    """A scorer-facing view of an ``items.jsonl`` row (the same attribute names as ``Item``)."""
+    return SimpleNamespace(
+        id=row["id"], subset=row["subset"], text=row["text"], audio_instruction=row["audio_instruction"],
+        choices=tuple(row["choices"]), reference=row["reference"], meta=row["meta"],
+    )
+
+
+def score_arm(scorer: Scorer, items: list[SimpleNamespace], records: dict[str, dict[str, Any]], arm: str,
+              seed: int) -> dict[str, Any]:
+    """Per-item scores of one arm (``None`` where the record is missing or an error)."""
+    scores = {}
+    for item in items:
+        record = records.get(item.id)
+        if record is None or record.get("error") is not None:
+            scores[item.id] = None
+            continue
+        scores[item.id] = scorer.score(item, record["response"], item_rng(seed, item.id, arm))
+    return scores
+
+
+def subset_results(rows: list[dict[str, Any]], records: dict[str, dict[str, dict[str, Any]]], seed: int,
+                   n_resamples: int) -> dict[str, Any]:
+    """Arm scores (with bootstrap CIs), official metric dicts and the two paired gaps of one subset."""
+    items = [as_item(r) for r in rows]
+    speech_only = not any(r["text"] is not None and r["audio_instruction"] is None for r in rows)
+    scorer = get_scorer(rows[0]["scorer"])
+    entry: dict[str, Any] = {"n": len(items), "scorer": scorer.name, "metric": scorer.primary,
+                             "speech_only": speech_only, "arms": {}}
+    per_arm: dict[str, dict[str, Any]] = {}
+    for arm, arm_records in records.items():
+        if speech_only and arm != "speech_llm_speech":
+            continue
+        scores = score_arm(scorer, items, arm_records, arm, seed)
+        per_arm[arm] = scores
+        valid = [(it, s) for it, s in zip(items, scores.values()) if s is not None]
+        values = np.array([s.value for _, s in valid], dtype=float)
+        n_errors = sum(1 for it in items if arm_records.get(it.id, {}).get("error") is not None)
+        arm_entry: dict[str, Any] = {"n": len(valid), "errors": n_errors,
+                                     "missing": sum(1 for it in items if it.id not in arm_records)}
+        if valid:
+            value, low, high = mean_ci(values, scale=scorer.scale, n_resamples=n_resamples, seed=seed)
+            arm_entry.update(score=value, ci_low=low, ci_high=high,
+                             unparsed=sum(not s.parsed for _, s in valid),
+                             official=scorer.aggregate([it for it, _ in valid], [s for _, s in valid]))
+        else:
+            arm_entry.update(score=None, ci_low=None, ci_high=None, unparsed=0, official=None)
+        entry["arms"][arm] = arm_entry
+    for gap, (first, second) in GAPS.items():
+        if first in per_arm and second in per_arm:
+            both = [i.id for i in items if per_arm[first][i.id] is not None and per_arm[second][i.id] is not None]
+            a = np.array([per_arm[first][i].value for i in both], dtype=float)
+            b = np.array([per_arm[second][i].value for i in both], dtype=float)
+            entry[gap] = paired_gap(a, b, scale=scorer.scale, n_resamples=n_resamples, seed=seed).to_dict()
+    return entry
+
+
+def build_results(run_dir: Path) -> dict[str, Any]:
+    """The ``results.json`` object of a run, computed from its files only."""
+    load_builtin_scorers()
+    manifest, rows, records = load_run(run_dir)
+    seed = int(manifest.get("seed", 0))
+    n_resamples = int(manifest.get("statistics", {}).get("n_resamples", 10_000))
+    by_subset: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_subset.setdefault(row["subset"], []).append(row)
+    subsets, unscored = {}, {}
+    for subset, subset_rows in by_subset.items():
+        try:
+            get_scorer(subset_rows[0]["scorer"])
+        except KeyError:
+            unscored[subset] = {
+                "n": len(subset_rows),
+                "scorer": subset_rows[0]["scorer"],
+                "reason": f"scorer {subset_rows[0]['scorer']!r} is not available in this version; "
+                "responses are in the records",
+            }
+            continue
+        subsets[subset] = subset_results(subset_rows, records, seed, n_resamples)
+    return {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored, "manifest": manifest}
+
+
+def build_report(run_dir: Path) -> dict[str, Any]:
+    """Write ``results.json`` and ``report.md`` for a run directory; returns the results."""
+    from speechlm_eval.report.markdown import render_markdown
+
+    run_dir = Path(run_dir)
+    results = build_results(run_dir)
+    write_json_atomic(run_dir / "results.json", results)
+    write_text_atomic(run_dir / "report.md", render_markdown(results))
+    return results

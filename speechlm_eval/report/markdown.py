@@ -1,0 +1,64 @@
+"""``report.md``: the gap table a person reads first, rendered from a results object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from speechlm_eval.records import ARMS
+
+ARM_TITLES = {"text_llm_text": "text LLM · text", "speech_llm_text": "speech LLM · text",
+              "speech_llm_speech": "speech LLM · speech"}
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_gap(gap: dict[str, Any] | None) -> str:
+    if not gap or gap.get("value") is None:
+        return "–"
+    p = gap.get("p_value")
+    return f"{gap['value']:+.2f} [{fmt(gap['ci_low'])}, {fmt(gap['ci_high'])}] p={fmt(p, 3)}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    manifest = results["manifest"]
+    models = manifest.get("models", {})
+    lines = ["# speechlm-eval gap report", ""]
+    for role, title in (("speech_llm", "Speech LLM"), ("text_llm", "Text LLM")):
+        if role in models:
+            m = models[role]
+            lines.append(f"- **{title}**: `{m['id']}` ({m['family']}, {m.get('dtype')}, revision {m.get('commit') or m.get('revision') or 'local'})")
+    gen = manifest.get("generation", {})
+    lines.append(f"- **Decoding**: {'sampling' if gen.get('do_sample') else 'greedy'}, max_new_tokens={gen.get('max_new_tokens')}, seed {manifest.get('seed')}")
+    tts = manifest.get("tts", {})
+    lines.append(f"- **TTS** (items without audio): {tts.get('engine')} {tts.get('engine_version', '')} voice {tts.get('voice')} rate {tts.get('rate')}")
+    lines.append(f"- **Items**: {manifest['items']['n']} (sha256 `{manifest['items']['sha256'][:16]}`)")
+    lines += ["", "forgetting = text LLM · text − speech LLM · text; inequivalence = speech LLM · text − speech LLM · speech. "
+              "Gaps are paired over the items scored in both arms, with a 95% paired-bootstrap CI and a paired test "
+              "(exact McNemar for 0/1 scores, Wilcoxon signed-rank otherwise).", ""]
+    header = "| subset | n | metric | " + " | ".join(ARM_TITLES[a] for a in ARMS) + " | forgetting | inequivalence |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for subset, entry in results["subsets"].items():
+        cells = []
+        for arm in ARMS:
+            a = entry["arms"].get(arm)
+            if a is None or a.get("score") is None:
+                cells.append("–")
+            else:
+                extra = f" ({a['errors']} err)" if a.get("errors") else ""
+                cells.append(f"{a['score']:.2f} [{fmt(a['ci_low'])}, {fmt(a['ci_high'])}]{extra}")
+        lines.append(f"| {subset} | {entry['n']} | {entry['metric']} | " + " | ".join(cells)
+                     + f" | {fmt_gap(entry.get('forgetting'))} | {fmt_gap(entry.get('inequivalence'))} |")
+    notes = list(manifest.get("notes", []))
+    speech_only = [s for s, e in results["subsets"].items() if e.get("speech_only")]
+    if speech_only:
+        notes.append(f"{', '.join(speech_only)}: audio-understanding items with no text equivalent; only the speech "
+                     "arm is run (their role is the before/after comparison of distillation), so no gaps are computed.")
+    for subset, info in results.get("unscored", {}).items():
+        notes.append(f"{subset} ({info['n']} items): not scored: {info['reason']}.")
+    notes.append("Unparsed responses (the official scorer would draw a random answer) are scored by a seeded draw, "
+                 "so the official-compatible number is reproducible; their count is in results.json (`unparsed`).")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,203 @@
+"""The gap runner: every item answered three ways (arms), written as per-item records as batches finish.
+
+Arms: ``text_llm_text`` (text LLM, text prompt), ``speech_llm_text`` (speech LLM, same text),
+``speech_llm_speech`` (speech LLM, the item's audio, or TTS of its text when the source has no audio).
+Runs resume after a kill, and shard over processes under torchrun / accelerate launch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from speechlm_eval.data.item import Item
+from speechlm_eval.distributed import process_state, shard
+from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
+from speechlm_eval.records import ARMS, RecordWriter, read_records, write_canonical
+
+# (item) -> 16 kHz float32 audio for the speech arm; raises with a clear message when it cannot.
+AudioSource = Callable[[Item], Any]
+
+
+@dataclass
+class ArmPlan:
+    """One arm: which model answers, which items apply, and how a prompt is built."""
+
+    name: str
+    model: SpeechLM
+    items: list[Item]
+    with_audio: bool
+
+
+def arms_for(items: Sequence[Item], speech_llm: SpeechLM, text_llm: SpeechLM | None,
+             arms: Sequence[str] = ARMS) -> list[ArmPlan]:
+    """The arm plans for these items. Items without a text equivalent (MMAU) only get the speech arm."""
+    texty = [i for i in items if i.has_text_equivalent]
+    plans = []
+    for name in arms:
+        if name == "text_llm_text":
+            if text_llm is not None:
+                plans.append(ArmPlan(name, text_llm, texty, with_audio=False))
+        elif name == "speech_llm_text":
+            plans.append(ArmPlan(name, speech_llm, texty, with_audio=False))
+        elif name == "speech_llm_speech":
+            plans.append(ArmPlan(name, speech_llm, list(items), with_audio=True))
+        else:
+            raise ValueError(f"unknown arm {name!r}; arms are {ARMS}")
+    return plans
+
+
+def build_prompt(item: Item, with_audio: bool, audio_source: AudioSource) -> Prompt:
+    """The prompt an arm sends: the text alone, or the audio (+ the item's instruction for audio-understanding items)."""
+    if not with_audio:
+        if item.text is None:
+            raise ValueError(f"item {item.id} has no text prompt")
+        return Prompt(text=item.text)
+    return Prompt(audio=audio_source(item), text=item.audio_instruction)
+
+
+@dataclass
+class ArmProgress:
+    """What one arm did in this process (for the summary line; never written into results)."""
+
+    name: str
+    total: int
+    skipped: int = 0
+    done: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+
+def records_path(run_dir: Path, arm: str, rank: int = 0, world_size: int = 1) -> Path:
+    suffix = f".rank{rank}" if world_size > 1 else ""
+    return run_dir / "records" / f"{arm}{suffix}.jsonl"
+
+
+def completed_ids(run_dir: Path, arm: str) -> set[str]:
+    """Ids with a record in the arm's merged file or in any rank's file (a killed multi-process run)."""
+    done: set[str] = set()
+    for path in sorted((run_dir / "records").glob(f"{arm}*.jsonl")):
+        done.update(r["id"] for r in read_records(path, repair=True))
+    return done
+
+
+def run_arm(
+    plan: ArmPlan,
+    run_dir: Path,
+    *,
+    generation: GenerationConfig,
+    batch_size: int,
+    audio_source: AudioSource,
+    progress: Any = None,
+) -> ArmProgress:
+    """Answer this process's share of the arm's pending items, appending a record per item as each batch finishes."""
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    done = completed_ids(run_dir, plan.name)
+    pending = [i for i in plan.items if i.id not in done]
+    mine = shard(sorted_for_batching(pending, plan), rank, world)
+    stats = ArmProgress(plan.name, total=len(mine), skipped=len(plan.items) - len(pending))
+    task = progress.add_task(plan.name, total=len(mine)) if progress is not None else None
+    start = time.perf_counter()
+    with RecordWriter(records_path(run_dir, plan.name, rank, world)) as writer:
+        for batch in batches(mine, batch_size):
+            records = answer_batch(plan, batch, generation, audio_source)
+            writer.write_many(records)
+            stats.done += len(records)
+            stats.errors += sum(r["error"] is not None for r in records)
+            if progress is not None:
+                progress.advance(task, len(records))
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def sorted_for_batching(items: Sequence[Item], plan: ArmPlan) -> list[Item]:
+    """Longest prompts first (padding waste is smallest when similar lengths share a batch; OOM shows up at once)."""
+    def length(item: Item) -> int:
+        text = item.audio_instruction if plan.with_audio else item.text
+        try:
+            return plan.model.prompt_length(Prompt(text=text or "", audio=None))
+        except Exception:  # noqa: BLE001 - a prompt that cannot even be tokenised fails later with its own record
+            return 0
+
+    return sorted(items, key=lambda it: -length(it))  # sorted() is stable: ties keep item order
+
+
+def batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def answer_batch(plan: ArmPlan, batch: Sequence[Item], generation: GenerationConfig,
+                 audio_source: AudioSource) -> list[dict[str, Any]]:
+    """Records for one batch. A prompt that cannot be built, or a batch that fails, never loses the other items:
+    a failing batch is retried item by item so only the culprit gets an error record."""
+    records: list[dict[str, Any]] = []
+    ready: list[tuple[Item, Prompt]] = []
+    for item in batch:
+        try:
+            ready.append((item, build_prompt(item, plan.with_audio, audio_source)))
+        except Exception as error:  # noqa: BLE001 - any per-item input problem becomes that item's error record
+            records.append(error_record(plan.name, item, error))
+    if not ready:
+        return records
+    try:
+        outputs = plan.model.generate([p for _, p in ready], generation)
+        records.extend(answer_record(plan.name, item, out) for (item, _), out in zip(ready, outputs))
+    except Exception as batch_error:  # noqa: BLE001
+        if len(ready) == 1:
+            records.append(error_record(plan.name, ready[0][0], batch_error))
+        else:
+            for item, prompt in ready:
+                try:
+                    (out,) = plan.model.generate([prompt], generation)
+                    records.append(answer_record(plan.name, item, out))
+                except Exception as error:  # noqa: BLE001
+                    records.append(error_record(plan.name, item, error))
+    return records
+
+
+def answer_record(arm: str, item: Item, out: Any) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "subset": item.subset,
+        "arm": arm,
+        "response": out.text,
+        "error": None,
+        "n_prompt_tokens": out.n_prompt_tokens,
+        "n_new_tokens": out.n_new_tokens,
+        "finish_reason": out.finish_reason,
+    }
+
+
+def error_record(arm: str, item: Item, error: BaseException) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "subset": item.subset,
+        "arm": arm,
+        "response": None,
+        "error": {"type": type(error).__name__, "message": f"item {item.id}: {error}"},
+    }
+
+
+def merge_records(run_dir: Path, items: Sequence[Item], arms: Sequence[str]) -> None:
+    """Fold every rank's records into ``records/<arm>.jsonl`` in item order (rank 0 only; after a barrier)."""
+    order = [i.id for i in items]
+    for arm in arms:
+        paths = sorted((run_dir / "records").glob(f"{arm}*.jsonl"))
+        if not paths:
+            continue
+        records = [r for p in paths for r in read_records(p, repair=True)]
+        merged = run_dir / "records" / f"{arm}.jsonl"
+        write_canonical(merged, records, order)
+        for path in paths:
+            if path != merged:
+                path.unlink()
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    arms: list[ArmProgress] = field(default_factory=list)
