@@ -111,7 +111,9 @@ def _category(raw: str | list[str]) -> str:
     return raw if isinstance(raw, str) else ", ".join(raw)
 
 
-def row_to_item(row: Mapping[str, Any], *, audio: AudioRef | None, id_prefix: str = "", speak: str | None = None) -> Item:
+def row_to_item(
+    row: Mapping[str, Any], *, audio: AudioRef | None, id_prefix: str = "", speak: str | None = None
+) -> Item:
     """A validated MMAU row -> Item: no text equivalent, the clip as audio, question + choices as the instruction."""
     return Item(
         id=f"{id_prefix}{row['id']}",

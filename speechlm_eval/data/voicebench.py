@@ -1,4 +1,4 @@
-"""VoiceBench (HF dataset ``hlt-lab/voicebench``): the one place for its subsets, splits, sizes and scorers, and its loader.
+"""VoiceBench (HF dataset ``hlt-lab/voicebench``): the one place for its subsets, splits, sizes and scorers; its loader.
 
 Rows come from the hub, a ``save_to_disk`` copy or a parquet snapshot of the hub repo; audio stays encoded here
 (``Audio(decode=False)``) and is decoded per item by :func:`speechlm_eval.data.audio.decode_audio`.

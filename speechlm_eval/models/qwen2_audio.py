@@ -73,10 +73,13 @@ class Qwen2AudioModel:
         return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
 
     def check_audio(self, audio: np.ndarray | None) -> None:
-        """Refuse clips the encoder would silently truncate to its window."""
+        """Refuse clips the encoder would silently truncate to its window, and clips too short to encode."""
         if audio is None:
             return
         seconds = len(audio) / SAMPLING_RATE
+        if audio_token_count(len(audio), self.processor.feature_extractor.hop_length) < 2:
+            # One audio token looks exactly like an unexpanded prompt to the model, which then fails inside merge.
+            raise ModelInputError(f"audio is {seconds:.3f} s long, too short to encode (under 2 audio tokens)")
         if self.max_audio_seconds is not None and seconds > self.max_audio_seconds + 1e-9:
             raise ModelInputError(
                 f"audio is {seconds:.2f} s long but the audio encoder window is {self.max_audio_seconds:.0f} s; "
@@ -105,6 +108,12 @@ class Qwen2AudioModel:
             "device": str(param.device),
             "max_audio_seconds": self.max_audio_seconds,
         }
+
+
+def audio_token_count(n_samples: int, hop_length: int = 160) -> int:
+    """Audio tokens Qwen2-Audio's encoder emits for a clip: mel frames, halved by the conv stride, halved by pooling."""
+    frames = n_samples // hop_length
+    return max(0, (((frames - 1) // 2 + 1) - 2) // 2 + 1) if frames > 0 else 0
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

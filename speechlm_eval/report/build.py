@@ -88,6 +88,46 @@ def subset_results(rows: list[dict[str, Any]], records: dict[str, dict[str, dict
     return entry
 
 
+def is_speech_only(rows: list[dict[str, Any]]) -> bool:
+    """True when no item of a subset can be asked as text, so only the speech arm applies (as ``subset_results``)."""
+    return not any(r["text"] is not None and r["audio_instruction"] is None for r in rows)
+
+
+def subset_item_scores(rows: list[dict[str, Any]], records: dict[str, dict[str, dict[str, Any]]],
+                       seed: int) -> dict[str, dict[str, Any]]:
+    """``{arm: {item id: Score | None}}`` of one subset: the per-item scores ``subset_results`` aggregates."""
+    items = [as_item(r) for r in rows]
+    scorer = get_scorer(rows[0]["scorer"])
+    speech_only = is_speech_only(rows)
+    return {arm: score_arm(scorer, items, arm_records, arm, seed) for arm, arm_records in records.items()
+            if not (speech_only and arm != "speech_llm_speech")}
+
+
+def run_item_scores(run_dir: Path) -> dict[str, Any]:
+    """Per-item scores of a run, as ``build_results`` computes them, for comparisons across runs (``check``).
+
+    Returns ``{"manifest", "rows": {subset: [item rows]}, "scores": {subset: {arm: {id: Score | None}}},
+    "recorded": {subset: {arm: items with a record, errors included}}, "unscored": {subset: scorer name}}``; subsets
+    whose scorer is not registered are listed under ``unscored``.
+    """
+    load_builtin_scorers()
+    manifest, rows, records = load_run(Path(run_dir))
+    seed = int(manifest.get("seed", 0))
+    by_subset: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_subset.setdefault(row["subset"], []).append(row)
+    scores, recorded, unscored = {}, {}, {}
+    for subset, subset_rows in by_subset.items():
+        try:
+            get_scorer(subset_rows[0]["scorer"])
+        except KeyError:
+            unscored[subset] = subset_rows[0]["scorer"]
+            continue
+        scores[subset] = subset_item_scores(subset_rows, records, seed)
+        recorded[subset] = {arm: sum(r["id"] in records[arm] for r in subset_rows) for arm in scores[subset]}
+    return {"manifest": manifest, "rows": by_subset, "scores": scores, "recorded": recorded, "unscored": unscored}
+
+
 def build_results(run_dir: Path) -> dict[str, Any]:
     """The ``results.json`` object of a run, computed from its files only."""
     load_builtin_scorers()

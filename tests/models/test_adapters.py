@@ -125,3 +125,9 @@ def test_describe_records_identity(speech):
     described = speech.describe()
     assert described["family"] == "qwen2-audio" and described["parameters"] > 0
     assert len(described["fingerprint"]) == 16
+
+
+def test_audio_too_short_to_encode_is_refused(speech):
+    with pytest.raises(ModelInputError, match="too short"):
+        speech.generate([Prompt(audio=clip(0.05))], GREEDY)
+    assert speech.generate([Prompt(audio=clip(0.1))], GREEDY)[0].n_new_tokens > 0

@@ -1,0 +1,210 @@
+"""``report.html``: the gap report as one self-contained page (inline CSS, plots as base64 PNG, no external requests).
+
+Every string taken from a results object is HTML-escaped (model ids, subset names and notes are user-controlled), and
+a Content-Security-Policy forbids scripts and remote loads as a second line of defence. The same results give the
+same bytes: nothing time- or host-dependent is written and the plots are rendered deterministically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+from speechlm_eval.records import ARMS, write_text_atomic
+from speechlm_eval.report.markdown import ARM_TITLES, fmt, fmt_gap
+from speechlm_eval.report.plots import report_figures, significant
+
+GAP_DEFINITIONS = ("forgetting = text LLM · text − speech LLM · text; inequivalence = speech LLM · text − speech LLM · "
+                   "speech. Gaps are paired over the items scored in both arms, with a 95% paired-bootstrap CI and a "
+                   "paired test (exact McNemar for 0/1 scores, Wilcoxon signed-rank otherwise).")
+SEEDED_FALLBACK_NOTE = ("Unparsed responses (the official scorer would draw a random answer) are scored by a seeded "
+                        "draw, so the official-compatible number is reproducible; their count is in results.json "
+                        "(`unparsed`).")
+# No scripts, no remote anything: images only from data: URIs, styles only from the inline <style>.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:2rem auto;
+max-width:1280px;padding:0 1rem;color:#1d1d1f;line-height:1.45}
+h1{font-size:1.5rem;margin-bottom:.3rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.88em;background:#f3f3f5;
+padding:0 .25em;border-radius:3px;word-break:break-all}
+dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem;margin:0}dl.meta dt{font-weight:600}
+dl.meta dd{margin:0}
+table{border-collapse:collapse;font-size:.86rem;margin:.5rem 0}
+th,td{border:1px solid #d6d6d9;padding:.3rem .5rem;text-align:right;white-space:nowrap}
+th{background:#f3f3f5}td.name,th.name{text-align:left}td.subset{white-space:normal;overflow-wrap:break-word;
+max-width:14rem}div.scroll{overflow-x:auto}
+td.gap-pos{background:#f8d2cc;color:#7a1709}td.gap-neg{background:#d3e4f5;color:#0b3c6b}
+td.gap-ns{background:#eeeeee;color:#555}td[class^="gap-"]{white-space:normal}span.nw{white-space:nowrap}td.gap-none,td.empty{color:#999;text-align:center}
+.legend{font-size:.8rem;color:#555}.legend span{display:inline-block;padding:.05rem .45rem;margin-right:.5rem;border-radius:3px;font-size:.8rem}
+.legend .gap-pos{background:#f8d2cc;color:#7a1709}.legend .gap-neg{background:#d3e4f5;color:#0b3c6b}
+.legend .gap-ns{background:#eee;color:#555}
+figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85rem;color:#555}
+p.small,footer{font-size:.8rem;color:#666}ul.notes li{margin-bottom:.3rem}
+"""
+
+
+def esc(value: Any) -> str:
+    """``str(value)`` escaped for HTML text and attribute values."""
+    return html.escape(str(value), quote=True)
+
+
+def note_html(note: str) -> str:
+    """A plain-text note escaped, with its `backtick` spans shown as code (as report.md renders them)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(note))
+
+
+def report_notes(results: dict[str, Any]) -> list[str]:
+    """The report's notes, as plain text: manifest notes, speech-only and unscored subsets, the seeded fallback."""
+    manifest = results.get("manifest", {})
+    notes = [str(n) for n in manifest.get("notes", [])]
+    speech_only = [s for s, e in results.get("subsets", {}).items() if e.get("speech_only")]
+    if speech_only:
+        notes.append(f"{', '.join(speech_only)}: audio-understanding items with no text equivalent; only the speech "
+                     "arm is run (their role is the before/after comparison of distillation), so no gaps are computed.")
+    for subset, info in results.get("unscored", {}).items():
+        notes.append(f"{subset} ({info.get('n')} items): not scored: {info.get('reason')}.")
+    notes.append(SEEDED_FALLBACK_NOTE)
+    return notes
+
+
+def arm_cell(arm: dict[str, Any] | None) -> tuple[str, str]:
+    """``(text, tooltip)`` of an arm score cell, text formatted as in ``report.md``."""
+    if arm is None or arm.get("score") is None:
+        return "–", "not run" if arm is None else "no scored items"
+    extra = f" ({arm['errors']} err)" if arm.get("errors") else ""
+    text = f"{arm['score']:.2f} [{fmt(arm.get('ci_low'))}, {fmt(arm.get('ci_high'))}]{extra}"
+    tip = (f"n={arm.get('n')}, errors={arm.get('errors', 0)}, missing={arm.get('missing', 0)}, "
+           f"unparsed={arm.get('unparsed', 0)}")
+    return text, tip
+
+
+def gap_class(gap: dict[str, Any] | None) -> str:
+    """CSS class: significant positive (the speech side is worse), significant negative, n.s., or no gap."""
+    if not gap or gap.get("value") is None:
+        return "gap-none"
+    if not significant(gap):
+        return "gap-ns"
+    return "gap-pos" if gap["value"] > 0 else "gap-neg"
+
+
+def gap_cell(gap: dict[str, Any] | None) -> str:
+    tip = ""
+    if gap and gap.get("value") is not None:
+        relative = gap.get("relative")
+        rel = "" if relative is None else f", relative {relative:+.1%}"
+        summary = f"{gap.get('test')}, n={gap.get('n')}{rel}"
+        tip = f' title="{esc(summary)}"'
+    # Value and CI stay on one line; the p-value may wrap below them when the table is tight.
+    value_ci, sep, p_value = fmt_gap(gap).partition(" p=")
+    parts = [value_ci, f"p={p_value}"] if sep else [value_ci]
+    text = " ".join(f'<span class="nw">{esc(part)}</span>' for part in parts)
+    return f'<td class="{gap_class(gap)}"{tip}>{text}</td>'
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    revision = model.get("commit") or model.get("revision") or "local"
+    return (f"<code>{esc(model.get('id'))}</code> ({esc(model.get('family'))}, {esc(model.get('dtype'))}, "
+            f"revision {esc(revision)})")
+
+
+def header_html(manifest: dict[str, Any]) -> str:
+    """The run description: models, decoding, TTS, items and statistics settings."""
+    rows: list[tuple[str, str]] = []
+    models = manifest.get("models", {})
+    for role, title in (("speech_llm", "Speech LLM"), ("text_llm", "Text LLM")):
+        if role in models:
+            rows.append((title, _model_line(models[role])))
+    gen = manifest.get("generation", {})
+    decoding = (f"{'sampling' if gen.get('do_sample') else 'greedy'}, max_new_tokens={esc(gen.get('max_new_tokens'))}, "
+                f"seed {esc(manifest.get('seed'))}")
+    if gen.get("do_sample"):
+        decoding += f", temperature {esc(gen.get('temperature'))}, top_p {esc(gen.get('top_p'))}"
+    rows.append(("Decoding", decoding))
+    tts = manifest.get("tts", {})
+    rows.append(("TTS (items without audio)", f"{esc(tts.get('engine'))} {esc(tts.get('engine_version', ''))} "
+                 f"voice {esc(tts.get('voice'))} rate {esc(tts.get('rate'))}"))
+    items = manifest.get("items", {})
+    rows.append(("Items", f"{esc(items.get('n'))} (sha256 <code>{esc(str(items.get('sha256', ''))[:16])}</code>)"))
+    stats = manifest.get("statistics", {})
+    if stats:
+        rows.append(("Statistics", f"confidence {esc(stats.get('confidence'))}, "
+                     f"{esc(stats.get('n_resamples'))} bootstrap resamples"))
+    return '<dl class="meta">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
+
+
+def table_html(subsets: dict[str, dict[str, Any]]) -> str:
+    """The gap table of ``report.md``, with gap cells coloured by sign and significance."""
+    head = ('<tr><th class="name">subset</th><th>n</th><th class="name">metric</th>'
+            + "".join(f"<th>{esc(ARM_TITLES[a])}</th>" for a in ARMS) + "<th>forgetting</th><th>inequivalence</th></tr>")
+    rows = []
+    for subset, entry in subsets.items():
+        cells = [f'<td class="name subset">{esc(subset)}</td><td>{esc(entry.get("n"))}</td>'
+                 f'<td class="name">{esc(entry.get("metric"))}</td>']
+        for arm in ARMS:
+            text, tip = arm_cell(entry.get("arms", {}).get(arm))
+            css = ' class="empty"' if text == "–" else ""
+            cells.append(f'<td{css} title="{esc(tip)}">{esc(text)}</td>')
+        cells += [gap_cell(entry.get("forgetting")), gap_cell(entry.get("inequivalence"))]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def legend_html() -> str:
+    return ('<p class="legend"><span class="gap-pos">significant, positive (speech side worse)</span>'
+            '<span class="gap-neg">significant, negative</span><span class="gap-ns">not significant</span>'
+            "significant: paired-test p below 1 − confidence (0.05). Hover a cell for n, errors, unparsed and the "
+            "test.</p>")
+
+
+def figures_html(figures: Iterable[tuple[str, bytes]]) -> str:
+    parts = []
+    for caption, png in figures:
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return "".join(parts)
+
+
+def packages_html(manifest: dict[str, Any]) -> str:
+    packages = manifest.get("packages", {})
+    listed = ", ".join(f"{esc(name)} {esc(version)}" for name, version in sorted(packages.items()))
+    return (f"<footer><h2>Package versions</h2><p>{listed or 'not recorded'}</p>"
+            f"<p>Plots rendered with matplotlib {esc(matplotlib.__version__)}.</p></footer>")
+
+
+def render_html(results: dict[str, Any]) -> str:
+    """The whole ``report.html`` page for a results object (schema ``speechlm-eval/results/v1``)."""
+    manifest = results.get("manifest", {})
+    subsets = results.get("subsets", {})
+    notes = "".join(f"<li>{note_html(n)}</li>" for n in report_notes(results))
+    body = [
+        "<h1>speechlm-eval gap report</h1>",
+        header_html(manifest),
+        f'<p class="small">{esc(GAP_DEFINITIONS)}</p>',
+        "<h2>Scores and gaps</h2>",
+        table_html(subsets),
+        legend_html(),
+        "<h2>Plots</h2>",
+        figures_html(report_figures(results)) or "<p>No scored subsets to plot.</p>",
+        f'<h2>Notes</h2><ul class="notes">{notes}</ul>',
+        packages_html(manifest),
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>speechlm-eval gap report</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_html(run_dir: Path, results: dict[str, Any]) -> Path:
+    """Write ``report.html`` into ``run_dir`` (atomically) and return its path."""
+    path = Path(run_dir) / "report.html"
+    write_text_atomic(path, render_html(results))
+    return path

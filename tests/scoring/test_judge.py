@@ -1,0 +1,392 @@
+"""The VoiceBench judge: prompts byte for byte, the OpenAI-compatible backend against a real local HTTP server
+(request fields, retries, errors, the key kept secret), the on-disk cache, the hf backend on a tiny model, wiring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from speechlm_eval.data.item import Item
+from speechlm_eval.scoring import judge as judge_module
+from speechlm_eval.scoring.judge import (
+    JudgeError,
+    JudgeSettings,
+    MissingJudgement,
+    RetryPolicy,
+    attach_judgements,
+    cache_path,
+    describe_judge,
+    judge_arm_rows,
+    judge_outputs_for,
+    judge_records,
+    judgement_rows,
+    load_judge,
+    prompt_seed,
+    response_key,
+)
+from speechlm_eval.scoring.judge_prompts import (
+    JUDGE_SYSTEM,
+    OPEN_PROMPT,
+    QA_PROMPT,
+    fill_open_prompt,
+    fill_qa_prompt,
+    judge_prompt,
+)
+from speechlm_eval.scoring.open_ended import parse_rating  # also registers the "open" scorer
+from speechlm_eval.scoring.registry import get_scorer
+
+SECRET = "sk-test-SECRET-4242"
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay_s=0.01, max_delay_s=0.05, request_timeout_s=5.0)
+
+
+def open_item(n: int, text: str = "Why is the sky blue?") -> Item:
+    return Item(id=f"commoneval/test/{n}", subset="commoneval", text=text)
+
+
+def qa_item(n: int) -> Item:
+    return Item(id=f"sd-qa/usa/{n}", subset="sd-qa", text="What is the capital of France?", reference="Paris")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_open_prompt_is_upstream_byte_for_byte() -> None:
+    assert len(OPEN_PROMPT) == 1480
+    assert OPEN_PROMPT.startswith("\nI need your help to evaluate the performance of several models")
+    assert OPEN_PROMPT.endswith("without anything else.\nYou don\u2019t need to provide any explanations.\n")
+    assert not OPEN_PROMPT.endswith("\n\n")
+    # Curly apostrophes only: model’s ×2, user’s ×4, don’t, user’s instruction, models’, You don’t.
+    assert OPEN_PROMPT.count("\u2019") == 10 and "'" not in OPEN_PROMPT
+    for phrase in ("model\u2019s responses", "user\u2019s query", "models\u2019 response", "You don\u2019t need"):
+        assert phrase in OPEN_PROMPT
+    assert "### [Instruction]: {prompt}\n### [Response]: {response}\n\n" in OPEN_PROMPT
+    assert OPEN_PROMPT.count("\n") == 17  # "\n" + 16 lines (upstream lines 12-27)
+    assert hashlib.sha256(OPEN_PROMPT.encode()).hexdigest() == (
+        "98f2e9919fbad61f1cab0c2492f53519412d97faeead126c756d73355552bd1e")
+
+
+def test_qa_prompt_is_upstream_stripped_with_its_trailing_space() -> None:
+    assert len(QA_PROMPT) == 238
+    assert QA_PROMPT.startswith("### Question\n{prompt}\n\n### Reference answer\n{reference}\n\n### Candidate answer\n")
+    assert QA_PROMPT.endswith('Please only output a single "Yes" or "No". Do not output anything else.')
+    lines = QA_PROMPT.split("\n")
+    assert lines[-2] == "Is the candidate answer correct based on the question and reference answer? "
+    assert [line for line in lines if line != line.rstrip()] == [lines[-2]]  # the only line with trailing space
+    assert hashlib.sha256(QA_PROMPT.encode()).hexdigest() == (
+        "b89c3ec54556c16e6a111586a215d8b9d2cbbbb2d334c2604d84f7102ec398b0")
+
+
+def test_system_message_keeps_its_straight_apostrophe() -> None:
+    assert JUDGE_SYSTEM == "You are a helpful assistant who tries to help answer the user's question."
+
+
+def test_prompts_are_filled_by_chained_replace() -> None:
+    filled = fill_open_prompt("Say {hi}", "Hello {there}")
+    assert "### [Instruction]: Say {hi}\n### [Response]: Hello {there}\n" in filled
+    assert len(filled) == 1480 - len("{prompt}{response}") + len("Say {hi}Hello {there}")
+    # Upstream replaces {prompt} first, so a literal "{response}" in the user's prompt is replaced as well.
+    quirk = fill_open_prompt("Repeat {response}", "OK")
+    assert "### [Instruction]: Repeat OK\n" in quirk
+    qa = fill_qa_prompt("Q?", "Paris", "It is Paris.")
+    assert qa.startswith("### Question\nQ?\n\n### Reference answer\nParis\n\n### Candidate answer\nIt is Paris.\n\n")
+
+
+def test_item_with_reference_gets_the_qa_prompt() -> None:
+    assert judge_prompt(qa_item(0), "Paris.") == fill_qa_prompt("What is the capital of France?", "Paris", "Paris.")
+    assert judge_prompt(open_item(0), "Rayleigh.") == fill_open_prompt("Why is the sky blue?", "Rayleigh.")
+    with pytest.raises(ValueError, match="text"):
+        judge_prompt(Item(id="x", subset="commoneval", text=None), "r")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A real OpenAI-compatible HTTP server on 127.0.0.1
+
+
+def content_for(prompt: str, i: int) -> str:
+    """What the local server answers as choice ``i`` of ``prompt``: unique per prompt, padded to test the strip."""
+    return f"  {hashlib.sha256(prompt.encode()).hexdigest()[:8]}-{i}\n"
+
+
+class LocalOpenAI:
+    """A chat-completions endpoint: answers ``content_for`` per choice, after the queued failures (status, body)."""
+
+    max_requests = 60  # a runaway retry loop fails the test instead of hanging it
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.failures: list[tuple[int, str, dict[str, str]]] = []
+        self.n_choices: int | None = None  # None = as many as asked
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    failure = fake.failures.pop(0) if fake.failures else None
+                    too_many = len(fake.requests) > fake.max_requests
+                if too_many:
+                    failure = (400, "too many requests in one test", {})
+                if failure is not None:
+                    status, text, headers = failure
+                    # Echo the Authorization header back, as a careless proxy might: it must never reach our errors.
+                    self._send(status, {"error": {"message": text, "auth": self.headers.get("Authorization")}},
+                               headers)
+                    return
+                prompt = body["messages"][-1]["content"]
+                n = fake.n_choices or body["n"]
+                choices = [{"index": i, "message": {"role": "assistant", "content": content_for(prompt, i)},
+                            "finish_reason": "stop"} for i in range(n)]
+                self._send(200, {"id": "x", "object": "chat.completion", "choices": choices}, {})
+
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalOpenAI]:
+    fake = LocalOpenAI()
+    fake.thread.start()
+    monkeypatch.setenv("SPEECHLM_EVAL_JUDGE_BASE_URL", fake.base_url)
+    monkeypatch.setenv("SPEECHLM_EVAL_JUDGE_API_KEY", SECRET)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+def all_text_under(root: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in root.rglob("*") if p.is_file())
+
+
+def test_openai_request_is_upstreams_and_key_stays_secret(server: LocalOpenAI, tmp_path: Path) -> None:
+    judge = load_judge("openai:gpt-4o-mini", retry=FAST_RETRY)
+    items = [open_item(0), qa_item(1)]
+    responses = ["Because of Rayleigh scattering.", "Paris."]
+    outputs = judge_records(items, responses, judge, tmp_path)
+
+    prompts = [judge_prompt(it, r) for it, r in zip(items, responses)]
+    assert outputs == [[content_for(p, i).strip() for i in range(3)] for p in prompts]
+    assert len(server.requests) == 2
+    for request in server.requests:
+        body = request["body"]
+        assert request["path"] == "/v1/chat/completions"
+        assert request["headers"]["Authorization"] == f"Bearer {SECRET}"
+        assert body["model"] == "gpt-4o-mini"
+        assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (3, 0.5, 0.95, 1024)
+        assert (body["frequency_penalty"], body["presence_penalty"], body["stop"]) == (0, 0, None)
+        assert body["messages"][0] == {"role": "system", "content": JUDGE_SYSTEM}
+        assert body["messages"][1]["role"] == "user"
+    assert sorted(r["body"]["messages"][1]["content"] for r in server.requests) == sorted(prompts)
+
+    cache_text = all_text_under(tmp_path)
+    assert prompts[0] in json.loads(cache_path(tmp_path, judge.identity, prompts[0]).read_text())["prompt"]
+    assert SECRET not in cache_text and SECRET not in json.dumps(describe_judge(judge))
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
+    described = describe_judge(judge)
+    assert described["backend"] == "openai" and described["base_url"] == server.base_url
+    assert described["n"] == 3 and described["prompts"]["open"] == hashlib.sha256(OPEN_PROMPT.encode()).hexdigest()
+
+
+def test_cache_hit_makes_no_request(server: LocalOpenAI, tmp_path: Path) -> None:
+    items = [open_item(0), open_item(1), open_item(2, "Name a colour.")]
+    responses = ["Same answer.", "Same answer.", "Blue."]  # items 0 and 1 give the same prompt: judged once
+    first = judge_records(items, responses, load_judge("openai:gpt-4o-mini", retry=FAST_RETRY), tmp_path)
+    assert len(server.requests) == 2 and first[0] == first[1]
+    again = judge_records(items, responses, load_judge("openai:gpt-4o-mini", retry=FAST_RETRY), tmp_path)
+    assert again == first and len(server.requests) == 2
+    # Another model (or other settings) is another cache entry.
+    judge_records(items[:1], responses[:1], load_judge("openai:gpt-4o", retry=FAST_RETRY), tmp_path)
+    judge_records(items[:1], responses[:1], load_judge("openai:gpt-4o-mini", retry=FAST_RETRY,
+                                                       settings=JudgeSettings(temperature=0.0)), tmp_path)
+    assert len(server.requests) == 4
+
+
+def test_unreadable_cache_entry_is_a_miss(server: LocalOpenAI, tmp_path: Path) -> None:
+    judge = load_judge("openai:gpt-4o-mini", retry=FAST_RETRY)
+    first = judge_records([open_item(0)], ["A."], judge, tmp_path)
+    path = cache_path(tmp_path, judge.identity, judge_prompt(open_item(0), "A."))
+    path.write_text("{ torn")
+    assert judge_records([open_item(0)], ["A."], judge, tmp_path) == first
+    assert len(server.requests) == 2 and json.loads(path.read_text())["outputs"] == first[0]
+
+
+def test_retries_then_succeeds(server: LocalOpenAI, tmp_path: Path) -> None:
+    server.failures = [(500, "overloaded", {}), (429, "slow down", {"Retry-After": "0"})]
+    outputs = judge_records([open_item(0)], ["A."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
+    assert len(server.requests) == 3
+    assert outputs == [[content_for(judge_prompt(open_item(0), "A."), i).strip() for i in range(3)]]
+
+
+def test_retries_are_bounded_and_the_error_hides_the_key(server: LocalOpenAI, tmp_path: Path) -> None:
+    server.failures = [(503, "down", {})] * 10
+    with pytest.raises(JudgeError, match="after 3 attempts") as raised:
+        judge_records([open_item(0)], ["A."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
+    assert len(server.requests) == 3
+    assert SECRET not in str(raised.value) and "Bearer ***" in str(raised.value)
+    assert not list(tmp_path.rglob("*.json"))  # nothing cached for a failed call
+
+
+def test_client_errors_are_not_retried(server: LocalOpenAI, tmp_path: Path) -> None:
+    server.failures = [(401, "bad key", {})]
+    with pytest.raises(JudgeError, match="HTTP 401") as raised:
+        judge_records([open_item(0)], ["A."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
+    assert len(server.requests) == 1 and SECRET not in str(raised.value)
+
+
+def test_endpoint_ignoring_n_is_an_error(server: LocalOpenAI, tmp_path: Path) -> None:
+    server.n_choices = 1
+    with pytest.raises(JudgeError, match="n=3"):
+        judge_records([open_item(0)], ["A."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
+
+
+def test_concurrent_requests_keep_item_order(server: LocalOpenAI, tmp_path: Path) -> None:
+    items = [open_item(i, f"Question number {i}?") for i in range(7)]
+    responses = [f"Answer {i}." for i in range(7)]
+    outputs = judge_records(items, responses, load_judge("openai:m", retry=FAST_RETRY, workers=4), tmp_path)
+    assert outputs == [[content_for(judge_prompt(it, r), i).strip() for i in range(3)]
+                       for it, r in zip(items, responses)]
+    assert len(server.requests) == 7
+
+
+def test_judge_specs_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_judge("none") is None
+    assert describe_judge(None)["backend"] == "none" and "not judged" in describe_judge(None)["note"]
+    for bad in ("gpt-4o-mini", "openai:", "hf:", "anthropic:claude"):
+        with pytest.raises(JudgeError, match="unknown judge"):
+            load_judge(bad)
+    for name in ("SPEECHLM_EVAL_JUDGE_API_KEY", "OPENAI_API_KEY", "SPEECHLM_EVAL_JUDGE_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
+        load_judge("openai:gpt-4o-mini")
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert load_judge("openai:gpt-4o-mini").identity["base_url"] == "https://api.openai.com/v1"
+    # A local endpoint may need no key; credentials in its URL never reach the identity (cache key, manifest).
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("SPEECHLM_EVAL_JUDGE_BASE_URL", "http://user:pw@localhost:8000/v1/?token=t")
+    assert load_judge("openai:local").identity["base_url"] == "http://localhost:8000/v1"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The hf backend on a tiny local model
+
+
+@pytest.fixture(scope="module")
+def judge_model_dir(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("judge_model") / "text_llm"
+    shutil.copytree(tiny_pair[1], copy)
+    return copy
+
+
+TINY_SETTINGS = JudgeSettings(max_tokens=6)
+
+
+def test_hf_judge_end_to_end(judge_model_dir: Path, tmp_path: Path) -> None:
+    spec = f"hf:{judge_model_dir}"
+    items = [open_item(0), qa_item(1)]
+    responses = ["Because of scattering.", "Paris."]
+    judge = load_judge(spec, settings=TINY_SETTINGS, seed=7, device="cpu")
+    outputs = judge_records(items, responses, judge, tmp_path / "a")
+    assert [len(o) for o in outputs] == [3, 3] and all(isinstance(s, str) for o in outputs for s in o)
+    assert judge.identity["seed"] == 7 and judge.identity["model"]["fingerprint"]
+    assert describe_judge(judge)["path"] == str(judge_model_dir)
+
+    # Seeded per prompt: the second item alone, with a fresh judge and an empty cache, gets the same samples.
+    alone = judge_records(items[1:], responses[1:], load_judge(spec, settings=TINY_SETTINGS, seed=7, device="cpu"),
+                          tmp_path / "b")
+    assert alone == outputs[1:]
+    assert prompt_seed(7, "a") != prompt_seed(8, "a") and prompt_seed(7, "a") != prompt_seed(7, "b")
+    assert load_judge(spec, settings=TINY_SETTINGS, seed=8).identity != judge.identity
+
+    # A re-run is served from the cache without loading the model: move the weights away and judge again.
+    rerun = load_judge(spec, settings=TINY_SETTINGS, seed=7, device="cpu")
+    weights = judge_model_dir / "model.safetensors"
+    weights.rename(tmp_path / "weights.bak")
+    try:
+        assert judge_records(items, responses, rerun, tmp_path / "a") == outputs
+        with pytest.raises(OSError, match="model.safetensors"):  # a cache miss does need the model
+            judge_records([open_item(5)], ["Something new."], rerun, tmp_path / "a")
+    finally:
+        (tmp_path / "weights.bak").rename(weights)
+
+    # The scorer plumbing on these (garbage) outputs: parsed exactly when every output parses.
+    rows = judgement_rows(items[:1], responses[:1], outputs[:1], judge)
+    view = attach_judgements(items[0], rows)
+    scored = get_scorer("open").score(view, responses[0], random.Random(0))
+    assert scored.parsed == all(parse_rating(o) is not None for o in outputs[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Wiring: judgement rows, attaching them to item views, looking them up
+
+
+def test_rows_attach_and_lookup(server: LocalOpenAI, tmp_path: Path) -> None:
+    judge = load_judge("openai:m", retry=FAST_RETRY)
+    items = [open_item(0), open_item(1), open_item(2)]
+    records = {"commoneval/test/0": {"id": "commoneval/test/0", "response": "A.", "error": None},
+               "commoneval/test/1": {"id": "commoneval/test/1", "response": None, "error": "OOM"}}
+    rows = judge_arm_rows(items, records, judge, tmp_path)
+    assert [r["id"] for r in rows] == ["commoneval/test/0"]  # errored and missing records are not judged
+    assert rows[0]["response_sha256"] == response_key("A.") and len(rows[0]["outputs"]) == 3
+    json.dumps(rows)  # JSON-safe
+
+    view = attach_judgements(items[0], rows)
+    assert judge_outputs_for(view, "A.") == rows[0]["outputs"]
+    with pytest.raises(MissingJudgement, match="commoneval/test/0"):
+        judge_outputs_for(view, "A different response.")  # a stale judgement does not match
+    with pytest.raises(MissingJudgement):
+        judge_outputs_for(items[0], "A.")  # nothing attached
+    # A second arm's rows add to the same view; the view keeps the item's fields.
+    other = {"id": "commoneval/test/0", "response_sha256": response_key("B."), "outputs": ["1", "2", "3"]}
+    both = attach_judgements(view, [other])
+    assert judge_outputs_for(both, "B.") == ["1", "2", "3"] and judge_outputs_for(both, "A.") == rows[0]["outputs"]
+    assert (both.id, both.text, both.reference) == (items[0].id, items[0].text, None)
+    with pytest.raises(ValueError, match="attached to item"):
+        attach_judgements(items[1], rows)
+
+
+def test_scoring_modules_do_not_import_torch() -> None:
+    code = ("import sys; import speechlm_eval.scoring.judge, speechlm_eval.scoring.open_ended, "
+            "speechlm_eval.scoring.qa; sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_retry_delays_grow_and_are_capped() -> None:
+    policy = RetryPolicy(initial_delay_s=2.0, multiplier=2.0, max_delay_s=10.0)
+    assert [policy.delay(k) for k in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    assert judge_module.RetryPolicy().max_attempts >= 2
+

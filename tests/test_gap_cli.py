@@ -1,0 +1,208 @@
+"""`speechlm-eval gap` end to end through the CLI, on real tiny models and the bundled suite (espeak-ng TTS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from speechlm_eval.cli import app
+from speechlm_eval.records import ARMS
+from tests.data import fakes
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def gap(*args: str) -> "CliRunner.invoke":
+    return runner.invoke(app, ["gap", *args], catch_exceptions=False)
+
+
+def model_args(pair: tuple[Path, Path]) -> list[str]:
+    return ["--model", str(pair[0]), "--text-model", str(pair[1])]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_pair, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    result = gap(*model_args(tiny_pair), "--suite", "bundled", "--out", str(out), "--max-new-tokens", "16")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_three_arms_records_results_and_manifest(full_run):
+    items = read_lines(full_run / "items.jsonl")
+    speech_only = [i for i in items if i["audio_instruction"] is not None]
+    assert speech_only and all(i["subset"] == "mmau" for i in speech_only)
+    for arm in ARMS:
+        records = read_lines(full_run / "records" / f"{arm}.jsonl")
+        expected = items if arm == "speech_llm_speech" else [i for i in items if i["audio_instruction"] is None]
+        assert [r["id"] for r in records] == [i["id"] for i in expected]  # item order, one record each
+        assert all(r["error"] is None and isinstance(r["response"], str) for r in records)
+    results = json.loads((full_run / "results.json").read_text())
+    assert results["schema"] == "speechlm-eval/results/v1"
+    obqa = results["subsets"]["openbookqa"]
+    assert set(obqa["arms"]) == set(ARMS) and obqa["metric"] == "acc"
+    assert {"value", "ci_low", "ci_high", "p_value"} <= set(obqa["forgetting"])
+    assert set(results["subsets"]["mmau"]["arms"]) == {"speech_llm_speech"}
+    manifest = json.loads((full_run / "manifest.json").read_text())
+    assert manifest["generation"] == {"max_new_tokens": 16, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                                      "seed": 0}
+    assert manifest["models"]["speech_llm"]["family"] == "qwen2-audio"
+    assert manifest["models"]["text_llm"]["family"] == "hf-causal"
+    assert manifest["tts"]["engine"] == "espeak-ng" and manifest["packages"]["torch"]
+    assert "mmau" in (full_run / "report.md").read_text()
+
+
+def test_same_seed_gives_identical_results(full_run, tiny_pair, tmp_path):
+    again = tmp_path / "again"
+    assert gap(*model_args(tiny_pair), "--suite", "bundled", "--out", str(again), "--max-new-tokens", "16").exit_code == 0
+    for name in ("results.json", "manifest.json", "items.jsonl", "report.md", *(f"records/{a}.jsonl" for a in ARMS)):
+        assert (again / name).read_bytes() == (full_run / name).read_bytes(), name
+
+
+def test_resume_recomputes_nothing_and_completes_the_run(full_run, tiny_pair, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(full_run, cut)
+    (cut / "results.json").unlink()
+    path = cut / "records" / "speech_llm_text.jsonl"
+    lines = path.read_text().splitlines()
+    kept = [json.loads(line) for line in lines[: len(lines) // 2]]
+    kept[0]["response"] = "SENTINEL"  # a resumed run must keep, not recompute, what was already written
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept) + lines[len(lines) // 2][:20])  # + a torn line
+    (cut / "records" / "speech_llm_speech.jsonl").unlink()
+    result = gap(*model_args(tiny_pair), "--suite", "bundled", "--out", str(cut), "--max-new-tokens", "16", "--resume")
+    assert result.exit_code == 0, result.output
+    resumed = read_lines(path)
+    original = read_lines(full_run / "records" / "speech_llm_text.jsonl")
+    assert [r["id"] for r in resumed] == [r["id"] for r in original]
+    assert resumed[0]["response"] == "SENTINEL"
+    assert resumed[1:] == original[1:]
+    for arm in ("text_llm_text", "speech_llm_speech"):
+        assert (cut / "records" / f"{arm}.jsonl").read_bytes() == (full_run / "records" / f"{arm}.jsonl").read_bytes()
+
+
+def test_killed_run_resumes_to_the_same_records(full_run, tiny_pair, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "speechlm_eval.cli", "gap", *model_args(tiny_pair), "--suite", "bundled",
+               "--out", str(out), "--max-new-tokens", "16", "--batch-size", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "records" / "speech_llm_text.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if target.exists() and target.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.json").exists()
+    done_before = target.read_text().count("\n")
+    finished = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    for arm in ARMS:
+        assert (out / "records" / f"{arm}.jsonl").read_bytes() == (full_run / "records" / f"{arm}.jsonl").read_bytes()
+    assert done_before < len(read_lines(target))
+
+
+def test_existing_run_needs_resume_or_overwrite_and_resume_must_match(full_run, tiny_pair, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy)
+    result = runner.invoke(app, ["gap", *model_args(tiny_pair), "--suite", "bundled", "--out", str(copy)])
+    assert result.exit_code == 2 and "--resume" in result.output
+    result = runner.invoke(app, ["gap", *model_args(tiny_pair), "--suite", "bundled", "--out", str(copy),
+                                 "--max-new-tokens", "8", "--resume"])
+    assert result.exit_code == 2 and "generation" in result.output
+
+
+def test_configuration_errors_stop_before_models_load(tiny_pair, tmp_path):
+    result = runner.invoke(app, ["gap", *model_args(tiny_pair), "--suite", "voicebench:nosuch", "--out",
+                                 str(tmp_path / "a")])
+    assert result.exit_code == 2 and "nosuch" in result.output
+    assert not (tmp_path / "a").exists()
+    result = runner.invoke(app, ["gap", "--model", str(tmp_path / "missing"), "--suite", "bundled",
+                                 "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(app, ["gap", "--model", str(tiny_pair[1]), "--suite", "bundled", "--out",
+                                 str(tmp_path / "c")])
+    assert result.exit_code == 2 and "text-only" in result.output
+
+
+def long_clip_copy(root: Path) -> Path:
+    """A local VoiceBench copy: fakes' openbookqa (row 2 is corrupt audio) plus one clip longer than the window."""
+    fakes.build(root, "parquet")
+    rows = {"prompt": ["A very long question. A. x B. y C. z D. w"], "reference": ["A"],
+            "audio": [{"bytes": fakes.wav_bytes(fakes.tone(16_000, 16_000 * 11), 16_000), "path": "long.wav"}]}
+    table = datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio())
+    table.to_parquet(str(root / "openbookqa" / "test-00001-of-00002.parquet"))
+    return root
+
+
+def test_bad_audio_becomes_error_records_and_the_run_goes_on(tiny_pair, tmp_path):
+    data = long_clip_copy(tmp_path / "vb")
+    out = tmp_path / "run"
+    result = gap(*model_args(tiny_pair), "--suite", "voicebench:openbookqa", "--data-dir", str(data),
+                 "--out", str(out), "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    records = {r["id"]: r for r in read_lines(out / "records" / "speech_llm_speech.jsonl")}
+    errors = {i: r["error"]["message"] for i, r in records.items() if r["error"]}
+    assert len(records) == 4 and len(errors) == 3
+    assert "too short to encode" in errors["openbookqa/test/1"]  # 800 samples = 0.05 s
+    assert "broken.wav" in errors["openbookqa/test/2"]
+    assert "encoder window" in errors["openbookqa/test/3"]
+    text_records = read_lines(out / "records" / "speech_llm_text.jsonl")
+    assert len(text_records) == 4 and all(r["error"] is None for r in text_records)
+    arm = json.loads((out / "results.json").read_text())["subsets"]["openbookqa"]["arms"]["speech_llm_speech"]
+    assert arm["errors"] == 3 and arm["n"] == 1
+
+
+def test_help_documents_every_option():
+    result = runner.invoke(app, ["gap", "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"})
+    import typer.main
+
+    command = typer.main.get_command(app).commands["gap"]  # type: ignore[attr-defined]
+    for param in command.params:
+        assert param.help, f"--{param.name} has no help"
+        assert param.opts[0] in result.output
+
+
+def test_without_text_model_the_report_says_forgetting_is_not_measured(tiny_pair, tmp_path):
+    out = tmp_path / "solo"
+    result = gap("--model", str(tiny_pair[0]), "--suite", "bundled:openbookqa", "--out", str(out),
+                 "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert not (out / "records" / "text_llm_text.jsonl").exists()
+    assert "forgetting is not measured" in (out / "report.md").read_text()
+
+
+def test_two_processes_under_torchrun_give_the_single_process_records(full_run, tiny_pair, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "speechlm_eval.cli", "gap",
+         *model_args(tiny_pair), "--suite", "bundled", "--out", str(out), "--max-new-tokens", "16"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (out / "records").iterdir()) == sorted(f"{a}.jsonl" for a in ARMS)
+    for arm in ARMS:
+        assert (out / "records" / f"{arm}.jsonl").read_bytes() == (full_run / "records" / f"{arm}.jsonl").read_bytes()
+    single = json.loads((full_run / "results.json").read_text())
+    double = json.loads((out / "results.json").read_text())
+    assert double["subsets"] == single["subsets"]
