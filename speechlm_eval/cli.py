@@ -15,6 +15,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+JUDGE_HELP = (
+    "LLM judge for the open-ended subsets and sd-qa: openai:MODEL (any OpenAI-compatible endpoint; base URL from "
+    "$SPEECHLM_EVAL_JUDGE_BASE_URL, key from $OPENAI_API_KEY; VoiceBench uses openai:gpt-4o-mini), hf:PATH (a local "
+    "model), or none (those subsets are left unscored, with a note). Calls are cached on disk."
+)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -49,6 +54,7 @@ def gap(
     tts_voice: str = typer.Option("en-us", help="TTS voice."),
     tts_rate: int = typer.Option(160, help="TTS speaking rate (words per minute)."),
     arm: List[str] = typer.Option([], "--arm", help="Run only these arms (repeatable): text_llm_text, speech_llm_text, speech_llm_speech."),
+    judge: str = typer.Option("none", help=JUDGE_HELP),
 ) -> None:
     """Answer every item three ways (text LLM · text, speech LLM · text, speech LLM · speech) and report the gaps."""
     from speechlm_eval.gap import ConfigError, GapConfig, run_gap
@@ -60,7 +66,7 @@ def gap(
         voicebench_revision=voicebench_revision, mmau_json=mmau_json, mmau_audio_dir=mmau_audio_dir, resume=resume,
         overwrite=overwrite, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
         dtype=dtype, seed=seed, trust_remote_code=trust_remote_code, tts_engine=tts_engine, tts_voice=tts_voice,
-        tts_rate=tts_rate, arms=arm or ARMS,
+        tts_rate=tts_rate, arms=arm or ARMS, judge=judge,
     )
     try:
         run_dir = run_gap(config, console=console)
@@ -74,14 +80,26 @@ def gap(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A gap run directory.")) -> None:
-    """Rebuild results.json and the report from a run's records alone (no model is loaded)."""
+def report(
+    run_dir: Path = typer.Argument(..., help="A gap run directory."),
+    judge: Optional[str] = typer.Option(None, help="Judge the open-ended/sd-qa responses first (see gap --judge)."),
+) -> None:
+    """Rebuild results.json, report.md and report.html from a run's records alone (no model is loaded)."""
     from speechlm_eval.report.build import build_report
 
     if not (run_dir / "manifest.json").exists():
         _fail(f"{run_dir} is not a run directory (no manifest.json)")
+    if judge is not None:
+        from speechlm_eval.judging import judge_run
+
+        judge_run(run_dir, judge)
     build_report(run_dir)
     typer.echo(str(run_dir / "report.md"))
+
+
+from speechlm_eval.cli_extra import register as _register_extra  # noqa: E402 - score, check
+
+_register_extra(app)
 
 
 def main() -> None:

@@ -56,6 +56,7 @@ class GapConfig:
     tts_voice: str = "en-us"
     tts_rate: int = 160
     arms: Sequence[str] = ARMS
+    judge: str = "none"
     n_resamples: int = 10_000
     notes: list[str] = field(default_factory=list)
 
@@ -229,6 +230,9 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         from speechlm_eval.runner import merge_records
 
         merge_records(out, items, config.arms)
+        from speechlm_eval.judging import judge_run
+
+        judge_run(out, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
         build_report(out)
     state.wait_for_everyone()
     return out

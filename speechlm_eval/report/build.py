@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ from speechlm_eval.metrics.paired import mean_ci, paired_gap
 from speechlm_eval.records import ARMS, read_records, write_json_atomic, write_text_atomic
 from speechlm_eval.scoring import load_builtin_scorers
 from speechlm_eval.scoring.base import item_rng
+from speechlm_eval.scoring.judge import JUDGE_NONE_NOTE, JUDGED_SCORERS, MissingJudgement, attach_judgements
 from speechlm_eval.scoring.registry import Scorer, get_scorer
 
 RESULTS_SCHEMA = "speechlm-eval/results/v1"
@@ -20,7 +22,11 @@ GAPS = {"forgetting": ("text_llm_text", "speech_llm_text"), "inequivalence": ("s
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
-    """The manifest, the item rows and ``{arm: {item id: record}}`` of a run directory."""
+    """The manifest, the item rows and ``{arm: {item id: record}}`` of a run directory.
+
+    Judge outputs (``judgements/<arm>.jsonl``, for the judge-scored subsets) are folded into the item rows as
+    ``row["judgements"]``: a list of judgement rows keyed by the judged response's hash.
+    """
     manifest = json.loads((run_dir / "manifest.json").read_text())
     items = read_records(run_dir / "items.jsonl")
     records = {}
@@ -28,15 +34,24 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[
         path = run_dir / "records" / f"{arm}.jsonl"
         if path.exists():
             records[arm] = {r["id"]: r for r in read_records(path)}
+    judgements: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((run_dir / "judgements").glob("*.jsonl")):
+        for row in read_records(path):
+            judgements.setdefault(row["id"], []).append(row)
+    if judgements:
+        items = [{**row, "judgements": judgements.get(row["id"], [])} for row in items]
     return manifest, items, records
 
 
 def as_item(row: dict[str, Any]) -> SimpleNamespace:
-    """A scorer-facing view of an ``items.jsonl`` row (the same attribute names as ``Item``)."""
-    return SimpleNamespace(
+    """A scorer-facing view of an ``items.jsonl`` row (the same attribute names as ``Item``, plus judgements)."""
+    item = SimpleNamespace(
         id=row["id"], subset=row["subset"], text=row["text"], audio_instruction=row["audio_instruction"],
         choices=tuple(row["choices"]), reference=row["reference"], meta=row["meta"],
     )
+    if row["scorer"] in JUDGED_SCORERS:
+        item = attach_judgements(item, row.get("judgements", []))
+    return item
 
 
 def score_arm(scorer: Scorer, items: list[SimpleNamespace], records: dict[str, dict[str, Any]], arm: str,
@@ -48,7 +63,11 @@ def score_arm(scorer: Scorer, items: list[SimpleNamespace], records: dict[str, d
         if record is None or record.get("error") is not None:
             scores[item.id] = None
             continue
-        scores[item.id] = scorer.score(item, record["response"], item_rng(seed, item.id, arm))
+        try:
+            score = scorer.score(item, record["response"], item_rng(seed, item.id, arm))
+        except MissingJudgement:
+            score = None  # judge-scored subset whose response was not judged (yet)
+        scores[item.id] = score if score is not None and math.isfinite(score.value) else None
     return scores
 
 
@@ -56,21 +75,21 @@ def subset_results(rows: list[dict[str, Any]], records: dict[str, dict[str, dict
                    n_resamples: int) -> dict[str, Any]:
     """Arm scores (with bootstrap CIs), official metric dicts and the two paired gaps of one subset."""
     items = [as_item(r) for r in rows]
-    speech_only = not any(r["text"] is not None and r["audio_instruction"] is None for r in rows)
     scorer = get_scorer(rows[0]["scorer"])
     entry: dict[str, Any] = {"n": len(items), "scorer": scorer.name, "metric": scorer.primary,
-                             "speech_only": speech_only, "arms": {}}
-    per_arm: dict[str, dict[str, Any]] = {}
-    for arm, arm_records in records.items():
-        if speech_only and arm != "speech_llm_speech":
-            continue
-        scores = score_arm(scorer, items, arm_records, arm, seed)
-        per_arm[arm] = scores
+                             "speech_only": is_speech_only(rows), "arms": {}}
+    per_arm = subset_item_scores(rows, records, seed)
+    for arm, scores in per_arm.items():
+        arm_records = records[arm]
         valid = [(it, s) for it, s in zip(items, scores.values()) if s is not None]
         values = np.array([s.value for _, s in valid], dtype=float)
-        n_errors = sum(1 for it in items if arm_records.get(it.id, {}).get("error") is not None)
-        arm_entry: dict[str, Any] = {"n": len(valid), "errors": n_errors,
-                                     "missing": sum(1 for it in items if it.id not in arm_records)}
+        recorded_ok = sum(1 for it in items if it.id in arm_records and arm_records[it.id].get("error") is None)
+        arm_entry: dict[str, Any] = {
+            "n": len(valid),
+            "errors": sum(1 for it in items if arm_records.get(it.id, {}).get("error") is not None),
+            "missing": sum(1 for it in items if it.id not in arm_records),
+            "not_scored": recorded_ok - len(valid),  # e.g. judge-scored responses without judge outputs
+        }
         if valid:
             value, low, high = mean_ci(values, scale=scorer.scale, n_resamples=n_resamples, seed=seed)
             arm_entry.update(score=value, ci_low=low, ci_high=high,
@@ -118,14 +137,24 @@ def run_item_scores(run_dir: Path) -> dict[str, Any]:
         by_subset.setdefault(row["subset"], []).append(row)
     scores, recorded, unscored = {}, {}, {}
     for subset, subset_rows in by_subset.items():
-        try:
-            get_scorer(subset_rows[0]["scorer"])
-        except KeyError:
+        if unscored_reason(subset_rows) is not None:
             unscored[subset] = subset_rows[0]["scorer"]
             continue
         scores[subset] = subset_item_scores(subset_rows, records, seed)
         recorded[subset] = {arm: sum(r["id"] in records[arm] for r in subset_rows) for arm in scores[subset]}
     return {"manifest": manifest, "rows": by_subset, "scores": scores, "recorded": recorded, "unscored": unscored}
+
+
+def unscored_reason(rows: list[dict[str, Any]]) -> str | None:
+    """Why a subset cannot be scored at all (``None`` when it can)."""
+    name = rows[0]["scorer"]
+    try:
+        get_scorer(name)
+    except KeyError:
+        return f"scorer {name!r} is not available in this version; responses are in the records"
+    if name in JUDGED_SCORERS and not any(r.get("judgements") for r in rows):
+        return JUDGE_NONE_NOTE
+    return None
 
 
 def build_results(run_dir: Path) -> dict[str, Any]:
@@ -139,26 +168,22 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         by_subset.setdefault(row["subset"], []).append(row)
     subsets, unscored = {}, {}
     for subset, subset_rows in by_subset.items():
-        try:
-            get_scorer(subset_rows[0]["scorer"])
-        except KeyError:
-            unscored[subset] = {
-                "n": len(subset_rows),
-                "scorer": subset_rows[0]["scorer"],
-                "reason": f"scorer {subset_rows[0]['scorer']!r} is not available in this version; "
-                "responses are in the records",
-            }
+        reason = unscored_reason(subset_rows)
+        if reason is not None:
+            unscored[subset] = {"n": len(subset_rows), "scorer": subset_rows[0]["scorer"], "reason": reason}
             continue
         subsets[subset] = subset_results(subset_rows, records, seed, n_resamples)
     return {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored, "manifest": manifest}
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:
-    """Write ``results.json`` and ``report.md`` for a run directory; returns the results."""
+    """Write ``results.json``, ``report.md`` and ``report.html`` for a run directory; returns the results."""
+    from speechlm_eval.report.html import write_html
     from speechlm_eval.report.markdown import render_markdown
 
     run_dir = Path(run_dir)
     results = build_results(run_dir)
     write_json_atomic(run_dir / "results.json", results)
     write_text_atomic(run_dir / "report.md", render_markdown(results))
+    write_html(run_dir, results)
     return results

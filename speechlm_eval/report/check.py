@@ -4,7 +4,7 @@ score drops (or whose forgetting/inequivalence gap grows) by more than a thresho
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from speechlm_eval.metrics.paired import GapEstimate, paired_gap
-from speechlm_eval.records import ARMS, RecordsError
+from speechlm_eval.records import ARMS
 from speechlm_eval.report.build import GAPS, run_item_scores
 from speechlm_eval.scoring.registry import Scorer, get_scorer
 
@@ -91,8 +91,8 @@ def load_run_scores(run_dir: Path) -> dict[str, Any]:
         raise CheckError(f"{run_dir} has no records (records/<arm>.jsonl): a run without results cannot be compared")
     try:
         return run_item_scores(run_dir)
-    except (RecordsError, json.JSONDecodeError, KeyError) as error:
-        raise CheckError(f"{run_dir}: cannot read the run ({error})") from None
+    except (ValueError, LookupError) as error:  # bad records/JSON, missing fields, judged subsets without judgements
+        raise CheckError(f"{run_dir}: cannot score the run ({error})") from None
 
 
 def points_scale(scorer: Scorer) -> float:
@@ -139,8 +139,9 @@ def _content(row: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def _paired_values(score_maps: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
-    """The ids scored (not None) in every map, and each map's values on them, aligned."""
-    kept = [i for i in ids if all(m.get(i) is not None for m in score_maps)]
+    """The ids scored in every map (not None, and finite: an open item whose judge outputs all failed to parse is
+    NaN), and each map's values on them, aligned."""
+    kept = [i for i in ids if all(m.get(i) is not None and math.isfinite(m[i].value) for m in score_maps)]
     return kept, [np.array([m[i].value for i in kept], dtype=float) for m in score_maps]
 
 

@@ -16,15 +16,12 @@ from typing import Any, Iterable
 import matplotlib
 
 from speechlm_eval.records import ARMS, write_text_atomic
-from speechlm_eval.report.markdown import ARM_TITLES, fmt, fmt_gap
+from speechlm_eval.report.markdown import ARM_TITLES, SEEDED_FALLBACK_NOTE, fmt, fmt_gap, report_notes
 from speechlm_eval.report.plots import report_figures, significant
 
 GAP_DEFINITIONS = ("forgetting = text LLM · text − speech LLM · text; inequivalence = speech LLM · text − speech LLM · "
                    "speech. Gaps are paired over the items scored in both arms, with a 95% paired-bootstrap CI and a "
                    "paired test (exact McNemar for 0/1 scores, Wilcoxon signed-rank otherwise).")
-SEEDED_FALLBACK_NOTE = ("Unparsed responses (the official scorer would draw a random answer) are scored by a seeded "
-                        "draw, so the official-compatible number is reproducible; their count is in results.json "
-                        "(`unparsed`).")
 # No scripts, no remote anything: images only from data: URIs, styles only from the inline <style>.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 CSS = """
@@ -40,8 +37,10 @@ th,td{border:1px solid #d6d6d9;padding:.3rem .5rem;text-align:right;white-space:
 th{background:#f3f3f5}td.name,th.name{text-align:left}td.subset{white-space:normal;overflow-wrap:break-word;
 max-width:14rem}div.scroll{overflow-x:auto}
 td.gap-pos{background:#f8d2cc;color:#7a1709}td.gap-neg{background:#d3e4f5;color:#0b3c6b}
-td.gap-ns{background:#eeeeee;color:#555}td[class^="gap-"]{white-space:normal}span.nw{white-space:nowrap}td.gap-none,td.empty{color:#999;text-align:center}
-.legend{font-size:.8rem;color:#555}.legend span{display:inline-block;padding:.05rem .45rem;margin-right:.5rem;border-radius:3px;font-size:.8rem}
+td.gap-ns{background:#eeeeee;color:#555}td[class^="gap-"]{white-space:normal}span.nw{white-space:nowrap}
+td.gap-none,td.empty{color:#999;text-align:center}
+.legend{font-size:.8rem;color:#555}
+.legend span{display:inline-block;padding:.05rem .45rem;margin-right:.5rem;border-radius:3px;font-size:.8rem}
 .legend .gap-pos{background:#f8d2cc;color:#7a1709}.legend .gap-neg{background:#d3e4f5;color:#0b3c6b}
 .legend .gap-ns{background:#eee;color:#555}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
@@ -58,20 +57,6 @@ def esc(value: Any) -> str:
 def note_html(note: str) -> str:
     """A plain-text note escaped, with its `backtick` spans shown as code (as report.md renders them)."""
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(note))
-
-
-def report_notes(results: dict[str, Any]) -> list[str]:
-    """The report's notes, as plain text: manifest notes, speech-only and unscored subsets, the seeded fallback."""
-    manifest = results.get("manifest", {})
-    notes = [str(n) for n in manifest.get("notes", [])]
-    speech_only = [s for s, e in results.get("subsets", {}).items() if e.get("speech_only")]
-    if speech_only:
-        notes.append(f"{', '.join(speech_only)}: audio-understanding items with no text equivalent; only the speech "
-                     "arm is run (their role is the before/after comparison of distillation), so no gaps are computed.")
-    for subset, info in results.get("unscored", {}).items():
-        notes.append(f"{subset} ({info.get('n')} items): not scored: {info.get('reason')}.")
-    notes.append(SEEDED_FALLBACK_NOTE)
-    return notes
 
 
 def arm_cell(arm: dict[str, Any] | None) -> tuple[str, str]:
@@ -95,6 +80,7 @@ def gap_class(gap: dict[str, Any] | None) -> str:
 
 
 def gap_cell(gap: dict[str, Any] | None) -> str:
+    """A coloured gap cell, text as in ``report.md``, with the test, n and relative gap as its tooltip."""
     tip = ""
     if gap and gap.get("value") is not None:
         relative = gap.get("relative")
@@ -142,7 +128,8 @@ def header_html(manifest: dict[str, Any]) -> str:
 def table_html(subsets: dict[str, dict[str, Any]]) -> str:
     """The gap table of ``report.md``, with gap cells coloured by sign and significance."""
     head = ('<tr><th class="name">subset</th><th>n</th><th class="name">metric</th>'
-            + "".join(f"<th>{esc(ARM_TITLES[a])}</th>" for a in ARMS) + "<th>forgetting</th><th>inequivalence</th></tr>")
+            + "".join(f"<th>{esc(ARM_TITLES[a])}</th>" for a in ARMS)
+            + "<th>forgetting</th><th>inequivalence</th></tr>")
     rows = []
     for subset, entry in subsets.items():
         cells = [f'<td class="name subset">{esc(subset)}</td><td>{esc(entry.get("n"))}</td>'
@@ -156,11 +143,12 @@ def table_html(subsets: dict[str, dict[str, Any]]) -> str:
     return f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def legend_html() -> str:
+def legend_html(confidence: Any) -> str:
+    alpha = 1.0 - (confidence if isinstance(confidence, (int, float)) else 0.95)
     return ('<p class="legend"><span class="gap-pos">significant, positive (speech side worse)</span>'
             '<span class="gap-neg">significant, negative</span><span class="gap-ns">not significant</span>'
-            "significant: paired-test p below 1 − confidence (0.05). Hover a cell for n, errors, unparsed and the "
-            "test.</p>")
+            f"significant: paired-test p below 1 − confidence ({alpha:.2g}). Hover a cell for n, errors, unparsed "
+            "and the test.</p>")
 
 
 def figures_html(figures: Iterable[tuple[str, bytes]]) -> str:
@@ -190,7 +178,7 @@ def render_html(results: dict[str, Any]) -> str:
         f'<p class="small">{esc(GAP_DEFINITIONS)}</p>',
         "<h2>Scores and gaps</h2>",
         table_html(subsets),
-        legend_html(),
+        legend_html(manifest.get("statistics", {}).get("confidence")),
         "<h2>Plots</h2>",
         figures_html(report_figures(results)) or "<p>No scored subsets to plot.</p>",
         f'<h2>Notes</h2><ul class="notes">{notes}</ul>',

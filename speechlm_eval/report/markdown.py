@@ -21,6 +21,25 @@ def fmt_gap(gap: dict[str, Any] | None) -> str:
     return f"{gap['value']:+.2f} [{fmt(gap['ci_low'])}, {fmt(gap['ci_high'])}] p={fmt(p, 3)}"
 
 
+SEEDED_FALLBACK_NOTE = ("Unparsed responses (the official scorer would draw a random answer) are scored by a seeded "
+                        "draw, so the official-compatible number is reproducible; their count is in results.json "
+                        "(`unparsed`).")
+
+
+def report_notes(results: dict[str, Any]) -> list[str]:
+    """The report's notes, as plain text: manifest notes, speech-only and unscored subsets, the seeded fallback."""
+    manifest = results.get("manifest", {})
+    notes = [str(n) for n in manifest.get("notes", [])]
+    speech_only = [s for s, e in results.get("subsets", {}).items() if e.get("speech_only")]
+    if speech_only:
+        notes.append(f"{', '.join(speech_only)}: audio-understanding items with no text equivalent; only the speech "
+                     "arm is run (their role is the before/after comparison of distillation), so no gaps are computed.")
+    for subset, info in results.get("unscored", {}).items():
+        notes.append(f"{subset} ({info.get('n')} items): not scored: {info.get('reason')}.")
+    notes.append(SEEDED_FALLBACK_NOTE)
+    return notes
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     manifest = results["manifest"]
     models = manifest.get("models", {})
@@ -50,15 +69,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 cells.append(f"{a['score']:.2f} [{fmt(a['ci_low'])}, {fmt(a['ci_high'])}]{extra}")
         lines.append(f"| {subset} | {entry['n']} | {entry['metric']} | " + " | ".join(cells)
                      + f" | {fmt_gap(entry.get('forgetting'))} | {fmt_gap(entry.get('inequivalence'))} |")
-    notes = list(manifest.get("notes", []))
-    speech_only = [s for s, e in results["subsets"].items() if e.get("speech_only")]
-    if speech_only:
-        notes.append(f"{', '.join(speech_only)}: audio-understanding items with no text equivalent; only the speech "
-                     "arm is run (their role is the before/after comparison of distillation), so no gaps are computed.")
-    for subset, info in results.get("unscored", {}).items():
-        notes.append(f"{subset} ({info['n']} items): not scored: {info['reason']}.")
-    notes.append("Unparsed responses (the official scorer would draw a random answer) are scored by a seeded draw, "
-                 "so the official-compatible number is reproducible; their count is in results.json (`unparsed`).")
+    notes = report_notes(results)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -15,15 +15,14 @@ import matplotlib
 import matplotlib.style
 from matplotlib import patheffects
 from matplotlib.axes import Axes
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from speechlm_eval.records import ARMS
+from speechlm_eval.report.markdown import ARM_TITLES
 
-ARM_LABELS = {"text_llm_text": "text LLM · text", "speech_llm_text": "speech LLM · text",
-              "speech_llm_speech": "speech LLM · speech"}
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 ARM_COLOURS = {"text_llm_text": "#0072B2", "speech_llm_text": "#E69F00", "speech_llm_speech": "#009E73"}
 GAP_COLOURS = {"forgetting": "#D55E00", "inequivalence": "#CC79A7"}
@@ -35,8 +34,6 @@ PANEL_HEIGHT_IN = 3.4
 MAX_WIDTH_IN = 11.5
 _RC = {"font.size": 9, "axes.titlesize": 10, "axes.spines.top": False, "axes.spines.right": False,
        "savefig.dpi": DPI, "path.simplify": False}
-
-
 # A white halo keeps a bar's value label readable where its error bar runs through it.
 _LABEL_HALO = [patheffects.withStroke(linewidth=2.2, foreground="white")]
 
@@ -91,10 +88,23 @@ def _set_metric_limits(ax: Axes, metric: str) -> None:
         ax.set_ylim(min(0.0, low), high * 1.1)
 
 
+def plain(text: str) -> str:
+    """``text`` with ``$`` escaped, so matplotlib draws it as written instead of parsing it as mathtext."""
+    return text.replace("$", r"\$")
+
+
 def tick_label(name: str, limit: int = 18) -> str:
-    """A subset name fit for a tick: shortened with an ellipsis, ``$`` escaped so matplotlib does not parse mathtext."""
-    short = name if len(name) <= limit else name[: limit - 1] + "…"
-    return short.replace("$", r"\$")
+    """A subset name fit for a tick: shortened with an ellipsis, drawn as plain text."""
+    return plain(name if len(name) <= limit else name[: limit - 1] + "…")
+
+
+def _finish_panel(ax: Axes, members: Sequence[str], metric: str, ylabel: str) -> None:
+    """Subset ticks, the metric as title, the y label and a light horizontal grid behind the data."""
+    _label_groups(ax, members)
+    ax.set_ylabel(plain(ylabel))
+    ax.set_title(plain(metric))
+    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
 
 
 def _label_groups(ax: Axes, names: Sequence[str]) -> None:
@@ -108,7 +118,7 @@ def _label_groups(ax: Axes, names: Sequence[str]) -> None:
 
 
 def arm_scores_figure(subsets: dict[str, dict[str, Any]]) -> Figure | None:
-    """Grouped bars of the three arms per subset with 95% CI error bars; one panel per metric. None if nothing scored."""
+    """Bars of the three arms per subset with 95% CI error bars, one panel per metric; None if nothing scored."""
     names = [s for s, e in subsets.items() if any(_finite(a.get("score")) for a in e.get("arms", {}).values())]
     if not names:
         return None
@@ -132,13 +142,9 @@ def arm_scores_figure(subsets: dict[str, dict[str, Any]]) -> Figure | None:
                           linewidth=2.5)
                 ax.annotate(_short(score, metric), (x + offset, score), xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=7, path_effects=_LABEL_HALO, zorder=4)
-        _label_groups(ax, members)
+        _finish_panel(ax, members, metric, metric)
         _set_metric_limits(ax, metric)
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
-        ax.grid(axis="y", color="#dddddd", linewidth=0.6)
-        ax.set_axisbelow(True)
-    handles = [Patch(color=ARM_COLOURS[a], label=ARM_LABELS[a]) for a in ARMS]
+    handles = [Patch(color=ARM_COLOURS[a], label=ARM_TITLES[a]) for a in ARMS]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     fig.suptitle("Arm scores (bars) with 95% bootstrap CIs", fontsize=10)
     return fig
@@ -165,15 +171,10 @@ def gaps_figure(subsets: dict[str, dict[str, Any]]) -> Figure | None:
                 ax.errorbar(x + (k - 0.5) * 0.3, value, yerr=[[below], [above]], fmt="o", capsize=3,
                             color=colour, markerfacecolor=colour if significant(gap) else "white", markersize=6,
                             elinewidth=1.2, zorder=3)
-        _label_groups(ax, members)
-        ax.set_ylabel(f"gap ({metric} points)")
-        ax.set_title(metric)
-        ax.grid(axis="y", color="#dddddd", linewidth=0.6)
-        ax.set_axisbelow(True)
-    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=g)
-               for g, c in GAP_COLOURS.items()]
-    handles.append(Line2D([], [], color="#666666", marker="o", markerfacecolor="white",
-                                           linestyle="", label="hollow: not significant"))
+        _finish_panel(ax, members, metric, f"gap ({metric} points)")
+    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=g) for g, c in GAP_COLOURS.items()]
+    handles.append(Line2D([], [], color="#666666", marker="o", markerfacecolor="white", linestyle="",
+                          label="hollow: not significant"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     fig.suptitle("Paired gaps with 95% bootstrap CIs (above 0: the speech model / speech input does worse)",
                  fontsize=10)
@@ -197,7 +198,7 @@ def wer_split_figure(subsets: dict[str, dict[str, Any]], perception: Any) -> Fig
     ``perception`` is ``results["diagnostics"]["perception"]``: ``{"buckets": [label, ...], "inequivalence":
     {subset: [paired-gap dict or None, one per bucket]}}``. None when it is absent or not in that shape.
     """
-    if perception is None:
+    if not perception_shape_ok(perception):
         return None
     buckets = [str(b) for b in perception["buckets"]]
     gaps: dict[str, list[dict[str, Any] | None]] = perception["inequivalence"]
@@ -216,12 +217,8 @@ def wer_split_figure(subsets: dict[str, dict[str, Any]], perception: Any) -> Fig
                 ax.bar(x + (k - (len(buckets) - 1) / 2) * width, value, width * 0.92,
                        color=BUCKET_COLOURS[k % len(BUCKET_COLOURS)], yerr=[[below], [above]], capsize=2,
                        error_kw={"elinewidth": 1, "ecolor": "#222222"})
-        _label_groups(ax, members)
-        ax.set_ylabel(f"inequivalence ({metric} points)")
-        ax.set_title(metric)
-        ax.grid(axis="y", color="#dddddd", linewidth=0.6)
-        ax.set_axisbelow(True)
-    handles = [Patch(color=BUCKET_COLOURS[k % len(BUCKET_COLOURS)], label=f"WER {b}")
+        _finish_panel(ax, members, metric, f"inequivalence ({metric} points)")
+    handles = [Patch(color=BUCKET_COLOURS[k % len(BUCKET_COLOURS)], label=plain(f"WER {b}"))
                for k, b in enumerate(buckets)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
     fig.suptitle("Inequivalence by WER of the spoken prompt, with 95% CIs", fontsize=10)

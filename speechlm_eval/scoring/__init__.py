@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN_SCORER_MODULES = ("mcq", "bbh", "harm", "mmau")
+BUILTIN_SCORER_MODULES = ("mcq", "bbh", "harm", "mmau", "ifeval", "open_ended", "qa")
 
 
 def load_builtin_scorers() -> None:

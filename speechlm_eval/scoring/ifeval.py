@@ -192,7 +192,7 @@ def score(item: Any, response: str, rng: random.Random) -> Score:
 
 def _prompt_keyed_flags(items: Sequence[Any], scores: Sequence[Score]) -> list[Flags]:
     """Each item's flags as upstream computes them: from the *last* response given to an item with the same prompt."""
-    last_response = {item.text: s.details["response"] for item, s in reversed(list(zip(items, scores)))}
+    last_response = {item.text: s.details["response"] for item, s in zip(items, scores)}
     flags = []
     for item, s in zip(items, scores):
         if s.details["response"] == last_response[item.text]:

@@ -69,8 +69,11 @@ class JudgeSettings:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded exponential backoff for HTTP judges: the k-th retry waits ``min(max_delay_s, initial * multiplier**(k-1))``
-    seconds (or what a 429's ``Retry-After`` asks, capped the same way). Upstream retries 25 times, 30 s apart."""
+    """Bounded exponential backoff for HTTP judges.
+
+    The k-th retry waits ``min(max_delay_s, initial_delay_s * multiplier**(k-1))`` seconds, or what a 429/503's
+    ``Retry-After`` asks (capped the same way). Upstream retries 25 times, 30 s apart.
+    """
 
     max_attempts: int = 8
     initial_delay_s: float = 2.0
@@ -239,7 +242,7 @@ def _public_url(url: str) -> str:
 
 
 def _request_body(model: str, settings: JudgeSettings, prompt: str) -> dict[str, Any]:
-    """The chat-completions request ``api_judge.py`` makes (``stop=None`` is sent as null, as the openai client does)."""
+    """The chat-completions request ``api_judge.py`` makes (its ``stop=None`` goes out as null, as openai's does)."""
     return {
         "model": model,
         "messages": [{"role": "system", "content": settings.system}, {"role": "user", "content": prompt}],

@@ -79,7 +79,7 @@ def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, Any]:
 
 
 def pedant_status() -> tuple[PedantFn | None, str | None]:
-    """PEDANT's ``evaluate`` (or ``None``) and a note for the metric dict (why panda is absent, or a version warning)."""
+    """PEDANT's ``evaluate`` (or ``None``) and a note for the metric dict: why panda is absent, or a version warning."""
     return _load_pedant(os.environ.get(PEDANT_DIR_ENV) or None)
 
 

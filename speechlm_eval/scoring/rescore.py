@@ -26,6 +26,8 @@ OPTIONAL_SCORER_MODULES: dict[str, str] = {"ifeval": "ifeval", "open": "open_end
 GRADED_SCORERS: frozenset[str] = frozenset({"open"})
 # Subsets whose official evaluator reads the judge's ``score`` list, i.e. the ``result-`` file of api_judge.py.
 JUDGED_SCORERS: frozenset[str] = frozenset({"open", "qa"})
+# Columns VoiceBench's scripts add to the dataset's: main.py's answer and api_judge.py's judge outputs.
+OUTPUT_COLUMNS: frozenset[str] = frozenset({"response", "score"})
 MMAU_REQUIRED_KEYS: tuple[str, ...] = ("answer", "choices", "task", "difficulty")
 MMAU_SUMMARY_KEYS: tuple[str, ...] = ("total_accuracy", "n", "task", "difficulty", "sub_category")
 
@@ -120,8 +122,10 @@ def _check_row(path: Path, number: int, row: Mapping[str, Any], columns: Sequenc
             raise RescoreError(f"{path}:{number}: missing column `{column}`{hint}")
     if not isinstance(row["response"], str):
         raise RescoreError(f"{path}:{number}: `response` must be a string, got {type(row['response']).__name__}")
-    if scorer in JUDGED_SCORERS and not isinstance(row["score"], list):
-        raise RescoreError(f"{path}:{number}: `score` must be the list of judge outputs")
+    if scorer in JUDGED_SCORERS:
+        outputs = row["score"]
+        if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+            raise RescoreError(f"{path}:{number}: `score` must be the non-empty list of judge outputs (strings)")
 
 
 def default_split(subset: str) -> str:
@@ -131,11 +135,11 @@ def default_split(subset: str) -> str:
 
 
 def rows_to_items(rows: Sequence[tuple[int, Mapping[str, Any]]], subset: str, split: str, path: Path) -> list[Item]:
-    """Items built from output rows exactly as the VoiceBench loader builds them (``response`` left out of ``meta``;
-    every other column, e.g. bbh's ``id`` or the judge's ``score`` list, lands in ``meta``)."""
+    """Items built from output rows exactly as the VoiceBench loader builds them from dataset rows: the columns the
+    output files add (``response``, the judge's ``score``) are left out; the rest (e.g. bbh's ``id``) go to ``meta``."""
     items = []
     for index, (number, row) in enumerate(rows):
-        source = {key: value for key, value in row.items() if key != "response"}
+        source = {key: value for key, value in row.items() if key not in OUTPUT_COLUMNS}
         try:
             items.append(voicebench.row_to_item(source, subset=subset, split=split, index=index,
                                                 origin=f"{path}:{number}"))
@@ -144,9 +148,22 @@ def rows_to_items(rows: Sequence[tuple[int, Mapping[str, Any]]], subset: str, sp
     return items
 
 
+def with_judgements(items: Sequence[Item], responses: Sequence[str],
+                     rows: Sequence[tuple[int, Mapping[str, Any]]]) -> list[Any]:
+    """Scorer-facing items carrying each row's judge outputs (its ``score`` list) for its response, where the open/qa
+    scorers look them up (:func:`speechlm_eval.scoring.judge.judge_outputs_for`)."""
+    from speechlm_eval.scoring.judge import attach_judgements, response_key
+
+    return [
+        attach_judgements(item, [{"id": item.id, "response_sha256": response_key(response), "outputs": row["score"]}])
+        for item, response, (_, row) in zip(items, responses, rows, strict=True)
+    ]
+
+
 def prompt_keyed_responses(rows: Sequence[tuple[int, Mapping[str, Any]]]) -> list[str]:
     """ifeval's lookup: upstream maps ``prompt -> response`` over the file, so items sharing a prompt all get the
-    *last* response written for it (replicated, not fixed)."""
+    *last* response written for it (replicated, not fixed). The ifeval aggregate does this too; doing it here as well
+    makes each ``--per-item`` line the score upstream gives that item."""
     by_prompt = {row["prompt"]: row["response"] for _, row in rows}
     return [by_prompt[row["prompt"]] for _, row in rows]
 
@@ -176,11 +193,12 @@ def rescore_voicebench(path: Path, subset: str, *, seed: int = 0, split: str | N
         _check_row(path, number, row, columns, scorer.name)
     items = rows_to_items(rows, subset, split or default_split(subset), path)
     responses = prompt_keyed_responses(rows) if scorer.name == "ifeval" else [row["response"] for _, row in rows]
+    scored_items: Sequence[Any] = with_judgements(items, responses, rows) if scorer.name in JUDGED_SCORERS else items
     try:
         scores = [scorer.score(item, response, item_rng(seed, item.id))
-                  for item, response in zip(items, responses, strict=True)]
-        metrics = scorer.aggregate(items, scores)
-    except (ValueError, KeyError, TypeError) as error:
+                  for item, response in zip(scored_items, responses, strict=True)]
+        metrics = scorer.aggregate(scored_items, scores)
+    except (ValueError, LookupError, TypeError) as error:
         raise RescoreError(f"{path}: {error}") from None
     graded = scorer.name in GRADED_SCORERS
     per_item = [per_item_line(i, item.id, s, graded) for i, (item, s) in enumerate(zip(items, scores, strict=True))]

@@ -225,6 +225,16 @@ def test_run_without_records_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "has no records" in result.stderr
 
 
+def test_corrupt_records_exit_2(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
+    records = cand / "records" / "speech_llm_speech.jsonl"
+    records.write_text("{broken\n" + records.read_text())
+    result = run_check(base, cand)
+    assert result.exit_code == 2
+    assert "cannot score the run" in result.stderr and "speech_llm_speech.jsonl:1" in result.stderr
+
+
 def test_arm_with_only_errors_exit_2(tmp_path: Path) -> None:
     base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
     cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})},

@@ -188,6 +188,13 @@ def test_english_lowercase_needs_lowercase_english() -> None:
         False, False)
 
 
+def test_language_detection_is_seeded() -> None:
+    # Unseeded, langdetect calls "good morning" English in about 57% of calls (Croatian otherwise), so 25 equal
+    # verdicts by chance have probability ~1e-6.
+    item = make_item("all lowercase please", ("change_case:english_lowercase", {}))
+    assert len({flags(item, "good morning") for _ in range(25)}) == 1
+
+
 def test_sentence_count_uses_punkt_abbreviations() -> None:
     # Punkt knows "dr." and "mr." are abbreviations: two sentences, where a split on every period gives four.
     text = "Dr. Smith met Mr. Jones in town. They talked for an hour."

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import pytest
 
 from speechlm_eval.data.item import Item
+from speechlm_eval.models.base import GenerationConfig, Prompt
+from speechlm_eval.models.registry import LoadOptions, load_model
 from speechlm_eval.scoring import judge as judge_module
 from speechlm_eval.scoring.judge import (
     JudgeError,
@@ -236,6 +238,14 @@ def test_cache_hit_makes_no_request(server: LocalOpenAI, tmp_path: Path) -> None
     assert len(server.requests) == 4
 
 
+def test_default_cache_dir_is_under_the_speechlm_eval_cache(server: LocalOpenAI, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    monkeypatch.setenv("SPEECHLM_EVAL_CACHE", str(tmp_path))
+    judge = load_judge("openai:m", retry=FAST_RETRY)
+    judge_records([open_item(0)], ["A."], judge)
+    assert cache_path(tmp_path / "judge", judge.identity, judge_prompt(open_item(0), "A.")).is_file()
+
+
 def test_unreadable_cache_entry_is_a_miss(server: LocalOpenAI, tmp_path: Path) -> None:
     judge = load_judge("openai:gpt-4o-mini", retry=FAST_RETRY)
     first = judge_records([open_item(0)], ["A."], judge, tmp_path)
@@ -325,10 +335,14 @@ def test_hf_judge_end_to_end(judge_model_dir: Path, tmp_path: Path) -> None:
     assert judge.identity["seed"] == 7 and judge.identity["model"]["fingerprint"]
     assert describe_judge(judge)["path"] == str(judge_model_dir)
 
-    # Seeded per prompt: the second item alone, with a fresh judge and an empty cache, gets the same samples.
-    alone = judge_records(items[1:], responses[1:], load_judge(spec, settings=TINY_SETTINGS, seed=7, device="cpu"),
-                          tmp_path / "b")
-    assert alone == outputs[1:]
+    # Each prompt's n samples are one sampled generate call of the model on (system, prompt), seeded from the prompt
+    # alone: so they do not depend on the other prompts judged, their order or batching.
+    model = load_model(str(judge_model_dir), LoadOptions(device="cpu"))
+    prompt = judge_prompt(items[1], responses[1])
+    config = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.5, top_p=0.95,
+                              seed=prompt_seed(7, prompt))
+    assert [g.text.strip() for g in model.generate([Prompt(text=prompt, system=JUDGE_SYSTEM)] * 3, config)] == (
+        outputs[1])
     assert prompt_seed(7, "a") != prompt_seed(8, "a") and prompt_seed(7, "a") != prompt_seed(7, "b")
     assert load_judge(spec, settings=TINY_SETTINGS, seed=8).identity != judge.identity
 

@@ -118,18 +118,58 @@ def test_graded_scores_have_no_correct_flag() -> None:
     assert rescore.per_item_line(0, "x", Score(value=0.5), graded=False)["correct"] is None
 
 
-@pytest.mark.parametrize(("subset", "scorer", "module"), [
-    ("ifeval", "ifeval", "ifeval"), ("commoneval", "open", "open_ended"), ("sd-qa", "qa", "qa"),
-])  # fmt: skip
-def test_optional_scorers(tmp_path: Path, subset: str, scorer: str, module: str) -> None:
-    src = write_jsonl(tmp_path / "out.jsonl", [{"prompt": "p", "reference": "r", "response": "answer"}])
-    result = invoke(["score", "voicebench", "--subset", subset, str(src)])
+def test_missing_scorer_module_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if the ifeval scorer module had not been installed.
+    monkeypatch.setitem(rescore.OPTIONAL_SCORER_MODULES, "ifeval", "no_such_ifeval_module")
+    monkeypatch.setattr(rescore, "get_scorer", lambda name: pytest.fail("must stop before the registry"))
+    src = write_jsonl(tmp_path / "out.jsonl", [{"prompt": "p", "response": "answer"}])
+    result = invoke(["score", "voicebench", "--subset", "ifeval", str(src)])
     assert result.exit_code == 2
-    if importlib.util.find_spec(f"speechlm_eval.scoring.{module}") is None:
-        assert f"the {scorer!r} scorer (module speechlm_eval.scoring.{module}) is not available" in result.stderr
-    else:
-        # Installed: the scorer is found and the file is checked for what it lacks (ifeval's columns, judge scores).
-        assert "not available" not in result.stderr and "missing column" in result.stderr
+    assert "the 'ifeval' scorer (module speechlm_eval.scoring.no_such_ifeval_module) is not available" in result.stderr
+
+
+def _needs(module: str) -> pytest.MarkDecorator:
+    missing = importlib.util.find_spec(f"speechlm_eval.scoring.{module}") is None
+    return pytest.mark.skipif(missing, reason=f"speechlm_eval.scoring.{module} is not installed")
+
+
+@_needs("open_ended")
+def test_open_result_file_averages_every_judge_output(tmp_path: Path) -> None:
+    # api_judge.py's result- file: main.py's row plus `score`, the 3 judge outputs.
+    rows = [{"prompt": "p1", "response": "r1", "score": ["4", "5", "[[3]]"]},
+            {"prompt": "p2", "response": "r2", "score": ["2", "2", "2"]}]
+    out = tmp_path / "per_item.jsonl"
+    src = write_jsonl(tmp_path / "result-m-commoneval-test-audio.jsonl", rows)
+    result = invoke(["score", "voicebench", "--subset", "commoneval", str(src), "--per-item", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["gpt"] == pytest.approx(18 / 6)
+    lines = read_jsonl(out)
+    assert [line["score"] for line in lines] == [4.0, 2.0] and [line["correct"] for line in lines] == [None, None]
+
+
+@_needs("qa")
+def test_qa_result_file_majority_vote(tmp_path: Path) -> None:
+    rows = [{"prompt": "q", "reference": "Paris", "response": "Paris", "score": ["Yes", "yes", "No"]},
+            {"prompt": "q", "reference": "Paris", "response": "Rome", "score": ["No", "Yes.", "no"]}]
+    src = write_jsonl(tmp_path / "result-sdqa.jsonl", rows)
+    result = invoke(["score", "voicebench", "--subset", "sd-qa", str(src)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["gpt"] == pytest.approx(50.0)
+    no_judge = write_jsonl(tmp_path / "sdqa.jsonl", [{k: v for k, v in rows[0].items() if k != "score"}])
+    result = invoke(["score", "voicebench", "--subset", "sd-qa", str(no_judge)])
+    assert result.exit_code == 2 and "sdqa.jsonl:1: missing column `score`" in result.stderr
+
+
+@_needs("ifeval")
+def test_ifeval_file(tmp_path: Path) -> None:
+    base = {"key": 1, "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    rows = [dict(base, prompt="Say hi without commas.", response="hi there"),
+            dict(base, prompt="List two fruits without commas.", response="apples, pears")]
+    src = write_jsonl(tmp_path / "ifeval.jsonl", rows)
+    result = invoke(["score", "voicebench", "--subset", "ifeval", str(src)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["strict-prompt"] == pytest.approx(0.5) and metrics["final"] == pytest.approx(0.5)
 
 
 def test_bad_voicebench_input_exits_2_with_file_and_line(tmp_path: Path) -> None:
