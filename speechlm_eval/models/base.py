@@ -84,6 +84,14 @@ class SpeechLM(Protocol):
         """
         ...
 
+    def continuation_logits(self, prompts: Sequence[Prompt], continuations: Sequence[str] | Sequence[Sequence[int]]):
+        """Teacher-forced next-token logits over each continuation (differentiable).
+
+        Returns ``(logits (batch, longest, vocab), targets (batch, longest), mask (batch, longest) bool)`` with the
+        continuations right-aligned; see :func:`speechlm_eval.models.hf_runtime.continuation_logits`.
+        """
+        ...
+
     def prompt_length(self, prompt: Prompt) -> int:
         """Approximate input length in tokens (audio included), used to sort batches."""
         ...

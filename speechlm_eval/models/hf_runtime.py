@@ -120,6 +120,44 @@ def generate_batch(
     return results
 
 
+def continuation_logits(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    inputs: Mapping[str, torch.Tensor],
+    continuations: Sequence[str] | Sequence[Sequence[int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits at each continuation token, teacher-forced after its (left-padded) prompt.
+
+    ``inputs`` holds the prompts (``input_ids``/``attention_mask`` ``(batch, len)`` plus any family extras such as
+    audio features, passed through unchanged); ``continuations`` are strings or token id lists. Differentiable: call
+    under ``torch.no_grad()`` when no gradient is wanted.
+
+    Returns ``(logits, targets, mask)``: ``logits`` ``(batch, longest, vocab)`` in the model's dtype, where position
+    ``t`` holds the distribution that predicts ``targets[:, t]``; continuations are right-aligned, so a shorter one
+    occupies the last positions and ``mask`` ``(batch, longest)`` (bool) marks its real tokens.
+    """
+    cont_ids = [
+        list(c) if not isinstance(c, str) else tokenizer(c, add_special_tokens=False)["input_ids"]
+        for c in continuations
+    ]
+    rows = [p + c for p, c in zip(unpadded_rows(inputs["input_ids"], inputs["attention_mask"]), cont_ids)]
+    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    batch.update(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    longest = max((len(c) for c in cont_ids), default=0)
+    mask = torch.zeros((len(cont_ids), longest), dtype=torch.bool, device=device)
+    for i, c in enumerate(cont_ids):
+        if c:
+            mask[i, longest - len(c):] = True
+    if longest == 0:
+        return torch.zeros((len(cont_ids), 0, 0), device=device), input_ids[:, :0].to(device), mask
+    # Only the positions that predict continuation tokens are needed; models that ignore ``logits_to_keep``
+    # (Qwen2-Audio) return every position, hence the slice.
+    logits = model(**batch, logits_to_keep=longest + 1).logits[:, -(longest + 1) : -1]
+    return logits, input_ids[:, -longest:].to(device), mask
+
+
 @torch.inference_mode()
 def continuation_logprobs_batch(
     model: torch.nn.Module,
@@ -127,25 +165,12 @@ def continuation_logprobs_batch(
     inputs: Mapping[str, torch.Tensor],
     continuations: Sequence[str],
 ) -> list[np.ndarray]:
-    """Log-probs of each continuation's tokens appended to its (left-padded) prompt.
-
-    ``inputs`` holds the prompts (``input_ids``/``attention_mask`` ``(batch, len)`` plus any family extras such as
-    audio features, passed through unchanged). Returns float32 arrays of shape ``(n_continuation_tokens,)``.
-    """
-    cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
-    rows = [p + c for p, c in zip(unpadded_rows(inputs["input_ids"], inputs["attention_mask"]), cont_ids)]
-    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    batch.update(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-    longest = max((len(c) for c in cont_ids), default=0)
-    if longest == 0:
+    """Log-probs of each continuation's tokens appended to its prompt: float32 arrays of shape ``(n_tokens,)``."""
+    logits, targets, mask = continuation_logits(model, tokenizer, inputs, continuations)
+    if logits.shape[1] == 0:
         return [np.zeros(0, dtype=np.float32) for _ in continuations]
-    logits = model(**batch).logits[:, -(longest + 1) : -1].float()  # (batch, longest, vocab): predicts the last tokens
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = input_ids[:, -longest:].to(device)
-    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (batch, longest)
-    return [picked[i, longest - len(c):].cpu().numpy().astype(np.float32) for i, c in enumerate(cont_ids)]
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return [picked[i][mask[i]].cpu().numpy().astype(np.float32) for i in range(len(continuations))]
 
 
 def describe_json(obj: Any) -> str:

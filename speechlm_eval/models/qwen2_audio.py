@@ -15,6 +15,7 @@ import torch
 from speechlm_eval.models.base import Generation, GenerationConfig, ModelInputError, Prompt, SAMPLING_RATE
 from speechlm_eval.models.hf_runtime import (
     checkpoint_identity,
+    continuation_logits,
     continuation_logprobs_batch,
     generate_batch,
     resolve_device,
@@ -91,6 +92,10 @@ class Qwen2AudioModel:
 
     def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
         return continuation_logprobs_batch(self.model, self.tokenizer, self.encode(prompts), continuations)
+
+    def continuation_logits(self, prompts: Sequence[Prompt], continuations: Sequence[str] | Sequence[Sequence[int]]):
+        """Teacher-forced next-token logits over each continuation (see ``hf_runtime.continuation_logits``)."""
+        return continuation_logits(self.model, self.tokenizer, self.encode(prompts), continuations)
 
     def prompt_length(self, prompt: Prompt) -> int:
         n = len(self.tokenizer(self.chat_text(prompt))["input_ids"])

@@ -131,3 +131,16 @@ def test_audio_too_short_to_encode_is_refused(speech):
     with pytest.raises(ModelInputError, match="too short"):
         speech.generate([Prompt(audio=clip(0.05))], GREEDY)
     assert speech.generate([Prompt(audio=clip(0.1))], GREEDY)[0].n_new_tokens > 0
+
+
+def test_continuation_logits_are_right_aligned_and_differentiable(speech):
+    prompts = [Prompt(text="Which animal is a mammal?"), Prompt(audio=clip(1.0, 4))]
+    prompts = prompts[:1] + [Prompt(text="the sea")]
+    logits, targets, mask = speech.continuation_logits(prompts, ["B. whale and more", "ok"])
+    n_long = len(speech.tokenizer("B. whale and more", add_special_tokens=False)["input_ids"])
+    n_short = len(speech.tokenizer("ok", add_special_tokens=False)["input_ids"])
+    assert logits.shape[:2] == targets.shape == mask.shape == (2, n_long)
+    assert mask[0].all() and mask[1].sum() == n_short and mask[1, -n_short:].all()
+    logits[mask].float().logsumexp(-1).sum().backward()
+    assert speech.model.lm_head.weight.grad is not None
+    speech.model.zero_grad(set_to_none=True)
