@@ -55,6 +55,8 @@ def gap(
     tts_rate: int = typer.Option(160, help="TTS speaking rate (words per minute)."),
     arm: List[str] = typer.Option([], "--arm", help="Run only these arms (repeatable): text_llm_text, speech_llm_text, speech_llm_speech."),
     judge: str = typer.Option("none", help=JUDGE_HELP),
+    diagnostics: bool = typer.Option(True, help="Judge-free diagnostics after the arms: per-token KL/JSD speech vs text and text LLM vs speech LLM, and the perception (transcription + WER) probe."),
+    probe_instruction: Optional[str] = typer.Option(None, help="Instruction sent with the audio for the perception probe (default: 'Transcribe the speech in the audio exactly.')."),
 ) -> None:
     """Answer every item three ways (text LLM · text, speech LLM · text, speech LLM · speech) and report the gaps."""
     from speechlm_eval.gap import ConfigError, GapConfig, run_gap
@@ -67,6 +69,7 @@ def gap(
         overwrite=overwrite, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
         dtype=dtype, seed=seed, trust_remote_code=trust_remote_code, tts_engine=tts_engine, tts_voice=tts_voice,
         tts_rate=tts_rate, arms=arm or ARMS, judge=judge,
+        diagnostics=diagnostics, probe_instruction=probe_instruction,
     )
     try:
         run_dir = run_gap(config, console=console)

@@ -57,6 +57,8 @@ class GapConfig:
     tts_rate: int = 160
     arms: Sequence[str] = ARMS
     judge: str = "none"
+    diagnostics: bool = True
+    probe_instruction: str | None = None
     n_resamples: int = 10_000
     notes: list[str] = field(default_factory=list)
 
@@ -140,6 +142,8 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
         "generation": generation_config(config).to_dict(),
         "tts": {"engine": config.tts_engine, "voice": config.tts_voice, "rate": config.tts_rate},
         "seed": config.seed,
+        "diagnostics": config.diagnostics,
+        "probe_instruction": config.probe_instruction,
     }
 
 
@@ -223,19 +227,39 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         write_json_atomic(out / "manifest.json", manifest)
     state.wait_for_everyone()
 
+    from speechlm_eval.runner import merge_records
+
     run_arms(config, items, models, audio_source, console)
     state.wait_for_everyone()
     if state.is_main_process:
-        from speechlm_eval.report.build import build_report
-        from speechlm_eval.runner import merge_records
-
         merge_records(out, items, config.arms)
+    state.wait_for_everyone()
+    if config.diagnostics:
+        run_diagnostics(config, items, models, audio_source)
+        state.wait_for_everyone()
+    if state.is_main_process:
+        from speechlm_eval.diagnostics import DIAGNOSTICS, PERCEPTION
         from speechlm_eval.judging import judge_run
+        from speechlm_eval.report.build import build_report
+
+        merge_records(out, items, [DIAGNOSTICS, PERCEPTION])
 
         judge_run(out, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
         build_report(out)
     state.wait_for_everyone()
     return out
+
+
+def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], audio_source) -> None:
+    """Judge-free diagnostics after the arms: per-token KL/JSD and the perception (transcription) probe."""
+    from speechlm_eval.diagnostics import PROBE_INSTRUCTION, run_distribution_diagnostics, run_perception_probe
+
+    out = Path(config.out)
+    run_distribution_diagnostics(out, items, models["speech_llm"], models["text_llm"], audio_source,
+                                 batch_size=config.batch_size)
+    run_perception_probe(out, [i for i in items if i.has_text_equivalent], models["speech_llm"], audio_source,
+                         instruction=config.probe_instruction or PROBE_INSTRUCTION, batch_size=config.batch_size,
+                         max_new_tokens=min(256, 4 * int(config.max_new_tokens or 64)))
 
 
 def load_models(config: GapConfig) -> dict[str, Any]:

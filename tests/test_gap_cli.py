@@ -200,9 +200,50 @@ def test_two_processes_under_torchrun_give_the_single_process_records(full_run, 
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
-    assert sorted(p.name for p in (out / "records").iterdir()) == sorted(f"{a}.jsonl" for a in ARMS)
-    for arm in ARMS:
+    expected = sorted(f"{name}.jsonl" for name in (*ARMS, "diagnostics", "perception"))
+    assert sorted(p.name for p in (out / "records").iterdir()) == expected  # rank files merged away
+    for arm in (*ARMS, "perception"):
         assert (out / "records" / f"{arm}.jsonl").read_bytes() == (full_run / "records" / f"{arm}.jsonl").read_bytes()
     single = json.loads((full_run / "results.json").read_text())
     double = json.loads((out / "results.json").read_text())
     assert double["subsets"] == single["subsets"]
+
+
+def test_report_rebuilds_byte_identical_files_from_records_alone(full_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy)
+    for name in ("results.json", "report.md", "report.html"):
+        (copy / name).unlink()
+    result = runner.invoke(app, ["report", str(copy)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for name in ("results.json", "report.md", "report.html"):
+        assert (copy / name).read_bytes() == (full_run / name).read_bytes(), name
+
+
+def test_diagnostics_records_and_summaries(full_run):
+    items = [i for i in read_lines(full_run / "items.jsonl") if i["audio_instruction"] is None]
+    diagnostics = read_lines(full_run / "records" / "diagnostics.jsonl")
+    perception = read_lines(full_run / "records" / "perception.jsonl")
+    assert [r["id"] for r in perception] == [i["id"] for i in items]
+    assert all(0.0 <= r["wer"] for r in perception if r["error"] is None)
+    ok = [r for r in diagnostics if r["error"] is None]
+    assert ok and all(r["kl_text_vs_speech"] > 0 and 0 <= r["jsd_text_vs_speech"] <= np.log(2) + 1e-6 for r in ok)
+    assert all(r["kl_text_llm_vs_speech_llm"] > 0 for r in ok)  # the student LM is the text LM plus noise
+    results = json.loads((full_run / "results.json").read_text())
+    assert set(results["diagnostics"]) == {"distribution", "perception"}
+    assert results["diagnostics"]["perception"]["inequivalence"]["openbookqa"]
+    report = (full_run / "report.md").read_text()
+    assert "## Perception probe" in report and "## Distribution gaps" in report
+
+
+def test_identical_backbone_shows_zero_text_llm_divergence(tiny_identical_pair, tmp_path):
+    out = tmp_path / "same"
+    result = gap(*model_args(tiny_identical_pair), "--suite", "bundled:openbookqa,bbh", "--out", str(out),
+                 "--max-new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    ok = [r for r in read_lines(out / "records" / "diagnostics.jsonl") if r["error"] is None]
+    assert len(ok) == 8
+    assert all(abs(r["kl_text_llm_vs_speech_llm"]) < 1e-5 for r in ok)
+    assert all(r["kl_text_vs_speech"] > 1e-3 for r in ok)
+    forgetting = json.loads((out / "results.json").read_text())["subsets"]["openbookqa"]["forgetting"]
+    assert forgetting["value"] == 0.0  # identical text paths answer identically

@@ -12,6 +12,8 @@ import numpy as np
 
 from speechlm_eval.metrics.paired import mean_ci, paired_gap
 from speechlm_eval.records import ARMS, read_records, write_json_atomic, write_text_atomic
+from speechlm_eval.metrics.overall import leaderboard_overall
+from speechlm_eval.report.diagnostics import diagnostics_results
 from speechlm_eval.scoring import load_builtin_scorers
 from speechlm_eval.scoring.base import item_rng
 from speechlm_eval.scoring.judge import JUDGE_NONE_NOTE, JUDGED_SCORERS, MissingJudgement, attach_judgements
@@ -72,13 +74,17 @@ def score_arm(scorer: Scorer, items: list[SimpleNamespace], records: dict[str, d
 
 
 def subset_results(rows: list[dict[str, Any]], records: dict[str, dict[str, dict[str, Any]]], seed: int,
-                   n_resamples: int) -> dict[str, Any]:
-    """Arm scores (with bootstrap CIs), official metric dicts and the two paired gaps of one subset."""
+                   n_resamples: int, per_arm: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Arm scores (with bootstrap CIs), official metric dicts and the two paired gaps of one subset.
+
+    ``per_arm``: the subset's per-item scores when already computed (:func:`subset_item_scores`).
+    """
     items = [as_item(r) for r in rows]
     scorer = get_scorer(rows[0]["scorer"])
     entry: dict[str, Any] = {"n": len(items), "scorer": scorer.name, "metric": scorer.primary,
                              "speech_only": is_speech_only(rows), "arms": {}}
-    per_arm = subset_item_scores(rows, records, seed)
+    if per_arm is None:
+        per_arm = subset_item_scores(rows, records, seed)
     for arm, scores in per_arm.items():
         arm_records = records[arm]
         valid = [(it, s) for it, s in zip(items, scores.values()) if s is not None]
@@ -166,14 +172,20 @@ def build_results(run_dir: Path) -> dict[str, Any]:
     by_subset: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_subset.setdefault(row["subset"], []).append(row)
-    subsets, unscored = {}, {}
+    subsets, unscored, item_scores, scales = {}, {}, {}, {}
     for subset, subset_rows in by_subset.items():
         reason = unscored_reason(subset_rows)
         if reason is not None:
             unscored[subset] = {"n": len(subset_rows), "scorer": subset_rows[0]["scorer"], "reason": reason}
             continue
-        subsets[subset] = subset_results(subset_rows, records, seed, n_resamples)
-    return {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored, "manifest": manifest}
+        item_scores[subset] = subset_item_scores(subset_rows, records, seed)
+        scales[subset] = get_scorer(subset_rows[0]["scorer"]).scale
+        subsets[subset] = subset_results(subset_rows, records, seed, n_resamples, item_scores[subset])
+    results = {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored}
+    results["overall"] = leaderboard_overall(subsets)
+    results["diagnostics"] = diagnostics_results(Path(run_dir), item_scores, scales, seed, n_resamples)
+    results["manifest"] = manifest
+    return results
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:

@@ -40,6 +40,59 @@ def report_notes(results: dict[str, Any]) -> list[str]:
     return notes
 
 
+def fmt_ci(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    if not entry:
+        return "–"
+    return f"{entry['value']:.{digits}f} [{fmt(entry['ci_low'], digits)}, {fmt(entry['ci_high'], digits)}]"
+
+
+def overall_lines(overall: dict[str, Any] | None) -> list[str]:
+    """The leaderboard Overall per arm, or which of its nine columns are missing."""
+    if not overall or not overall.get("arms"):
+        return []
+    lines = ["", "## VoiceBench Overall", "", f"`{overall['formula']}`", ""]
+    for arm in ARMS:
+        entry = overall["arms"].get(arm)
+        if entry is None:
+            continue
+        if entry["overall"] is not None:
+            lines.append(f"- {ARM_TITLES[arm]}: **{entry['overall']:.2f}**")
+        else:
+            lines.append(f"- {ARM_TITLES[arm]}: not computed, missing {', '.join(entry['missing'])}")
+    return lines
+
+
+def diagnostics_lines(diagnostics: dict[str, Any]) -> list[str]:
+    """Tables of the judge-free diagnostics: per-token divergences and the perception split."""
+    lines: list[str] = []
+    distribution = diagnostics.get("distribution")
+    if distribution:
+        lines += ["", "## Distribution gaps (judge-free)", "",
+                  "Mean per-token divergence on a fixed response (the text LLM's own greedy answer), 95% CI. "
+                  "text vs speech: the speech LLM given the typed vs the spoken query; text LLM vs speech LLM: both "
+                  "given the typed query.", "",
+                  "| subset | n | KL text‖speech | JSD text, speech | KL text LLM‖speech LLM | JSD text LLM, speech LLM |",
+                  "|---|---|---|---|---|---|"]
+        for subset, e in distribution.items():
+            lines.append(f"| {subset} | {e['n']} | {fmt_ci(e['kl_text_vs_speech'])} | {fmt_ci(e['jsd_text_vs_speech'])}"
+                         f" | {fmt_ci(e['kl_text_llm_vs_speech_llm'])} | {fmt_ci(e['jsd_text_llm_vs_speech_llm'])} |")
+    perception = diagnostics.get("perception")
+    if perception:
+        buckets = perception["buckets"]
+        lines += ["", "## Perception probe", "",
+                  "The speech LLM transcribes each item's audio; WER against the text that was spoken. "
+                  "Inequivalence recomputed within WER buckets: a gap among well-heard items is not a front-end "
+                  "failure.", "",
+                  "| subset | n | mean WER | heard | " + " | ".join(f"inequivalence, {b}" for b in buckets) + " |",
+                  "|" + "---|" * (4 + len(buckets))]
+        for subset, e in perception["subsets"].items():
+            gaps = perception["inequivalence"].get(subset, [None] * len(buckets))
+            cells = " | ".join(fmt_gap(g) for g in gaps)
+            heard = f"{100 * e['share_heard']:.0f}%" if e.get("share_heard") is not None else "–"
+            lines.append(f"| {subset} | {e['n']} | {fmt(e.get('mean_wer'))} | {heard} | {cells} |")
+    return lines
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     manifest = results["manifest"]
     models = manifest.get("models", {})
@@ -69,6 +122,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 cells.append(f"{a['score']:.2f} [{fmt(a['ci_low'])}, {fmt(a['ci_high'])}]{extra}")
         lines.append(f"| {subset} | {entry['n']} | {entry['metric']} | " + " | ".join(cells)
                      + f" | {fmt_gap(entry.get('forgetting'))} | {fmt_gap(entry.get('inequivalence'))} |")
+    lines += overall_lines(results.get("overall"))
+    lines += diagnostics_lines(results.get("diagnostics") or {})
     notes = report_notes(results)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

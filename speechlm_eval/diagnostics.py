@@ -1,0 +1,189 @@
+"""Judge-free diagnostics, run after the arms: distribution gaps per token, and a perception probe.
+
+1. **Distribution gaps** (no answer extraction, no judge): teacher-forced on one fixed response per item (the text
+   LLM's own greedy answer; the speech LLM's text-arm answer when no text LLM is given), the per-token KL and JSD
+   between the speech LLM's next-token distributions given the *speech* vs given the *text* query (inequivalence at
+   the distribution level), and between the text LLM and the speech LLM given the text (forgetting at the distribution
+   level). Written to ``records/diagnostics.jsonl``.
+2. **Perception probe**: the speech LLM is asked to transcribe each item's audio; the WER (jiwer) against the text that
+   was spoken separates "misheard" from "heard but answered worse". Written to ``records/perception.jsonl``.
+Both resume like the arms: items already recorded are not recomputed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from speechlm_eval.data.item import Item
+from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
+from speechlm_eval.distributed import process_state, shard
+from speechlm_eval.records import RecordWriter, read_records
+from speechlm_eval.runner import batches, completed_ids, error_record, records_path
+
+PROBE_INSTRUCTION = "Transcribe the speech in the audio exactly."  # our choice; configurable with --probe-instruction
+DIAGNOSTICS = "diagnostics"  # records/diagnostics.jsonl
+PERCEPTION = "perception"  # records/perception.jsonl
+
+
+def normalise_for_wer(text: str) -> str:
+    """Lowercase, drop punctuation, collapse spaces: WER counts words heard, not formatting."""
+    text = re.sub(r"[^\w\s']", " ", text.lower())
+    return " ".join(text.split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """jiwer's WER after :func:`normalise_for_wer`; an empty reference gives 0 (nothing to hear)."""
+    import jiwer
+
+    ref, hyp = normalise_for_wer(reference), normalise_for_wer(hypothesis)
+    if not ref:
+        return 0.0
+    return float(jiwer.wer(ref, hyp if hyp else "<empty>"))
+
+
+def token_divergences(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-token KL(p‖q) and JSD(p, q) at temperature 1, over the masked positions of one batch.
+
+    ``p_logits``/``q_logits``: ``(batch, len, vocab)`` (cut to a common vocabulary); ``mask``: ``(batch, len)`` bool.
+    Returns, per row, the mean KL and mean JSD over its masked tokens.
+    """
+    from speechlm_eval.distill.losses import token_jsd, token_kl
+
+    kl_rows, jsd_rows = [], []
+    for row in range(p_logits.shape[0]):
+        m = mask[row : row + 1]
+        kl = token_kl(p_logits[row : row + 1], q_logits[row : row + 1], m)
+        jsd = token_jsd(p_logits[row : row + 1], q_logits[row : row + 1], m)
+        kl_rows.append(float(kl.mean()) if kl.numel() else float("nan"))
+        jsd_rows.append(float(jsd.mean()) if jsd.numel() else float("nan"))
+    return kl_rows, jsd_rows
+
+
+def _common_vocab(*models: SpeechLM) -> int:
+    return min(len(m.tokenizer) for m in models)  # type: ignore[attr-defined]
+
+
+def _my_share(run_dir: Path, name: str, todo: list[Item]) -> tuple[Path, list[Item]]:
+    """This process's records file and disjoint share of the items (several processes under torchrun/accelerate)."""
+    state = process_state()
+    path = records_path(run_dir, name, state.process_index, state.num_processes)
+    return path, shard(todo, state.process_index, state.num_processes)
+
+
+@torch.no_grad()
+def run_distribution_diagnostics(
+    run_dir: Path,
+    items: Sequence[Item],
+    speech_llm: SpeechLM,
+    text_llm: SpeechLM | None,
+    audio_source: Callable[[Item], Any],
+    *,
+    batch_size: int = 8,
+    max_tokens: int = 256,
+) -> None:
+    """KL/JSD per item on its fixed response; skipped where the response is missing or the audio fails."""
+    reference_arm = "text_llm_text" if text_llm is not None else "speech_llm_text"
+    responses = {r["id"]: r for r in read_records(run_dir / "records" / f"{reference_arm}.jsonl")}
+    same_vocab = text_llm is not None and speech_llm.tokenizer.get_vocab() == text_llm.tokenizer.get_vocab()  # type: ignore[attr-defined]
+    done = completed_ids(run_dir, DIAGNOSTICS)
+    path, todo = _my_share(run_dir, DIAGNOSTICS, [
+        i for i in items if i.has_text_equivalent and i.id not in done
+        and responses.get(i.id, {}).get("error") is None and responses.get(i.id, {}).get("response")])
+    tokenizer = speech_llm.tokenizer  # type: ignore[attr-defined]
+    with RecordWriter(path) as writer:
+        for batch in batches(todo, batch_size):
+            records, ready, audio_prompts = [], [], []
+            for item in batch:
+                try:
+                    audio_prompts.append(Prompt(audio=audio_source(item)))
+                    ready.append(item)
+                except Exception as error:  # noqa: BLE001 - the item's own error record
+                    records.append(error_record("diagnostics", item, error))
+            if ready:
+                targets = [tokenizer(responses[i.id]["response"], add_special_tokens=False)["input_ids"][:max_tokens]
+                           for i in ready]
+                keep = [k for k, t in enumerate(targets) if t]
+                ready = [ready[k] for k in keep]
+                targets = [targets[k] for k in keep]
+                audio_prompts = [audio_prompts[k] for k in keep]
+            if ready:
+                text_prompts = [Prompt(text=i.text) for i in ready]
+                try:
+                    records += _divergence_records(ready, text_prompts, audio_prompts, targets, speech_llm,
+                                                   text_llm if same_vocab else None, reference_arm)
+                except Exception as error:  # noqa: BLE001 - e.g. a clip over the window: retry one by one
+                    for item, tp, ap, tg in zip(ready, text_prompts, audio_prompts, targets):
+                        try:
+                            records += _divergence_records([item], [tp], [ap], [tg], speech_llm,
+                                                           text_llm if same_vocab else None, reference_arm)
+                        except Exception as item_error:  # noqa: BLE001
+                            records.append(error_record("diagnostics", item, item_error))
+            writer.write_many(records)
+
+
+def _divergence_records(items, text_prompts, audio_prompts, targets, speech_llm, text_llm, reference_arm):
+    vocab = _common_vocab(speech_llm, *([text_llm] if text_llm is not None else []))
+    given_text, _, mask = speech_llm.continuation_logits(text_prompts, targets)
+    given_speech, _, _ = speech_llm.continuation_logits(audio_prompts, targets)
+    kl_st, jsd_st = token_divergences(given_text[..., :vocab], given_speech[..., :vocab], mask)
+    kl_tl = jsd_tl = [None] * len(items)
+    if text_llm is not None:
+        teacher, _, _ = text_llm.continuation_logits(text_prompts, targets)
+        kl_tl, jsd_tl = token_divergences(teacher[..., :vocab], given_text[..., :vocab], mask)
+    return [
+        {
+            "id": item.id, "subset": item.subset, "arm": "diagnostics", "error": None,
+            "response_from": reference_arm, "n_tokens": int(mask[k].sum()),
+            "kl_text_vs_speech": kl_st[k], "jsd_text_vs_speech": jsd_st[k],
+            "kl_text_llm_vs_speech_llm": kl_tl[k], "jsd_text_llm_vs_speech_llm": jsd_tl[k],
+        }
+        for k, item in enumerate(items)
+    ]
+
+
+def run_perception_probe(
+    run_dir: Path,
+    items: Sequence[Item],
+    speech_llm: SpeechLM,
+    audio_source: Callable[[Item], Any],
+    *,
+    instruction: str = PROBE_INSTRUCTION,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+) -> None:
+    """Transcripts + WER of each item's audio against the text that was spoken (items with a text equivalent)."""
+    done = completed_ids(run_dir, PERCEPTION)
+    path, todo = _my_share(run_dir, PERCEPTION, [i for i in items if i.id not in done and i.text_to_speak()])
+    generation = GenerationConfig(max_new_tokens=max_new_tokens)
+    with RecordWriter(path) as writer:
+        for batch in batches(todo, batch_size):
+            records, ready, prompts = [], [], []
+            for item in batch:
+                try:
+                    prompts.append(Prompt(audio=audio_source(item), text=instruction))
+                    ready.append(item)
+                except Exception as error:  # noqa: BLE001
+                    records.append(error_record("perception", item, error))
+            outputs: list[Any] = []
+            if ready:
+                try:
+                    outputs = speech_llm.generate(prompts, generation)
+                except Exception:  # noqa: BLE001 - isolate the culprit
+                    outputs = []
+                    for item, prompt in zip(ready, prompts):
+                        try:
+                            outputs.append(speech_llm.generate([prompt], generation)[0])
+                        except Exception as error:  # noqa: BLE001
+                            outputs.append(error)
+            for item, out in zip(ready, outputs):
+                if isinstance(out, Exception):
+                    records.append(error_record("perception", item, out))
+                    continue
+                spoken = item.text_to_speak() or ""
+                records.append({"id": item.id, "subset": item.subset, "arm": "perception", "error": None,
+                                "transcript": out.text, "wer": word_error_rate(spoken, out.text)})
+            writer.write_many(records)
