@@ -115,7 +115,7 @@ def run_distribution_diagnostics(
                 try:
                     records += _divergence_records(ready, text_prompts, audio_prompts, targets, speech_llm,
                                                    text_llm if same_vocab else None, reference_arm)
-                except Exception as error:  # noqa: BLE001 - e.g. a clip over the window: retry one by one
+                except Exception:  # noqa: BLE001 - e.g. a clip over the window: retry one by one
                     for item, tp, ap, tg in zip(ready, text_prompts, audio_prompts, targets):
                         try:
                             records += _divergence_records([item], [tp], [ap], [tg], speech_llm,

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from speechlm_eval.models.base import Generation, GenerationConfig, ModelInputError, Prompt
-from speechlm_eval.models.hf_runtime import (
-    checkpoint_identity,
-    continuation_logits,
-    continuation_logprobs_batch,
-    generate_batch,
-    resolve_device,
-    resolve_dtype,
-)
-from speechlm_eval.models.qwen2_audio import _eos_ids
+from speechlm_eval.models.base import ModelInputError, Prompt
+from speechlm_eval.models.hf_runtime import HFAdapter, eos_token_ids, resolve_device, resolve_dtype
 from speechlm_eval.models.registry import Family, LoadOptions, register_family
 
 
-class CausalLMModel:
+class CausalLMModel(HFAdapter):
     """A text-only checkpoint behind the SpeechLM interface (``accepts_audio`` is False)."""
 
+    family = "hf-causal"
     accepts_audio = False
     max_audio_seconds = None
 
@@ -35,7 +27,7 @@ class CausalLMModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.revision = revision
         self.prompt_format = "chat-template" if tokenizer.chat_template else "raw"
-        self._eos_ids = _eos_ids(model, tokenizer)
+        self._eos_ids = eos_token_ids(model, tokenizer)
 
     def chat_text(self, prompt: Prompt) -> str:
         if prompt.audio is not None:
@@ -54,28 +46,11 @@ class CausalLMModel:
         # The chat text already holds every special token; adding BOS again would change the prompt.
         return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
 
-    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[Generation]:
-        return generate_batch(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids)
-
-    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
-        return continuation_logprobs_batch(self.model, self.tokenizer, self.encode(prompts), continuations)
-
-    def continuation_logits(self, prompts: Sequence[Prompt], continuations: Sequence[str] | Sequence[Sequence[int]]):
-        """Teacher-forced next-token logits over each continuation (see ``hf_runtime.continuation_logits``)."""
-        return continuation_logits(self.model, self.tokenizer, self.encode(prompts), continuations)
-
     def prompt_length(self, prompt: Prompt) -> int:
         return len(self.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict:
-        param = next(self.model.parameters())
-        return {
-            "family": "hf-causal",
-            **checkpoint_identity(self.name, self.model, self.revision),
-            "dtype": str(param.dtype).removeprefix("torch."),
-            "device": str(param.device),
-            "prompt_format": self.prompt_format,
-        }
+        return self.describe_with(prompt_format=self.prompt_format)
 
 
 def load(name_or_path: str, options: LoadOptions) -> CausalLMModel:

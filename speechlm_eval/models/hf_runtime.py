@@ -7,7 +7,6 @@ that is the same for every decoder-only model lives here once.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -173,5 +172,52 @@ def continuation_logprobs_batch(
     return [picked[i][mask[i]].cpu().numpy().astype(np.float32) for i in range(len(continuations))]
 
 
-def describe_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Ids that end an answer: the checkpoint's generation EOS ids plus ChatML's ``<|im_end|>`` when it exists."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end not in ids and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    if not ids:
+        ids = [tokenizer.eos_token_id]
+    return [int(i) for i in ids]
+
+
+class HFAdapter:
+    """What every transformers-backed family shares once it can ``encode`` prompts into padded model inputs.
+
+    A family class sets ``family``, ``name``, ``model``, ``tokenizer``, ``revision`` and ``_eos_ids`` and defines
+    ``encode(prompts)``; generation, log-probs, logits and the manifest identity come from here.
+    """
+
+    family: str
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    revision: str | None
+    _eos_ids: list[int]
+
+    def encode(self, prompts: Sequence[Any]) -> Mapping[str, torch.Tensor]:  # pragma: no cover - per family
+        raise NotImplementedError
+
+    def generate(self, prompts: Sequence[Any], config: GenerationConfig) -> list[Generation]:
+        return generate_batch(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids)
+
+    def continuation_logprobs(self, prompts: Sequence[Any], continuations: Sequence[str]) -> list[np.ndarray]:
+        return continuation_logprobs_batch(self.model, self.tokenizer, self.encode(prompts), continuations)
+
+    def continuation_logits(self, prompts: Sequence[Any], continuations: Sequence[str] | Sequence[Sequence[int]]):
+        """Teacher-forced next-token logits over each continuation (see :func:`continuation_logits`)."""
+        return continuation_logits(self.model, self.tokenizer, self.encode(prompts), continuations)
+
+    def describe_with(self, **extra: Any) -> dict[str, Any]:
+        """The manifest identity: family, id/revision/commit/fingerprint, dtype, device, plus family extras."""
+        param = next(self.model.parameters())
+        return {
+            "family": self.family,
+            **checkpoint_identity(self.name, self.model, self.revision),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "device": str(param.device),
+            **extra,
+        }

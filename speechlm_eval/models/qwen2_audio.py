@@ -12,15 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechlm_eval.models.base import Generation, GenerationConfig, ModelInputError, Prompt, SAMPLING_RATE
-from speechlm_eval.models.hf_runtime import (
-    checkpoint_identity,
-    continuation_logits,
-    continuation_logprobs_batch,
-    generate_batch,
-    resolve_device,
-    resolve_dtype,
-)
+from speechlm_eval.models.base import ModelInputError, Prompt, SAMPLING_RATE
+from speechlm_eval.models.hf_runtime import HFAdapter, eos_token_ids, resolve_device, resolve_dtype
 from speechlm_eval.models.registry import Family, LoadOptions, register_family
 
 
@@ -38,9 +31,10 @@ def conversation(prompt: Prompt) -> list[dict[str, Any]]:
     return messages
 
 
-class Qwen2AudioModel:
+class Qwen2AudioModel(HFAdapter):
     """A loaded Qwen2-Audio checkpoint behind the :class:`~speechlm_eval.models.base.SpeechLM` interface."""
 
+    family = "qwen2-audio"
     accepts_audio = True
 
     def __init__(self, name: str, model: torch.nn.Module, processor: Any, revision: str | None = None) -> None:
@@ -52,7 +46,7 @@ class Qwen2AudioModel:
         self.revision = revision
         extractor = processor.feature_extractor
         self.max_audio_seconds: float | None = extractor.n_samples / extractor.sampling_rate
-        self._eos_ids = _eos_ids(model, self.tokenizer)
+        self._eos_ids = eos_token_ids(model, self.tokenizer)
 
     def chat_text(self, prompt: Prompt) -> str:
         return self.processor.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=False)
@@ -87,16 +81,6 @@ class Qwen2AudioModel:
                 "the processor would silently truncate it"
             )
 
-    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[Generation]:
-        return generate_batch(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids)
-
-    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
-        return continuation_logprobs_batch(self.model, self.tokenizer, self.encode(prompts), continuations)
-
-    def continuation_logits(self, prompts: Sequence[Prompt], continuations: Sequence[str] | Sequence[Sequence[int]]):
-        """Teacher-forced next-token logits over each continuation (see ``hf_runtime.continuation_logits``)."""
-        return continuation_logits(self.model, self.tokenizer, self.encode(prompts), continuations)
-
     def prompt_length(self, prompt: Prompt) -> int:
         n = len(self.tokenizer(self.chat_text(prompt))["input_ids"])
         if prompt.audio is not None:
@@ -105,31 +89,13 @@ class Qwen2AudioModel:
         return n
 
     def describe(self) -> dict:
-        param = next(self.model.parameters())
-        return {
-            "family": "qwen2-audio",
-            **checkpoint_identity(self.name, self.model, self.revision),
-            "dtype": str(param.dtype).removeprefix("torch."),
-            "device": str(param.device),
-            "max_audio_seconds": self.max_audio_seconds,
-        }
+        return self.describe_with(max_audio_seconds=self.max_audio_seconds)
 
 
 def audio_token_count(n_samples: int, hop_length: int = 160) -> int:
     """Audio tokens Qwen2-Audio's encoder emits for a clip: mel frames, halved by the conv stride, halved by pooling."""
     frames = n_samples // hop_length
     return max(0, (((frames - 1) // 2 + 1) - 2) // 2 + 1) if frames > 0 else 0
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end not in ids and im_end != tokenizer.unk_token_id:
-        ids.append(im_end)
-    if not ids:
-        ids = [tokenizer.eos_token_id]
-    return [int(i) for i in ids]
 
 
 def load(name_or_path: str, options: LoadOptions) -> Qwen2AudioModel:

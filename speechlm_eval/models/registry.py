@@ -87,4 +87,4 @@ def load_model(name_or_path: str, options: LoadOptions = LoadOptions(), family: 
 
 def _load_builtin_families() -> None:
     # Importing the modules registers them; done lazily so `import speechlm_eval.models` stays light.
-    from speechlm_eval.models import hf_causal, qwen2_audio  # noqa: F401
+    from speechlm_eval.models import hf_causal, qwen2_5_omni, qwen2_audio  # noqa: F401

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import matplotlib
 
 from speechlm_eval.records import ARMS, write_text_atomic
-from speechlm_eval.report.markdown import ARM_TITLES, SEEDED_FALLBACK_NOTE, fmt, fmt_gap, report_notes
+from speechlm_eval.report.markdown import ARM_TITLES, fmt, fmt_gap, report_notes
 from speechlm_eval.report.plots import report_figures, significant
 
 GAP_DEFINITIONS = ("forgetting = text LLM · text − speech LLM · text; inequivalence = speech LLM · text − speech LLM · "
