@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import matplotlib
 
 from speechlm_eval.records import ARMS, write_text_atomic
-from speechlm_eval.report.markdown import ARM_TITLES, fmt, fmt_gap, report_notes
+from speechlm_eval.report.markdown import ARM_TITLES, diagnostics_lines, fmt, fmt_gap, overall_lines, report_notes
 from speechlm_eval.report.plots import report_figures, significant
 
 GAP_DEFINITIONS = ("forgetting = text LLM · text − speech LLM · text; inequivalence = speech LLM · text − speech LLM · "
@@ -46,6 +46,7 @@ td.gap-none,td.empty{color:#999;text-align:center}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85rem;color:#555}
 p.small,footer{font-size:.8rem;color:#666}ul.notes li{margin-bottom:.3rem}
+table.extra td{white-space:normal}table.extra td:first-child{text-align:left}
 """
 
 
@@ -167,6 +168,36 @@ def packages_html(manifest: dict[str, Any]) -> str:
             f"<p>Plots rendered with matplotlib {esc(matplotlib.__version__)}.</p></footer>")
 
 
+def markdown_sections_html(lines: list[str]) -> str:
+    """The report.md sections that are headings, prose and pipe tables (Overall, diagnostics) as escaped HTML."""
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            head, *rows = table
+            out.append('<table class="extra"><tr>' + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "</table>")
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-", ":"} for c in cells):  # skip the |---| separator
+                table.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{esc(line[3:])}</h2>")
+        elif line.startswith("- "):
+            out.append(f"<p>{esc(line[2:]).replace('**', '')}</p>")
+        elif line.strip():
+            out.append(f'<p class="small">{esc(line.strip("`"))}</p>')
+    flush()
+    return "\n".join(out)
+
+
 def render_html(results: dict[str, Any]) -> str:
     """The whole ``report.html`` page for a results object (schema ``speechlm-eval/results/v1``)."""
     manifest = results.get("manifest", {})
@@ -181,6 +212,8 @@ def render_html(results: dict[str, Any]) -> str:
         legend_html(manifest.get("statistics", {}).get("confidence")),
         "<h2>Plots</h2>",
         figures_html(report_figures(results)) or "<p>No scored subsets to plot.</p>",
+        markdown_sections_html(overall_lines(results.get("overall"))
+                               + diagnostics_lines(results.get("diagnostics") or {})),
         f'<h2>Notes</h2><ul class="notes">{notes}</ul>',
         packages_html(manifest),
     ]

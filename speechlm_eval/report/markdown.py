@@ -85,7 +85,7 @@ def diagnostics_lines(diagnostics: dict[str, Any]) -> list[str]:
                   "failure.", "",
                   "| subset | n | mean WER | heard | " + " | ".join(f"inequivalence, {b}" for b in buckets) + " |",
                   "|" + "---|" * (4 + len(buckets))]
-        for subset, e in perception["subsets"].items():
+        for subset, e in perception.get("subsets", {}).items():
             gaps = perception["inequivalence"].get(subset, [None] * len(buckets))
             cells = " | ".join(fmt_gap(g) for g in gaps)
             heard = f"{100 * e['share_heard']:.0f}%" if e.get("share_heard") is not None else "–"

@@ -128,7 +128,9 @@ def parse(page: str) -> _Page:
 
 def markdown_rows(results: dict[str, Any]) -> list[list[str]]:
     """The data rows of report.md's gap table, as cell texts."""
-    lines = [line for line in render_markdown(results).splitlines() if line.startswith("| ")]
+    text = render_markdown(results)
+    table = text[text.index("| subset |"):].split("\n\n")[0]  # the first table: scores and gaps
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
 
 
