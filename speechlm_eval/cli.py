@@ -56,6 +56,8 @@ def gap(
     arm: List[str] = typer.Option([], "--arm", help="Run only these arms (repeatable): text_llm_text, speech_llm_text, speech_llm_speech."),
     judge: str = typer.Option("none", help=JUDGE_HELP),
     diagnostics: bool = typer.Option(True, help="Judge-free diagnostics after the arms: per-token KL/JSD speech vs text and text LLM vs speech LLM, and the perception (transcription + WER) probe."),
+    lm_eval_tasks: List[str] = typer.Option([], "--lm-eval-tasks", help="lm-eval tasks (repeatable or comma-separated): forgetting per task on both models' text paths; multiple_choice tasks are also scored by log-likelihood given the spoken vs typed question (inequivalence)."),
+    lm_eval_include: Optional[str] = typer.Option(None, "--lm-eval-include", help="Folder of local lm-eval task YAMLs (offline use; only local tasks are indexed when all named tasks are found there)."),
     probe_instruction: Optional[str] = typer.Option(None, help="Instruction sent with the audio for the perception probe (default: 'Transcribe the speech in the audio exactly.')."),
 ) -> None:
     """Answer every item three ways (text LLM · text, speech LLM · text, speech LLM · speech) and report the gaps."""
@@ -70,6 +72,7 @@ def gap(
         dtype=dtype, seed=seed, trust_remote_code=trust_remote_code, tts_engine=tts_engine, tts_voice=tts_voice,
         tts_rate=tts_rate, arms=arm or ARMS, judge=judge,
         diagnostics=diagnostics, probe_instruction=probe_instruction,
+        lm_eval_tasks=[t for spec in lm_eval_tasks for t in spec.split(",") if t], lm_eval_include=lm_eval_include,
     )
     try:
         run_dir = run_gap(config, console=console)

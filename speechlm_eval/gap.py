@@ -58,6 +58,8 @@ class GapConfig:
     arms: Sequence[str] = ARMS
     judge: str = "none"
     diagnostics: bool = True
+    lm_eval_tasks: Sequence[str] = ()
+    lm_eval_include: str | None = None
     probe_instruction: str | None = None
     n_resamples: int = 10_000
     notes: list[str] = field(default_factory=list)
@@ -144,7 +146,7 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
         "seed": config.seed,
         "diagnostics": config.diagnostics,
         "probe_instruction": config.probe_instruction,
-    }
+    } | ({"lm_eval_tasks": list(config.lm_eval_tasks)} if config.lm_eval_tasks else {})
 
 
 def generation_config(config: GapConfig):
@@ -243,7 +245,12 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         from speechlm_eval.report.build import build_report
 
         merge_records(out, items, [DIAGNOSTICS, PERCEPTION])
+        if config.lm_eval_tasks:
+            from speechlm_eval.lmeval.run import run_lmeval_tasks
 
+            run_lmeval_tasks(models["speech_llm"], models["text_llm"], list(config.lm_eval_tasks),
+                             config.lm_eval_include, out, limit=config.limit, batch_size=config.batch_size,
+                             seed=config.seed, spoken=True, tts=tts, n_resamples=config.n_resamples)
         judge_run(out, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
         build_report(out)
     state.wait_for_everyone()

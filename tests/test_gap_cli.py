@@ -247,3 +247,17 @@ def test_identical_backbone_shows_zero_text_llm_divergence(tiny_identical_pair, 
     assert all(r["kl_text_vs_speech"] > 1e-3 for r in ok)
     forgetting = json.loads((out / "results.json").read_text())["subsets"]["openbookqa"]["forgetting"]
     assert forgetting["value"] == 0.0  # identical text paths answer identically
+
+
+def test_lm_eval_tasks_join_the_same_results_and_report(tiny_pair, tmp_path):
+    out = tmp_path / "lmeval"
+    tasks = Path(__file__).parent / "lmeval" / "tasks"
+    result = gap(*model_args(tiny_pair), "--suite", "bundled:openbookqa", "--out", str(out), "--max-new-tokens", "4",
+                 "--lm-eval-tasks", "speechlm_tiny_mc", "--lm-eval-include", str(tasks), "--no-diagnostics")
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    task = results["subsets"]["lmeval:speechlm_tiny_mc"]
+    assert {"text_llm_text", "speech_llm_text", "speech_llm_speech_ll", "speech_llm_text_ll"} <= set(task["arms"])
+    assert task["forgetting"]["n"] == 12 and task["inequivalence"]["n"] == 11  # one question is too long to speak
+    assert set(results["overall"]["arms"]) == {"text_llm_text", "speech_llm_text", "speech_llm_speech"}
+    assert "## lm-eval: spoken vs typed" in (out / "report.md").read_text()

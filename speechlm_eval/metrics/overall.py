@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from speechlm_eval.records import ARMS
+
 # column -> (subset, how to read the column in 0–100 units from the subset's official metric dict)
 Column = tuple[str, Callable[[Mapping[str, Any]], float | None]]
 
@@ -41,7 +43,7 @@ def leaderboard_overall(subsets: Mapping[str, Mapping[str, Any]]) -> dict[str, A
 
     ``subsets`` is results.json's ``subsets`` object (each arm carries the scorer's ``official`` dict).
     """
-    arms = sorted({arm for entry in subsets.values() for arm in entry.get("arms", {})})
+    arms = sorted({arm for entry in subsets.values() for arm in entry.get("arms", {}) if arm in ARMS})
     out: dict[str, Any] = {"formula": "mean(20*AlpacaEval_full, 20*CommonEval, 20*WildVoice, SD-QA, MMSU, OBQA, "
                            "BBH, IFEval, AdvBench)", "arms": {}}
     for arm in arms:

@@ -181,6 +181,10 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         item_scores[subset] = subset_item_scores(subset_rows, records, seed)
         scales[subset] = get_scorer(subset_rows[0]["scorer"]).scale
         subsets[subset] = subset_results(subset_rows, records, seed, n_resamples, item_scores[subset])
+    if (Path(run_dir) / "lmeval").is_dir():
+        from speechlm_eval.lmeval.run import lmeval_results_fragment
+
+        subsets.update(lmeval_results_fragment(Path(run_dir), seed=seed, n_resamples=n_resamples))
     results = {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored}
     results["overall"] = leaderboard_overall(subsets)
     results["diagnostics"] = diagnostics_results(Path(run_dir), item_scores, scales, seed, n_resamples)

@@ -46,6 +46,29 @@ def fmt_ci(entry: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{entry['value']:.{digits}f} [{fmt(entry['ci_low'], digits)}, {fmt(entry['ci_high'], digits)}]"
 
 
+LMEVAL_SPOKEN_ARMS = {"speech_llm_text_ll": "speech LLM · text (log-lik.)",
+                      "speech_llm_speech_ll": "speech LLM · speech (log-lik.)"}
+
+
+def lmeval_lines(subsets: dict[str, Any]) -> list[str]:
+    """lm-eval tasks scored by log-likelihood given the spoken vs the typed (chat-formatted) question."""
+    rows = [(name, e) for name, e in subsets.items() if any(a in e.get("arms", {}) for a in LMEVAL_SPOKEN_ARMS)]
+    if not rows:
+        return []
+    lines = ["", "## lm-eval: spoken vs typed multiple choice (log-likelihood)", "",
+             "Both arms use the speech LLM's chat template; only the modality of the question differs, so the gap "
+             "is free of answer-extraction noise. (The text-arm columns above use lm-eval's raw prompt.)", "",
+             "| task | n | " + " | ".join(LMEVAL_SPOKEN_ARMS.values()) + " | inequivalence |", "|---|---|---|---|---|"]
+    for name, e in rows:
+        cells = []
+        for arm in LMEVAL_SPOKEN_ARMS:
+            a = e["arms"].get(arm)
+            cells.append("–" if not a or a.get("score") is None
+                         else f"{a['score']:.2f} [{fmt(a['ci_low'])}, {fmt(a['ci_high'])}]")
+        lines.append(f"| {name} | {e['n']} | " + " | ".join(cells) + f" | {fmt_gap(e.get('inequivalence'))} |")
+    return lines
+
+
 def overall_lines(overall: dict[str, Any] | None) -> list[str]:
     """The leaderboard Overall per arm, or which of its nine columns are missing."""
     if not overall or not overall.get("arms"):
@@ -122,6 +145,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 cells.append(f"{a['score']:.2f} [{fmt(a['ci_low'])}, {fmt(a['ci_high'])}]{extra}")
         lines.append(f"| {subset} | {entry['n']} | {entry['metric']} | " + " | ".join(cells)
                      + f" | {fmt_gap(entry.get('forgetting'))} | {fmt_gap(entry.get('inequivalence'))} |")
+    lines += lmeval_lines(results["subsets"])
     lines += overall_lines(results.get("overall"))
     lines += diagnostics_lines(results.get("diagnostics") or {})
     notes = report_notes(results)

@@ -1,0 +1,91 @@
+"""Our model adapters as an lm-eval model named ``speechlm``: any lm-eval task scores a speech LLM's text path.
+
+``lm_eval --model hf`` cannot score Qwen2-Audio: transformers maps ``qwen2_audio`` to ``AutoModelForSeq2SeqLM``, so
+HFLM picks its encoder-decoder backend and fails on the first log-likelihood request. ``speechlm``
+loads any checkpoint our registry knows (:func:`speechlm_eval.models.registry.load_model`) and hands the loaded torch
+model and tokenizer to lm-eval's own ``HFLM``, so the requests are tokenised, batched and scored by exactly the code
+``--model hf`` runs: on a plain text checkpoint the two give the same per-document results (tested). Audio never
+enters this path; the spoken counterpart is :mod:`speechlm_eval.lmeval.spoken`.
+
+Usage: ``import speechlm_eval.lmeval`` (it registers the model), then
+``lm_eval.simple_evaluate(model="speechlm", model_args="pretrained=PATH", tasks=[...])``, or from a shell
+``python -m speechlm_eval.lmeval.run --model speechlm --model_args pretrained=PATH --tasks ...``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from speechlm_eval.models.base import SpeechLM
+from speechlm_eval.models.registry import LoadOptions, load_model
+
+
+@register_model("speechlm")
+class SpeechLMHarness(HFLM):
+    """lm-eval's ``HFLM`` driving the torch model inside one of our adapters (its text path only).
+
+    ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until`` are HFLM's, unchanged: for a speech LLM they
+    run the language model on token ids alone (Qwen2-Audio's forward without ``input_features``).
+
+    Args:
+        pretrained: a checkpoint path / hub id, loaded with our registry, or an already loaded adapter
+            (anything with ``.model`` and ``.tokenizer``, e.g. the result of ``load_model``).
+        family: force a model family of our registry (``qwen2-audio``, ``hf-causal``); default: detected.
+        revision, trust_remote_code: passed to ``from_pretrained``.
+        dtype: ``auto`` (our default: the checkpoint's dtype on an accelerator, float32 on CPU), ``float32``,
+            ``bfloat16``, ``float16``. ``--model hf``'s ``auto`` keeps the checkpoint's dtype on CPU too: pass the same
+            explicit dtype to both when comparing them on CPU.
+        device: ``cpu``, ``cuda``, ``cuda:1``...; ``None``/``auto`` picks the accelerator when there is one.
+        batch_size, max_batch_size, **kwargs: HFLM's own options (``max_length``, ``add_bos_token``,
+            ``softmax_dtype``...); options that only apply to loading from a path (``parallelize``, ``peft``) are
+            refused by HFLM.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | SpeechLM,
+        family: str | None = None,
+        revision: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = 64,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(pretrained, str):
+            options = LoadOptions(
+                device=device or "auto",
+                dtype=str(dtype).removeprefix("torch."),
+                revision=revision,
+                trust_remote_code=bool(trust_remote_code),
+            )
+            adapter = load_model(pretrained, options, family=family)
+        else:
+            adapter = pretrained
+        tokenizer = adapter.tokenizer
+        processor = getattr(adapter, "processor", None)
+        if getattr(tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None):
+            # Qwen2-Audio keeps its chat template on the processor; lm-eval's --apply_chat_template reads the
+            # tokenizer's. Our adapter formats prompts through the processor, so this does not change its prompts.
+            tokenizer.chat_template = processor.chat_template
+        super().__init__(
+            pretrained=adapter.model,
+            tokenizer=tokenizer,
+            backend="causal",
+            revision=revision or "main",
+            batch_size=batch_size,
+            max_batch_size=max_batch_size,
+            **kwargs,
+        )
+        self.adapter = adapter
+        # lm-eval writes this into its results' config; the loaded object would print as a module tree.
+        self.pretrained = adapter.name
+
+    def get_model_info(self) -> dict:
+        """HFLM's model info plus our adapter's identity (family, path, fingerprint, dtype, device)."""
+        return {**super().get_model_info(), "speechlm_eval": self.adapter.describe()}
