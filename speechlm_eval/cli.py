@@ -103,6 +103,21 @@ def report(
     typer.echo(str(run_dir / "report.md"))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def distill(ctx: typer.Context) -> None:
+    """Repair a speech LLM by cross-modal distillation from its text LLM; report gaps before and after.
+
+    Options: `speechlm-eval distill --help`. With no --student/--teacher it repairs the embedded default pair.
+    """
+    from speechlm_eval.distill.pipeline import main as distill_main
+
+    try:
+        report_path = distill_main(ctx.args)
+    except ValueError as error:
+        _fail(str(error))
+    typer.echo(str(report_path))
+
+
 from speechlm_eval.cli_extra import register as _register_extra  # noqa: E402 - score, check
 
 _register_extra(app)

@@ -1,0 +1,708 @@
+"""Cross-modal knowledge distillation (Wang et al. 2025): a text LLM teacher, a speech LLM student, two channels.
+
+T→T: the student *reads* the query, S→T: the student *hears* it (TTS); in both the teacher reads the text, and the
+student's next-token distributions over the response are pulled to the teacher's. One readable recipe: the training
+loop is :func:`distill`, top to bottom; the helpers below it are small and single-purpose.
+
+Every default the paper does not state is *our reading*; :data:`OUR_READING` lists them for manifests and reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from speechlm_eval.distill.data import (
+    FILTER_DEFAULTS,
+    DistillExample,
+    attach_audio,
+    check_no_leakage,
+    filter_speakable,
+    load_distill_data,
+    speech_prompt,
+    synthesize_questions,
+    teacher_targets,
+    text_prompt,
+    write_examples,
+)
+from speechlm_eval.distill.losses import ce_loss, kd_loss
+from speechlm_eval.distill.teacher_cache import TeacherCache, build_teacher_cache
+from speechlm_eval.distill.vocab import check_vocab_compatible, cut_padded_vocab, real_vocab_size
+
+MANIFEST_SCHEMA = "speechlm-eval/distill-manifest/v1"
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+OUR_READING: dict[str, str] = {
+    "loss": "forward KL(teacher ‖ student) per response token at temperature 2, scaled by τ², averaged over the "
+    "response tokens of the batch (paper: 'KL divergence with temperature scaling'; direction, τ and reduction ours)",
+    "weights": "λ_TT = λ_ST = 1, no CE term (ce = 0); with ce > 0, CE is averaged over the active channels",
+    "teacher": "cached as its top-64 log-probs per response token (sparse); --topk 0 = full vocabulary on the fly",
+    "targets": "the dataset's response (Open-Orca 'response'), cut to 256 tokens, end-of-turn token appended",
+    "prompts": "the system prompt stays text in both channels; only the question is spoken (S→T)",
+    "trained": "LoRA r=16, α=32, dropout 0.05 on q/k/v/o of the language model; audio encoder and projector frozen",
+    "optimizer": "AdamW lr 1e-4, no weight decay, 3% linear warmup then cosine decay, 1 epoch, batch 8, "
+    "gradient clipping at norm 1.0",
+    "precision": "bf16 weights and autocast on GPU, fp32 on CPU",
+    "data": "rows read before filtering; speakable filter " + json.dumps(FILTER_DEFAULTS, sort_keys=True),
+    "speech": "espeak-ng, voice en-us, 160 words per minute; clips longer than the student's audio window dropped",
+}
+
+
+class ConfigError(ValueError):
+    """A distillation run that cannot start as configured (raised before models load where possible)."""
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:  # "help" as in argparse
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class DistillConfig:
+    """Everything that determines a distillation run; each field is also a ``python -m speechlm_eval.distill`` option.
+
+    Defaults marked *our reading* in their help are our decisions, not the paper's (see :data:`OUR_READING`).
+    """
+
+    student: str = _opt(None, "speech LLM to distil into (path or hub id; Qwen2-Audio family)", required=True)
+    teacher: str = _opt(None, "text LLM teacher with the student's tokenizer (path or hub id)", required=True)
+    out: Path = _opt(None, "output directory (train state, logs, OUT/checkpoint)", required=True)
+    data: str = _opt("bundled", "'bundled', a local .jsonl/.parquet file, or a hub id such as Open-Orca/OpenOrca")
+    max_examples: int | None = _opt(None, "read at most this many rows (before filtering)")
+    targets: Literal["dataset", "teacher"] = _opt("dataset", "response to distil on: the dataset's or the teacher's "
+                                                  "own greedy generation (our reading: dataset)")
+    max_response_tokens: int = _opt(256, "cut target responses to this many tokens (our reading)")
+    channels: str = _opt("tt,st", "distillation channels: 'tt,st', 'tt' (text→text) or 'st' (speech→text)")
+    lambda_tt: float = _opt(1.0, "weight of the T→T loss (our reading)")
+    lambda_st: float = _opt(1.0, "weight of the S→T loss (our reading)")
+    ce: float = _opt(0.0, "weight of cross-entropy on the target tokens (our reading: 0)")
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = _opt("forward_kl", "divergence (our reading: forward KL)")
+    temperature: float = _opt(2.0, "softmax temperature τ; losses are scaled by τ² (our reading: 2)")
+    beta: float = _opt(0.5, "JSD mixing weight (kind=jsd only)")
+    topk: int = _opt(64, "teacher log-probs cached per token; 0 = full teacher distribution on the fly (our reading)")
+    lora: bool = _opt(True, "train LoRA adapters on the language model (--no-lora / --full = full fine-tune)")
+    lora_r: int = _opt(16, "LoRA rank (our reading)")
+    lora_alpha: int = _opt(32, "LoRA alpha (our reading)")
+    lora_dropout: float = _opt(0.05, "LoRA dropout (our reading)")
+    lora_targets: str = _opt(LORA_TARGETS, "regex of the modules LoRA adapts (language model attention only)")
+    train_projector: bool = _opt(False, "also train the audio→LLM projector (the audio encoder is always frozen)")
+    lr: float = _opt(1e-4, "peak learning rate (our reading)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (our reading)")
+    warmup_ratio: float = _opt(0.03, "share of the steps with linear warmup, then cosine decay (our reading)")
+    epochs: int = _opt(1, "passes over the data (our reading)")
+    batch_size: int = _opt(8, "examples per micro-batch per process (our reading)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (our reading)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    seed: int = _opt(0, "seed of the data order, LoRA init and dropout")
+    save_every: int = _opt(0, "write a resumable train state every N optimizer steps (0 = only at the end)")
+    keep_states: int = _opt(2, "train states kept on disk (older ones are deleted)")
+    resume: bool = _opt(False, "continue from the last train state in OUT (same config required)")
+    overwrite: bool = _opt(False, "delete a previous run in OUT and start over")
+    stop_after_steps: int | None = _opt(None, "stop (saving a train state) after this many optimizer steps; the "
+                                        "schedule is unchanged, so --resume continues the same run")
+    dtype: str = _opt("auto", "model dtype: auto = bf16 on GPU, fp32 on CPU (our reading)")
+    tts_engine: str = _opt("espeak-ng", "TTS engine that speaks the questions (our reading)")
+    tts_voice: str = _opt("en-us", "TTS voice (our reading)")
+    tts_rate: int = _opt(160, "TTS speaking rate, words per minute (our reading)")
+    teacher_batch_size: int = _opt(8, "batch size for teacher generation and caching")
+    leakage_suite: str | None = _opt(None, "evaluation suite spec (e.g. 'voicebench') whose items must not be "
+                                     "distillation questions; the run stops if one is")
+    leakage_data_dir: str | None = _opt(None, "local data directory for --leakage-suite")
+    max_words: int = _opt(FILTER_DEFAULTS["max_words"], "drop questions longer than this many words (our reading)")
+    max_chars: int = _opt(FILTER_DEFAULTS["max_chars"], "drop questions longer than this many characters")
+    max_response_words: int | None = _opt(FILTER_DEFAULTS["max_response_words"], "drop longer responses")
+    trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
+
+    def __post_init__(self) -> None:
+        for name in ("student", "teacher", "out"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"DistillConfig needs {name}")
+        self.out = Path(self.out)
+        active = self.active_channels()
+        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
+            raise ConfigError("batch_size, grad_accum and epochs must be at least 1")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.topk < 0:
+            raise ConfigError("topk must be >= 0 (0 = full teacher distribution on the fly)")
+        if self.train_projector and "st" not in active:
+            raise ConfigError("--train-projector needs the S→T channel: the projector only sees audio")
+        if self.targets not in ("dataset", "teacher"):
+            raise ConfigError(f"targets must be 'dataset' or 'teacher', got {self.targets!r}")
+        if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ConfigError(f"kind must be forward_kl, reverse_kl or jsd, got {self.kind!r}")
+
+    def active_channels(self) -> tuple[str, ...]:
+        parts = tuple(p.strip() for p in self.channels.split(",") if p.strip())
+        if not parts or set(parts) - {"tt", "st"} or len(set(parts)) != len(parts):
+            raise ConfigError(f"channels must be 'tt,st', 'tt' or 'st', got {self.channels!r}")
+        return tuple(c for c in ("tt", "st") if c in parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+# Fields that may change between a run and its --resume without changing what is trained.
+_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "save_every", "keep_states", "stop_after_steps",
+                      "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
+
+
+def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Path:
+    """Run (or resume) a distillation; returns ``OUT/checkpoint`` (the merged student + processor).
+
+    When ``stop_after_steps`` ends the run early, the last train state directory is returned instead.
+    ``eval_items`` (:class:`~speechlm_eval.data.item.Item` s) are checked for leakage besides ``leakage_suite``.
+    """
+    from accelerate.utils import set_seed
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from transformers import get_cosine_schedule_with_warmup
+
+    started = time.time()
+    accelerator = make_accelerator()
+    out = config.out
+    channels = config.active_channels()
+    prepare_out_dir(config, accelerator)
+    set_seed(config.seed)
+
+    # -- Models: the student (speech LLM) and, only where needed, the teacher (text LLM). ------------------------
+    student = load_student(config, accelerator)
+    student_identity = student.describe()  # before wrapping: the manifest names the checkpoint distilled from
+    teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
+    # The student may have extra ids after the teacher's (audio placeholders): distil over the teacher's ids.
+    check_vocab_compatible(teacher_tokenizer, student.tokenizer, allow_extra_student_tokens=True)
+    vocab_size = real_vocab_size(teacher_tokenizer)
+    teacher = None
+
+    # -- Data: read, keep what can be spoken, speak it, pick the targets (main process first; others read its files).
+    tts = make_tts(config)
+    if accelerator.is_main_process and not (out / "data" / "examples.jsonl").exists():
+        if config.targets == "teacher":
+            teacher = load_teacher(config, accelerator)
+        prepare_data(config, student, teacher, tts, eval_items)
+    accelerator.wait_for_everyone()
+    examples, data_counts = read_prepared(out)
+    target_ids = {e.id: response_ids(student.tokenizer, e.response, config.max_response_tokens) for e in examples}
+
+    # -- Teacher distributions: a top-k cache built once (main process), or the full teacher on the fly. ------------
+    cache = None
+    if config.topk > 0:
+        if accelerator.is_main_process and not cache_complete(out / "teacher_cache", examples):
+            teacher = teacher or load_teacher(config, accelerator)
+            build_teacher_cache(  # skips examples a killed earlier build already cached
+                teacher, [text_prompt(e) for e in examples], [target_ids[e.id] for e in examples],
+                [e.id for e in examples], out / "teacher_cache", k=config.topk, batch_size=config.teacher_batch_size,
+            )
+        accelerator.wait_for_everyone()
+        cache = TeacherCache.open(out / "teacher_cache")
+        teacher = None  # free the teacher: the cache is all the loop needs
+    else:
+        teacher = teacher or load_teacher(config, accelerator)
+
+    # -- Trainable parameters: LoRA on the language model (or everything but the audio encoder), optimizer, schedule.
+    set_seed(config.seed)  # the LoRA init must not depend on which process prepared the data
+    model = make_trainable(student.model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    plan = [epoch_plan(examples, epoch, config, accelerator.process_index, accelerator.num_processes)
+            for epoch in range(config.epochs)]
+    total_steps = sum(len(steps) for steps in plan)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    # The scheduler is stepped by hand once per optimizer step, so it is not handed to accelerate (which would step
+    # it once per process).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    student.model = model
+
+    done_step, examples_seen = 0, 0
+    if config.resume and (state_dir := latest_train_state(out)) is not None:
+        done_step, examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
+    write_manifest(config, student_identity, data_counts, len(examples), total_steps, channels, finished=False,
+                   accelerator=accelerator)
+    by_id = {e.id: e for e in examples}
+    log_path = out / "train_log.jsonl"
+    if accelerator.is_main_process:
+        truncate_log(log_path, done_step)
+
+    # -- The loop: one optimizer step = grad_accum micro-batches; each micro-batch runs the active channels. --------
+    model.train()
+    frozen_in_eval_mode(accelerator.unwrap_model(model), config)
+    stopped_early = False
+    progress = Progress(TextColumn("[bold]distill[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not accelerator.is_main_process)
+    log_file = open(log_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
+    planned = [(epoch, micro_batches) for epoch, steps in enumerate(plan) for micro_batches in steps]
+    with progress, log_file as log:
+        task = progress.add_task("", total=total_steps, completed=done_step)
+        for step, (epoch, micro_batches) in enumerate(planned, start=1):
+            if step <= done_step:
+                continue  # trained before the resume; the data order is the planned one
+            step_start = time.time()
+            sums: dict[str, float] = {}
+            for i, batch_ids in enumerate(micro_batches):
+                batch = [by_id[j] for j in batch_ids]
+                if "st" in channels:
+                    batch = attach_audio(batch, tts)  # the spoken questions, read back from the TTS cache
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+                with sync:
+                    losses = distill_losses(student, teacher, cache, batch, [target_ids[e.id] for e in batch],
+                                            config, channels, vocab_size)
+                    accelerator.backward(losses["loss"] / len(micro_batches))
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro_batches)
+                examples_seen += len(batch_ids) * accelerator.num_processes
+            grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            record = {"step": step, "epoch": epoch, "lr": lr, **mean_over_processes(sums, accelerator),
+                      "grad_norm": float(grad_norm), "examples_seen": examples_seen,
+                      "seconds": round(time.time() - step_start, 4)}
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            progress.update(task, advance=1, description=" ".join(
+                f"{k}={record[k]:.4f}" for k in ("loss_tt", "loss_st", "ce") if k in record))
+            last = step == total_steps
+            stopped_early = config.stop_after_steps is not None and step >= config.stop_after_steps and not last
+            if last or stopped_early or (config.save_every and step % config.save_every == 0):
+                save_train_state(out, step, epoch, examples_seen, plan, accelerator, model, optimizer, scheduler,
+                                 config)
+            if stopped_early:
+                break
+
+    if stopped_early:
+        accelerator.wait_for_everyone()
+        return latest_train_state(out) or out
+
+    # -- Finish: merge LoRA into the weights and save a student that ``load_model`` (and ``gap``) reads. -----------
+    checkpoint = out / "checkpoint"
+    if accelerator.is_main_process:
+        save_student(accelerator.unwrap_model(model), student.processor, checkpoint, config)
+        write_manifest(config, student_identity, data_counts, len(examples), total_steps, channels, finished=True,
+                       accelerator=accelerator, seconds=time.time() - started)
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One step's losses
+
+
+def distill_losses(
+    student: Any,
+    teacher: Any | None,
+    cache: TeacherCache | None,
+    batch: Sequence[DistillExample],
+    targets: Sequence[Sequence[int]],
+    config: DistillConfig,
+    channels: Sequence[str],
+    vocab_size: int,
+) -> dict[str, torch.Tensor]:
+    """The weighted loss of one micro-batch and its parts.
+
+    The teacher reads the text question; the student reads it (``tt``) and/or hears it (``st``). All three are
+    teacher-forced on the same target token ids, so ``continuation_logits`` returns them right-aligned to one
+    ``(batch, longest)`` grid and the masks agree.
+
+    Returns:
+        ``{"loss": λ_TT·L_TT + λ_ST·L_ST + ce·CE, "loss_tt": …, "loss_st": …, "ce": …}`` (scalars; inactive
+        channels absent, ``ce`` only when its weight is non-zero).
+    """
+    if cache is not None:
+        device = next(student.model.parameters()).device
+        teacher_dist = cache.read([e.id for e in batch], length=max(len(t) for t in targets), device=device)
+        teacher_mask = teacher_dist.mask
+    else:
+        with torch.no_grad():
+            logits, _, teacher_mask = teacher.continuation_logits([text_prompt(e) for e in batch], targets)
+        teacher_dist = cut_padded_vocab(logits, vocab_size)
+
+    prompts = {"tt": [text_prompt(e) for e in batch], "st": [speech_prompt(e) for e in batch] if "st" in channels
+               else None}
+    weights = {"tt": config.lambda_tt, "st": config.lambda_st}
+    parts: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=teacher_mask.device)
+    ce_terms = []
+    for channel in channels:
+        logits, target_grid, mask = student.continuation_logits(prompts[channel], targets)
+        if mask.shape != teacher_mask.shape or not torch.equal(mask.cpu(), teacher_mask.cpu()):
+            raise RuntimeError(f"{channel}: student and teacher response masks differ; targets are misaligned")
+        logits = cut_padded_vocab(logits, vocab_size)
+        parts[f"loss_{channel}"] = kd_loss(logits, teacher_dist, mask, kind=config.kind,
+                                           temperature=config.temperature, beta=config.beta)
+        total = total + weights[channel] * parts[f"loss_{channel}"]
+        if config.ce:
+            ce_terms.append(ce_loss(logits, target_grid, mask))
+    if ce_terms:
+        parts["ce"] = torch.stack(ce_terms).mean()
+        total = total + config.ce * parts["ce"]
+    return {"loss": total, **parts}
+
+
+def response_ids(tokenizer: Any, response: str, max_tokens: int) -> list[int]:
+    """Target token ids: the response (cut to ``max_tokens``), then the end-of-turn token when it fits whole."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+    if len(ids) >= max_tokens or end is None:
+        return list(ids[:max_tokens])
+    return [*ids, int(end)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def make_accelerator() -> Any:
+    """accelerate's ``Accelerator``: DDP under ``accelerate launch`` or ``torchrun`` (gloo on CPU), bf16 on GPU."""
+    from accelerate import Accelerator
+
+    from speechlm_eval.distributed import process_state
+
+    process_state()  # sets up the gloo process group on CPU-only multi-process launches
+    on_gpu = torch.cuda.is_available()
+    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
+
+
+def model_dtype(config: DistillConfig, accelerator: Any) -> str:
+    if config.dtype != "auto":
+        return config.dtype
+    return "bfloat16" if accelerator.device.type == "cuda" else "float32"
+
+
+def load_student(config: DistillConfig, accelerator: Any) -> Any:
+    from speechlm_eval.models.registry import LoadOptions, load_model
+
+    options = LoadOptions(device=str(accelerator.device), dtype=model_dtype(config, accelerator),
+                          trust_remote_code=config.trust_remote_code)
+    student = load_model(config.student, options)
+    if not student.accepts_audio or not hasattr(student, "processor"):
+        raise ConfigError(f"the student {config.student!r} is not a speech LLM (Qwen2-Audio family) this recipe trains")
+    return student
+
+
+def load_teacher(config: DistillConfig, accelerator: Any) -> Any:
+    from speechlm_eval.models.registry import LoadOptions, load_model
+
+    options = LoadOptions(device=str(accelerator.device), dtype=model_dtype(config, accelerator),
+                          trust_remote_code=config.trust_remote_code)
+    teacher = load_model(config.teacher, options, family="hf-causal")
+    teacher.model.requires_grad_(False)
+    return teacher
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def make_tts(config: DistillConfig) -> Any:
+    from speechlm_eval.speech import CachedTTS, get_tts
+
+    return CachedTTS(get_tts(config.tts_engine, voice=config.tts_voice, rate=config.tts_rate))
+
+
+def make_trainable(model: torch.nn.Module, config: DistillConfig) -> torch.nn.Module:
+    """Freeze what is not trained: LoRA on the language model (default) or a full fine-tune of it.
+
+    The audio encoder is always frozen; the projector trains only with ``train_projector``.
+    """
+    model.requires_grad_(False)
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_targets, bias="none")
+        model = get_peft_model(model, lora)
+    else:
+        inner = model.model
+        inner.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if config.train_projector:
+        base = model.get_base_model() if config.lora else model
+        base.model.multi_modal_projector.requires_grad_(True)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_trainable == 0:
+        raise ConfigError(f"nothing to train: --lora-targets {config.lora_targets!r} matched no module")
+    return model
+
+
+def frozen_in_eval_mode(model: torch.nn.Module, config: DistillConfig) -> None:
+    """Put the frozen audio encoder (and the projector unless trained) in eval mode: no dropout in what is fixed."""
+    base = model.get_base_model() if config.lora else model
+    base.model.audio_tower.eval()
+    if not config.train_projector:
+        base.model.multi_modal_projector.eval()
+
+
+def prepare_data(config: DistillConfig, student: Any, teacher: Any | None, tts: Any,
+                 eval_items: Sequence[Any] | None) -> None:
+    """Read, filter, check leakage, speak and (optionally) re-target the data; write ``OUT/data/``."""
+    raw = load_distill_data(config.data, config.max_examples, config.seed)
+    thresholds = {"max_words": config.max_words, "max_chars": config.max_chars,
+                  "max_response_words": config.max_response_words}
+    kept, counts = filter_speakable(raw, **thresholds)
+    items = list(eval_items or [])
+    if config.leakage_suite:
+        from speechlm_eval.data.suite import load_suite, parse_suite
+
+        items += load_suite(parse_suite(config.leakage_suite), data_dir=config.leakage_data_dir)[0]
+    check_no_leakage(kept, items)
+    kept, audio_counts = synthesize_questions(kept, tts, student.max_audio_seconds, keep_audio=False)
+    counts.update(audio_counts)
+    if config.targets == "teacher":
+        kept, target_counts = teacher_targets(kept, teacher, max_new_tokens=config.max_response_tokens,
+                                              batch_size=config.teacher_batch_size)
+        counts.update(target_counts)
+    if not kept:
+        raise ConfigError(f"no distillation examples left after filtering: {counts}")
+    counts["used"] = len(kept)
+    counts["leakage_checked_against"] = len(items)
+    data_dir = config.out / "data"
+    write_examples(data_dir / "examples.jsonl", kept)
+    _write_json(data_dir / "prepare.json", {"counts": counts, "thresholds": thresholds, "source": config.data,
+                                            "targets": config.targets})
+
+
+def read_prepared(out: Path) -> tuple[list[DistillExample], dict[str, Any]]:
+    rows = [json.loads(line) for line in (out / "data" / "examples.jsonl").read_text(encoding="utf-8").splitlines()]
+    counts = json.loads((out / "data" / "prepare.json").read_text())["counts"]
+    return [DistillExample(**row) for row in rows], counts
+
+
+def cache_complete(cache_dir: Path, examples: Sequence[DistillExample]) -> bool:
+    """True when a teacher cache exists and holds every example (so a resume need not load the teacher at all)."""
+    if not (cache_dir / "meta.json").exists():
+        return False
+    cache = TeacherCache.open(cache_dir)
+    return all(e.id in cache for e in examples)
+
+
+def epoch_plan(examples: Sequence[DistillExample], epoch: int, config: DistillConfig, rank: int,
+               world_size: int) -> list[list[list[str]]]:
+    """This process's optimizer steps for ``epoch``: lists of ``grad_accum`` micro-batches of example ids.
+
+    The order is a seeded permutation per epoch, identical on every process and on every resume; each process takes
+    every ``world_size``-th example (the last ``n % world_size`` are left out so all processes take the same number
+    of steps). An epoch's last step may hold fewer micro-batches, its last micro-batch fewer examples.
+    """
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+    per_process = len(examples) // world_size
+    if per_process == 0:
+        raise ConfigError(f"{len(examples)} examples cannot feed {world_size} processes")
+    mine = [examples[i].id for i in order.tolist()[rank::world_size][:per_process]]
+    micro = [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    return [micro[i : i + config.grad_accum] for i in range(0, len(micro), config.grad_accum)]
+
+
+def mean_over_processes(values: dict[str, float], accelerator: Any) -> dict[str, float]:
+    """Each logged loss averaged over processes (every process logs the same keys)."""
+    if accelerator.num_processes == 1:
+        return values
+    names = sorted(values)
+    tensor = torch.tensor([values[n] for n in names], device=accelerator.device)
+    reduced = accelerator.reduce(tensor, reduction="mean")
+    return dict(zip(names, reduced.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output directory, train states (resume) and the final checkpoint
+
+
+def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
+    """Refuse to mix runs: an existing run continues only with ``--resume`` and the same training config."""
+    out = config.out
+    manifest = out / "manifest.json"
+    if accelerator.is_main_process:
+        if manifest.exists() and config.overwrite:
+            for name in ("data", "teacher_cache", "train_state", "checkpoint",
+                         "train_log.jsonl", "manifest.json"):
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif manifest.exists() and not config.resume:
+            raise ConfigError(f"{out} already holds a distillation run; pass --resume to continue it or "
+                              "--overwrite to start over")
+        elif manifest.exists():
+            previous = json.loads(manifest.read_text())["config"]
+            current = config.to_dict()
+            changed = sorted(k for k in set(previous) | set(current)
+                             if k not in _RESUMABLE_CHANGES and previous.get(k) != current.get(k))
+            if changed:
+                raise ConfigError(f"cannot resume {out}: the config differs from the run's in {', '.join(changed)}")
+        out.mkdir(parents=True, exist_ok=True)
+        if not manifest.exists():
+            # Written first, so a run killed before training still owns OUT (its data and cache are reused on resume).
+            _write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": config.to_dict(), "our_reading": OUR_READING,
+                                   "finished": False})
+    accelerator.wait_for_everyone()
+
+
+def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data_counts: dict[str, Any],
+                   n_examples: int, total_steps: int, channels: Sequence[str], *, finished: bool, accelerator: Any,
+                   seconds: float | None = None) -> None:
+    if not accelerator.is_main_process:
+        return
+    from speechlm_eval.gap import package_versions
+
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "config": config.to_dict(),
+        "our_reading": OUR_READING,
+        "channels": list(channels),
+        "student": student_identity,
+        "data": {"source": config.data, "targets": config.targets, "examples": n_examples, "counts": data_counts},
+        "tts": make_tts(config).cache_key_fields(),
+        "processes": accelerator.num_processes,
+        "total_steps": total_steps,
+        "finished": finished,
+        "seconds": seconds,
+        "versions": package_versions(),
+    }
+    _write_json(config.out / "manifest.json", manifest)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors by name (LoRA adapters, or the fine-tuned weights), on CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_train_state(out: Path, step: int, epoch: int, examples_seen: int, plan: list, accelerator: Any,
+                     model: torch.nn.Module, optimizer: Any, scheduler: Any, config: DistillConfig) -> Path:
+    """Write ``OUT/train_state/step-NNNNNNNN/`` atomically (a temp dir renamed into place) and prune old ones.
+
+    Holds: the trainable weights, optimizer and scheduler states, each process's RNG states, and ``state.json``
+    (step, epoch, examples seen, process count, this epoch's data order).
+    """
+    from safetensors.torch import save_file
+
+    root = out / "train_state"
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _write_json(tmp / "state.json", {
+            "step": step, "epoch": epoch, "examples_seen": examples_seen, "processes": accelerator.num_processes,
+            "data_order": [i for s in plan[epoch] for mb in s for i in mb],
+        })
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[: -max(1, config.keep_states)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_train_state(out: Path) -> Path | None:
+    """The newest complete train state (temp dirs of an interrupted save are ignored)."""
+    states = sorted((out / "train_state").glob("step-*"))
+    return states[-1] if states else None
+
+
+def load_train_state(state_dir: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                     plan: list) -> tuple[int, int]:
+    """Restore a train state; returns ``(step, examples_seen)``. Refuses a different process count or data order."""
+    from safetensors.torch import load_file
+
+    state = json.loads((state_dir / "state.json").read_text())
+    if state["processes"] != accelerator.num_processes:
+        raise ConfigError(f"{state_dir} was written by {state['processes']} processes; resume with the same number "
+                          f"(now {accelerator.num_processes})")
+    if state["data_order"] != [i for s in plan[state["epoch"]] for mb in s for i in mb]:
+        raise ConfigError(f"{state_dir}: the data order differs from the saved one (did the data change?)")
+    weights = load_file(state_dir / "trainable.safetensors")
+    unwrapped = accelerator.unwrap_model(model)
+    missing = set(trainable_state(unwrapped)) - set(weights)
+    if missing:
+        raise ConfigError(f"{state_dir} lacks trained tensors such as {sorted(missing)[:3]}")
+    unwrapped.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(state_dir / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
+    return int(state["step"]), int(state["examples_seen"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the last train state, before a kill): a resume redoes them."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line torn by the kill
+    from speechlm_eval.records import write_text_atomic
+
+    write_text_atomic(path, "".join(kept))
+
+
+def save_student(model: torch.nn.Module, processor: Any, checkpoint: Path, config: DistillConfig) -> None:
+    """Merge LoRA into the weights and write the full student + processor (hub layout), replacing atomically."""
+    if config.lora:
+        model = model.merge_and_unload()
+    model.eval()
+    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    _write_json(tmp / "speechlm_eval_distill.json", {"config": config.to_dict(), "our_reading": OUR_READING})
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    os.replace(tmp, checkpoint)
+
+
+def config_fields() -> list[Any]:
+    """The ``DistillConfig`` fields with their help text, for the command line."""
+    return list(fields(DistillConfig))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from speechlm_eval.records import write_json_atomic
+
+    write_json_atomic(path, obj)

@@ -1,0 +1,288 @@
+"""The distillation recipe end to end on the tiny offline pair: it lowers the KD loss and the speech/text gap, saves a
+checkpoint ``load_model`` reads, resumes to bit-identical weights, runs channel ablations, and runs under 2 processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechlm_eval.data.item import Item
+from speechlm_eval.distill.data import LeakageError, attach_audio, speech_prompt, text_prompt
+from speechlm_eval.distill.losses import token_kl
+from speechlm_eval.distill.teacher_cache import TeacherCache
+from speechlm_eval.distill.train import (
+    OUR_READING,
+    ConfigError,
+    DistillConfig,
+    distill,
+    distill_losses,
+    make_tts,
+    read_prepared,
+    response_ids,
+)
+from speechlm_eval.models.registry import load_model
+
+# Small enough for a 2-core CPU: ~11 examples after filtering, 3 steps an epoch, short targets.
+SMALL = {"max_examples": 12, "batch_size": 4, "max_response_tokens": 16, "lr": 1e-2, "epochs": 2, "save_every": 2,
+         "seed": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two cores shared with other test runs: one thread per process is several times faster than oversubscribing,
+    # and in-process runs then match the subprocess runs (OMP_NUM_THREADS=1) bit for bit.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_config(tiny_pair, out: Path, **overrides) -> DistillConfig:
+    speech, text = tiny_pair
+    return DistillConfig(student=str(speech), teacher=str(text), out=out, **{**SMALL, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pair, tmp_path_factory):
+    config = make_config(tiny_pair, tmp_path_factory.mktemp("distill") / "run")
+    started = time.time()
+    checkpoint = distill(config)
+    return config, checkpoint, time.time() - started
+
+
+def state_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def fixed_batch(config: DistillConfig, student, n: int = 4):
+    examples, _ = read_prepared(config.out)
+    batch = attach_audio(examples[:n], make_tts(config))
+    return batch, [response_ids(student.tokenizer, e.response, config.max_response_tokens) for e in batch]
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# -- what distillation does -------------------------------------------------------------------------------------------
+
+
+def test_distillation_lowers_the_kd_loss_on_a_fixed_batch(trained, tiny_pair):
+    config, checkpoint, _ = trained
+    before, after = load_model(str(tiny_pair[0])), load_model(str(checkpoint))
+    cache = TeacherCache.open(config.out / "teacher_cache")
+    batch, targets = fixed_batch(config, before)
+    with torch.no_grad():
+        loss_before = distill_losses(before, None, cache, batch, targets, config, ("tt", "st"), len(before.tokenizer))
+        loss_after = distill_losses(after, None, cache, batch, targets, config, ("tt", "st"), len(after.tokenizer))
+    for channel in ("loss_tt", "loss_st"):
+        print(channel, float(loss_before[channel]), float(loss_after[channel]))
+        assert loss_after[channel] < 0.9 * loss_before[channel], (channel, loss_before, loss_after)
+
+
+def test_distillation_lowers_the_kl_between_speech_in_and_text_in(trained, tiny_pair):
+    config, checkpoint, _ = trained
+
+    def speech_text_kl(model) -> float:
+        batch, targets = fixed_batch(config, model)
+        with torch.no_grad():
+            text_logits, _, mask = model.continuation_logits([text_prompt(e) for e in batch], targets)
+            speech_logits, _, speech_mask = model.continuation_logits([speech_prompt(e) for e in batch], targets)
+        assert torch.equal(mask, speech_mask)
+        return float(token_kl(text_logits, speech_logits, mask).mean())
+
+    before, after = speech_text_kl(load_model(str(tiny_pair[0]))), speech_text_kl(load_model(str(checkpoint)))
+    print("speech-text KL", before, after)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_checkpoint_loads_generates_and_only_the_language_model_changed(trained, tiny_pair):
+    from speechlm_eval.models.base import GenerationConfig
+
+    config, checkpoint, _ = trained
+    student = load_model(str(checkpoint))
+    assert student.describe()["family"] == "qwen2-audio"
+    batch, _ = fixed_batch(config, student, n=2)
+    generations = student.generate([text_prompt(batch[0]), text_prompt(batch[1])], GenerationConfig(max_new_tokens=4))
+    spoken = student.generate([speech_prompt(batch[0])], GenerationConfig(max_new_tokens=4))
+    assert all(g.n_new_tokens > 0 for g in generations + spoken)
+
+    new, old = state_tensors(checkpoint), state_tensors(tiny_pair[0])
+    assert new.keys() == old.keys()
+    changed = {k for k in new if not torch.equal(new[k], old[k])}
+    assert changed and all("language_model" in k and k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                                  "o_proj.weight")) for k in changed)
+    assert not any("audio_tower" in k or "multi_modal_projector" in k for k in changed)
+
+
+def test_log_manifest_and_data_report(trained):
+    config, _, seconds = trained
+    rows = log_rows(config.out)
+    manifest = json.loads((config.out / "manifest.json").read_text())
+    assert manifest["finished"] and manifest["total_steps"] == len(rows) and manifest["our_reading"] == OUR_READING
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    for row in rows:
+        assert {"step", "lr", "loss", "loss_tt", "loss_st", "grad_norm", "examples_seen"} <= set(row)
+        assert row["loss"] == pytest.approx(row["loss_tt"] + row["loss_st"], rel=1e-5)
+    assert rows[0]["lr"] == 0.0 and max(r["lr"] for r in rows) == pytest.approx(config.lr)
+    peak = max(range(len(rows)), key=lambda i: rows[i]["lr"])
+    assert all(a["lr"] >= b["lr"] for a, b in zip(rows[peak:], rows[peak + 1 :]))  # cosine decay after warmup
+    n_used = manifest["data"]["counts"]["used"]
+    assert rows[-1]["examples_seen"] == config.epochs * n_used
+    assert "ce" not in rows[0]  # ce = 0: not computed, not logged
+    print(f"distill run: {len(rows)} steps, {n_used} examples, {seconds:.1f} s")
+
+
+# -- resume -----------------------------------------------------------------------------------------------------------
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_weights(trained, tiny_pair, tmp_path):
+    config, checkpoint, _ = trained
+    out = tmp_path / "run"
+    distill(make_config(tiny_pair, out, stop_after_steps=3))
+    # Emulate a kill between the step-2 state and the next save: the last state is gone, its log line is not.
+    states = sorted((out / "train_state").glob("step-*"))
+    assert [s.name for s in states] == ["step-00000002", "step-00000003"]
+    import shutil
+
+    shutil.rmtree(states[-1])
+    assert len(log_rows(out)) == 3
+    with pytest.raises(ConfigError, match="--resume"):
+        distill(make_config(tiny_pair, out))
+    resumed = distill(make_config(tiny_pair, out, resume=True))
+    new, reference = state_tensors(resumed), state_tensors(checkpoint)
+    assert all(torch.equal(new[k], reference[k]) for k in reference)
+    def without_timing(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert without_timing(log_rows(out)) == without_timing(log_rows(config.out))
+
+
+def test_resume_refuses_a_changed_training_config(trained, tiny_pair):
+    config, _, _ = trained
+    with pytest.raises(ConfigError, match="differs from the run's in lr"):
+        distill(make_config(tiny_pair, config.out, resume=True, lr=1e-3))
+
+
+# -- ablations and options --------------------------------------------------------------------------------------------
+
+
+def test_tt_only_run_logs_no_speech_loss_and_st_only_no_text_loss(tiny_pair, tmp_path):
+    # T→T only, with two micro-batches of 2 per optimizer step.
+    distill(make_config(tiny_pair, tmp_path / "tt", channels="tt", stop_after_steps=1, batch_size=2, grad_accum=2))
+    (row,) = log_rows(tmp_path / "tt")
+    assert "loss_tt" in row and "loss_st" not in row and row["loss"] == pytest.approx(row["loss_tt"])
+    assert row["examples_seen"] == 4
+    # S→T only, with the full teacher computed on the fly (no cache) and a CE term.
+    distill(make_config(tiny_pair, tmp_path / "st", channels="st", topk=0, ce=0.5, stop_after_steps=1))
+    (row,) = log_rows(tmp_path / "st")
+    assert "loss_tt" not in row and {"loss_st", "ce"} <= set(row)
+    assert row["loss"] == pytest.approx(row["loss_st"] + 0.5 * row["ce"], rel=1e-5)
+    assert not (tmp_path / "st" / "teacher_cache").exists()
+
+
+def test_full_fine_tune_trains_the_language_model_but_not_the_audio_encoder(tiny_pair, tmp_path):
+    checkpoint = distill(make_config(tiny_pair, tmp_path / "full", lora=False, channels="st", max_examples=4,
+                                     epochs=2, targets="teacher"))
+    new, old = state_tensors(checkpoint), state_tensors(tiny_pair[0])
+    changed = {k for k in new if not torch.equal(new[k], old[k])}
+    assert any("mlp" in k for k in changed) and not any("audio_tower" in k for k in changed)
+    assert json.loads((tmp_path / "full" / "manifest.json").read_text())["data"]["targets"] == "teacher"
+    assert load_model(str(checkpoint)).accepts_audio
+
+
+def test_leaked_question_stops_the_run_before_training(tiny_pair, tmp_path):
+    item = Item(id="sd-qa/usa/1", subset="sd-qa", text="what is the LARGEST planet in our solar system")
+    with pytest.raises(LeakageError, match=r"flan\.1001 = sd-qa/usa/1"):
+        distill(make_config(tiny_pair, tmp_path / "leak", max_examples=None), eval_items=[item])
+    assert not (tmp_path / "leak" / "train_log.jsonl").exists()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="channels"):
+        DistillConfig(student="s", teacher="t", out=Path("o"), channels="tt,xx")
+    with pytest.raises(ConfigError, match="projector"):
+        DistillConfig(student="s", teacher="t", out=Path("o"), channels="tt", train_projector=True)
+    with pytest.raises(ConfigError, match="needs student"):
+        DistillConfig(teacher="t", out=Path("o"))
+
+
+def test_command_line_mirrors_the_config():
+    from speechlm_eval.distill.__main__ import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["--student", "s", "--teacher", "t", "--out", "o", "--full", "--channels", "st",
+                              "--topk", "0", "--kind", "jsd", "--max-examples", "5", "--no-train-projector"])
+    config = DistillConfig(**vars(args))
+    assert (config.lora, config.channels, config.topk, config.kind, config.max_examples) == (False, "st", 0, "jsd", 5)
+    defaults = DistillConfig(**vars(parser.parse_args(["--student", "s", "--teacher", "t", "--out", "o"])))
+    reference = DistillConfig(student="s", teacher="t", out=Path("o"))
+    assert dataclasses.asdict(defaults) == dataclasses.asdict(reference)
+    assert "our reading" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--student", "s", "--teacher", "t", "--out", "o", "--kind", "mse"])
+
+
+# -- processes --------------------------------------------------------------------------------------------------------
+
+
+def cli_args(tiny_pair, out: Path, **overrides) -> list[str]:
+    options = {**SMALL, **overrides}
+    speech, text = tiny_pair
+    args = ["--student", str(speech), "--teacher", str(text), "--out", str(out)]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_weights(trained, tiny_pair, tmp_path):
+    _, checkpoint, _ = trained
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "speechlm_eval.distill", *cli_args(tiny_pair, out, save_every=1)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    deadline = time.time() + 300
+    while not (out / "train_state" / "step-00000002").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its second train state"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "checkpoint").exists()
+    finished = subprocess.run([*command, "--resume"], check=False, capture_output=True, text=True, env=child_env())
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    new, reference = state_tensors(out / "checkpoint"), state_tensors(checkpoint)
+    assert all(torch.equal(new[k], reference[k]) for k in reference)
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_complete(tiny_pair, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    finished = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", "-m", "speechlm_eval.distill",
+         *cli_args(tiny_pair, out, batch_size=2, epochs=1)],
+        check=False, capture_output=True, text=True, env=child_env(),
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = log_rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["finished"]
+    assert [r["examples_seen"] for r in rows][:2] == [4, 8]  # 2 processes × batch 2 per step
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in (out / "train_state").glob("step-*/*")}
+    assert load_model(str(out / "checkpoint")).accepts_audio
