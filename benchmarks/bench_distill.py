@@ -15,7 +15,8 @@ Run: ``.venv/bin/python benchmarks/bench_distill.py [--threads 2] [--skip-memory
 3. ``steps_per_s``: tiny models; one KD step = student forward + backward + AdamW step, with the teacher either run
    every step (forward under no_grad) or read from the cache.
 4. ``peak_memory``: one subprocess per variant at V = 151,665, B = 2, T = 256 (all 512 tokens masked), float32
-   logits: the peak resident-set growth (``ru_maxrss`` minus the RSS after the inputs exist) of loss + backward, for
+   logits: the peak resident-set growth (``ru_maxrss`` minus the RSS after the inputs exist; on a GPU, the growth of
+   ``torch.cuda.max_memory_allocated``) of loss + backward, for
    the plain unchunked autograd loss and ``kd_loss`` at several chunk sizes. Reported with the gradient's own bytes
    (n·V·4, unavoidable) subtracted and expressed in float32 (n, V) or (chunk, V) copies (the analytic view).
 """
@@ -253,11 +254,11 @@ def steps_per_s(student, teacher, prompts, targets, cache, ids, batch_size: int,
 # -- 4. peak memory ------------------------------------------------------------------------------------------------
 
 MEMORY_CHILD = r"""
-import json, os, resource, sys
+import json, os, resource, sys, time
 import torch
 from speechlm_eval.distill.losses import kd_loss
 
-variant, chunk, vocab, batch, time_, threads = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7])
+variant, chunk, vocab, batch, length, threads = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:7])
 torch.set_num_threads(threads)
 
 def rss():
@@ -270,27 +271,40 @@ def unchunked(student, teacher, mask, tau=2.0):
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return tau**2 * kl[mask].mean()
 
-small = torch.randn(1, 4, 64, requires_grad=True)  # pay first-call allocations before measuring
-kd_loss(small, torch.randn(1, 4, 64), torch.ones(1, 4, dtype=torch.bool)).backward()
-unchunked(small, torch.randn(1, 4, 64), torch.ones(1, 4, dtype=torch.bool)).backward()
+device = "cuda" if torch.cuda.is_available() else "cpu"
+small = torch.randn(1, 4, 64, device=device, requires_grad=True)  # pay first-call allocations before measuring
+ones = torch.ones(1, 4, dtype=torch.bool, device=device)
+kd_loss(small, torch.randn(1, 4, 64, device=device), ones).backward()
+unchunked(small, torch.randn(1, 4, 64, device=device), ones).backward()
 if variant == "topk":  # built directly (values do not matter here), so no full teacher ever raises the peak
     from speechlm_eval.distill.losses import TopK
-    teacher = TopK(torch.randn(batch, time_, 64).sort(-1, descending=True).values - 3,
-                   torch.randint(0, vocab, (batch, time_, 64)), torch.full((batch, time_), -2.0))
+    teacher = TopK(torch.randn(batch, length, 64, device=device).sort(-1, descending=True).values - 3,
+                   torch.randint(0, vocab, (batch, length, 64), device=device),
+                   torch.full((batch, length), -2.0, device=device))
 else:
-    teacher = torch.empty(batch, time_, vocab).normal_(0, 2)
-student = torch.empty(batch, time_, vocab).normal_(0, 2).requires_grad_(True)
-mask = torch.ones(batch, time_, dtype=torch.bool)
-before = rss()
-peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-started = __import__("time").perf_counter()
+    teacher = torch.empty(batch, length, vocab, device=device).normal_(0, 2)
+student = torch.empty(batch, length, vocab, device=device).normal_(0, 2).requires_grad_(True)
+mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+if device == "cuda":  # allocated tensor bytes, exact
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = peak_before = torch.cuda.memory_allocated()
+else:
+    before = rss()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+started = time.perf_counter()
 if variant == "unchunked":
     unchunked(student, teacher, mask).backward()
 else:
     kd_loss(student, teacher, mask, chunk_size=chunk).backward()
-seconds = __import__("time").perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"before": before, "peak_before": peak_before, "peak": peak, "seconds": seconds}))
+if device == "cuda":
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+seconds = time.perf_counter() - started
+print(json.dumps({"before": before, "peak_before": peak_before, "peak": peak, "seconds": seconds,
+                  "device": device}))
 """
 
 
@@ -306,8 +320,11 @@ def peak_memory(threads: int, vocab: int = QWEN25_VOCAB, batch: int = 2, length:
     out = {
         "shape": [batch, length, vocab],
         "logits_dtype": "float32",
-        "method": "peak RSS growth during loss+backward in a fresh subprocess (ru_maxrss - RSS after inputs exist), "
-        "glibc mmap threshold 1 MB so freed tensors leave RSS",
+        "method": (
+            "CPU: peak RSS growth during loss+backward in a fresh subprocess (ru_maxrss - RSS after inputs exist), "
+            "glibc mmap threshold 1 MB so freed tensors leave RSS; CUDA (when present): growth of "
+            "torch.cuda.max_memory_allocated"
+        ),
         "gradient_bytes": grad_bytes,
     }
     for variant, chunk in variants:
@@ -320,17 +337,27 @@ def peak_memory(threads: int, vocab: int = QWEN25_VOCAB, batch: int = 2, length:
         extra = growth - grad_bytes
         name = {"unchunked": "unchunked_autograd", "kd_loss": f"kd_loss_chunk{chunk}",
                 "topk": f"kd_loss_chunk{chunk}_topk64"}[variant]
-        block = (n if variant == "unchunked" else chunk) * vocab * 4
+        rows = n if variant == "unchunked" else min(chunk, n)
+        block = rows * vocab * 4
         out[name] = {
             "peak_growth_mb": round(growth / 2**20, 1),
             "beyond_gradient_mb": round(extra / 2**20, 1),
             "float32_blocks_beyond_gradient": round(extra / block, 2),
-            "block": f"({n if variant == 'unchunked' else chunk}, {vocab}) float32 = {block / 2**20:.0f} MB",
+            "block": f"({rows}, {vocab}) float32 = {block / 2**20:.0f} MB",
             "seconds": round(measured["seconds"], 2),
+            "device": measured["device"],
         }
     base = out["unchunked_autograd"]["peak_growth_mb"]
     for name in ("kd_loss_chunk128", "kd_loss_chunk32"):
         out[f"ratio_unchunked_over_{name}"] = round(base / out[name]["peak_growth_mb"], 2)
+    # The same per-block constants, extrapolated to a training-size batch (analytic, not measured).
+    n_big = 8 * 512
+    unchunked_big = out["unchunked_autograd"]["float32_blocks_beyond_gradient"] * n_big * vocab * 4
+    chunked_big = out["kd_loss_chunk128"]["float32_blocks_beyond_gradient"] * 128 * vocab * 4
+    out["extrapolated_B8_T512_beyond_gradient_mb"] = {
+        "unchunked_autograd": round(unchunked_big / 2**20), "kd_loss_chunk128": round(chunked_big / 2**20),
+        "ratio": round(unchunked_big / chunked_big, 1),
+    }
     return out
 
 

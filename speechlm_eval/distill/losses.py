@@ -113,7 +113,7 @@ def topk_from_logits(logits: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZ
 
 
 def _xlogy_diff(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Σ a · (log a − log b) over the last dim, with 0 · log 0 = 0 (ids a gives no mass contribute nothing)."""
+    """Σ a · (log a − log b) over the last dim, with 0 · log 0 = 0 (ids where a has no mass contribute nothing)."""
     a = log_a.exp()
     return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
 

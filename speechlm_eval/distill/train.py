@@ -209,6 +209,10 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
             build_teacher_cache(  # skips examples a killed earlier build already cached
                 teacher, [text_prompt(e) for e in examples], [target_ids[e.id] for e in examples],
                 [e.id for e in examples], out / "teacher_cache", k=config.topk, batch_size=config.teacher_batch_size,
+                vocab_size=vocab_size,
+                # A cache built for other targets must be refused, not silently reused.
+                extra={"targets": config.targets, "max_response_tokens": config.max_response_tokens,
+                       "data": config.data},
             )
         accelerator.wait_for_everyone()
         cache = TeacherCache.open(out / "teacher_cache")
