@@ -172,6 +172,25 @@ def continuation_logprobs_batch(
     return [picked[i][mask[i]].cpu().numpy().astype(np.float32) for i in range(len(continuations))]
 
 
+def check_clip(audio: np.ndarray | None, *, max_seconds: float | None, n_audio_tokens: int, min_tokens: int,
+               sampling_rate: int = 16_000) -> None:
+    """Refuse a clip the feature extractor would silently truncate to the encoder window, or one too short to encode.
+
+    ``n_audio_tokens``: what the family's encoder emits for this clip; ``min_tokens``: the fewest it can take.
+    """
+    from speechlm_eval.models.base import ModelInputError
+
+    if audio is None:
+        return
+    seconds = len(audio) / sampling_rate
+    if n_audio_tokens < min_tokens:
+        raise ModelInputError(f"audio is {seconds:.3f} s long, too short to encode "
+                              f"({n_audio_tokens} audio token(s), at least {min_tokens} needed)")
+    if max_seconds is not None and seconds > max_seconds + 1e-9:
+        raise ModelInputError(f"audio is {seconds:.2f} s long but the audio encoder window is {max_seconds:.0f} s; "
+                              "the feature extractor would silently truncate it")
+
+
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """Ids that end an answer: the checkpoint's generation EOS ids plus ChatML's ``<|im_end|>`` when it exists."""
     configured = model.generation_config.eos_token_id

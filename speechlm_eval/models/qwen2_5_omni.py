@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechlm_eval.models.base import ModelInputError, Prompt, SAMPLING_RATE
-from speechlm_eval.models.hf_runtime import HFAdapter, eos_token_ids, resolve_device, resolve_dtype
+from speechlm_eval.models.base import Prompt, SAMPLING_RATE
+from speechlm_eval.models.hf_runtime import HFAdapter, check_clip, eos_token_ids, resolve_device, resolve_dtype
 from speechlm_eval.models.registry import Family, LoadOptions, ModelLoadError, register_family
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -138,16 +138,9 @@ class Qwen25OmniModel(HFAdapter):
 
     def check_audio(self, audio: np.ndarray | None) -> None:
         """Refuse clips the feature extractor would silently truncate to its window, and clips with no audio token."""
-        if audio is None:
-            return
-        seconds = len(audio) / SAMPLING_RATE
-        if audio_token_count(len(audio), self.feature_extractor.hop_length) < 1:
-            raise ModelInputError(f"audio is {seconds:.3f} s long, too short to encode (no audio token)")
-        if self.max_audio_seconds is not None and seconds > self.max_audio_seconds + 1e-9:
-            raise ModelInputError(
-                f"audio is {seconds:.2f} s long but the audio encoder window is {self.max_audio_seconds:.0f} s; "
-                "the feature extractor would silently truncate it"
-            )
+        if audio is not None:
+            check_clip(audio, max_seconds=self.max_audio_seconds, min_tokens=1,
+                       n_audio_tokens=audio_token_count(len(audio), self.feature_extractor.hop_length))
 
     def prompt_length(self, prompt: Prompt) -> int:
         n = len(self.tokenizer(self.chat_text(prompt))["input_ids"])

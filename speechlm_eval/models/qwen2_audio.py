@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechlm_eval.models.base import ModelInputError, Prompt, SAMPLING_RATE
-from speechlm_eval.models.hf_runtime import HFAdapter, eos_token_ids, resolve_device, resolve_dtype
+from speechlm_eval.models.base import Prompt, SAMPLING_RATE
+from speechlm_eval.models.hf_runtime import HFAdapter, check_clip, eos_token_ids, resolve_device, resolve_dtype
 from speechlm_eval.models.registry import Family, LoadOptions, register_family
 
 
@@ -69,17 +69,10 @@ class Qwen2AudioModel(HFAdapter):
 
     def check_audio(self, audio: np.ndarray | None) -> None:
         """Refuse clips the encoder would silently truncate to its window, and clips too short to encode."""
-        if audio is None:
-            return
-        seconds = len(audio) / SAMPLING_RATE
-        if audio_token_count(len(audio), self.processor.feature_extractor.hop_length) < 2:
+        if audio is not None:
             # One audio token looks exactly like an unexpanded prompt to the model, which then fails inside merge.
-            raise ModelInputError(f"audio is {seconds:.3f} s long, too short to encode (under 2 audio tokens)")
-        if self.max_audio_seconds is not None and seconds > self.max_audio_seconds + 1e-9:
-            raise ModelInputError(
-                f"audio is {seconds:.2f} s long but the audio encoder window is {self.max_audio_seconds:.0f} s; "
-                "the processor would silently truncate it"
-            )
+            check_clip(audio, max_seconds=self.max_audio_seconds, min_tokens=2,
+                       n_audio_tokens=audio_token_count(len(audio), self.processor.feature_extractor.hop_length))
 
     def prompt_length(self, prompt: Prompt) -> int:
         n = len(self.tokenizer(self.chat_text(prompt))["input_ids"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -35,3 +35,18 @@ def item_rng(seed: int, *keys: str) -> random.Random:
 
 # (item, response, rng) -> Score; ``item`` is a speechlm_eval.data.item.Item.
 ScorerFn = Callable[[Any, str, random.Random], Score]
+
+
+def accuracy_and_fail(name: str, scores: Sequence[Score]) -> dict[str, float]:
+    """``{"acc": 100 * mean(value), "fail": 100 * share unparsed}`` as VoiceBench's mcq/bbh evaluators compute them.
+
+    Same operation order as upstream (correct / total * 100) so floats agree to the last bit; an empty subset is an
+    error (the official evaluators divide by the item count and crash).
+    """
+    if not scores:
+        raise ValueError(f"{name}: cannot aggregate zero scores")
+    n = len(scores)
+    return {
+        "acc": sum(s.value for s in scores) / n * 100,
+        "fail": 100 * sum(not s.parsed for s in scores) / n,
+    }

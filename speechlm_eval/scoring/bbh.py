@@ -11,7 +11,7 @@ import random
 import re
 from typing import Any, Sequence
 
-from speechlm_eval.scoring.base import Score
+from speechlm_eval.scoring.base import Score, accuracy_and_fail
 from speechlm_eval.scoring.bbh_rules import (
     CHANNEL_PREFIXES,
     GOLD_LABELS,
@@ -108,15 +108,7 @@ def score(item: Any, response: str, rng: random.Random) -> Score:
 
 def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, float]:
     """``{"acc": 100 * mean(value), "fail": 100 * share of unparsed responses}``; upstream itself reports only acc."""
-    if not scores:
-        # The official evaluator divides by the item count and so crashes on an empty subset.
-        raise ValueError("bbh: cannot aggregate zero scores")
-    n = len(scores)
-    # Same operation order as upstream (correct / total * 100) so floats agree to the last bit.
-    return {
-        "acc": sum(s.value for s in scores) / n * 100,
-        "fail": 100 * sum(not s.parsed for s in scores) / n,
-    }
+    return accuracy_and_fail("bbh", scores)
 
 
 register_scorer(Scorer("bbh", score, aggregate, primary="acc", scale=100.0))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from speechlm_eval.scoring.base import Score
+from speechlm_eval.scoring.base import Score, accuracy_and_fail
 from speechlm_eval.scoring.constants import (
     MCQ_LEADING_PUNCTUATION,
     MCQ_LETTERS,
@@ -74,15 +74,7 @@ def score(item: Any, response: str, rng: random.Random) -> Score:
 
 def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, float]:
     """``{"acc": 100 * mean(value), "fail": 100 * share of unparsed responses}``, named as upstream names them."""
-    if not scores:
-        # The official evaluator divides by the item count and so crashes on an empty subset.
-        raise ValueError("mcq: cannot aggregate zero scores")
-    n = len(scores)
-    # Same operation order as upstream (correct / total * 100, 100 * fails / total) so floats agree to the last bit.
-    return {
-        "acc": sum(s.value for s in scores) / n * 100,
-        "fail": 100 * sum(not s.parsed for s in scores) / n,
-    }
+    return accuracy_and_fail("mcq", scores)
 
 
 register_scorer(Scorer("mcq", score, aggregate, primary="acc", scale=100.0))
