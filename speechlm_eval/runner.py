@@ -8,7 +8,7 @@ Runs resume after a kill, and shard over processes under torchrun / accelerate l
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -195,9 +195,3 @@ def merge_records(run_dir: Path, items: Sequence[Item], arms: Sequence[str]) -> 
         for path in paths:
             if path != merged:
                 path.unlink()
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    arms: list[ArmProgress] = field(default_factory=list)

@@ -69,7 +69,7 @@ def distribution_changes(before: Path, after: Path, seed: int = 0, n_resamples: 
 
 def render_before_after_markdown(result: dict[str, Any], preamble: list[str] | None = None) -> str:
     lines = ["# speechlm-eval distill: before / after", ""] + list(preamble or []) + [
-        "", f"Gaps in points; change = after − before with a 95% paired-bootstrap CI and a paired test; "
+        "", "Gaps in points; change = after − before with a 95% paired-bootstrap CI and a paired test; "
         "recovered = 1 − gap_after / gap_before (shown where the gap before is positive).", "",
         "| subset | gap | n | before | after | change [95% CI] | p | recovered |", "|---|---|---|---|---|---|---|---|"]
     for subset, entry in result["subsets"].items():
