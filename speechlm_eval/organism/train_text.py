@@ -1,0 +1,114 @@
+"""Stage 0: the organism's text LLM, a tiny ``Qwen2ForCausalLM`` that memorises every fact of the world.
+
+Trained on all facts as multiple choice (fresh distractors and orders), as short answers, on "Repeat: <question>"
+(without it a frozen LM cannot be taught to emit transcripts in stage A) and on naming the letter of a given option. Training stops once the evaluation MCQs are
+answered correctly through the project's own text adapter (``CausalLMModel``: real chat template, greedy decoding).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from speechlm_eval.data.item import Item
+from speechlm_eval.models.hf_causal import CausalLMModel
+from speechlm_eval.organism.corpus import TEXT_TASKS, collate, encode_text_example, text_task_pool
+from speechlm_eval.organism.evaluate import typed_scores
+from speechlm_eval.organism.loop import Schedule, StageLog, train
+from speechlm_eval.organism.world import World
+
+
+@dataclass(frozen=True)
+class TextLLMSpec:
+    """Architecture and training of the text LLM (defaults: 0.75 M parameters, ~3 MB in fp32)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    ffn_size: int = 512
+    batch_size: int = 32
+    schedule: Schedule = Schedule(steps=2400, lr=1e-3, warmup=50, check_every=200)
+    mix: tuple[float, ...] = (0.5, 0.1, 0.2, 0.2)  # share of steps per task of corpus.TEXT_TASKS
+    mcq_per_fact: int = 12
+    target_accuracy: float = 1.0  # stop at a check once typed eval accuracy reaches this
+
+
+def text_config(tokenizer: Any, spec: TextLLMSpec):
+    """The Qwen2 config: untied head (the speech model never ties it), eos = ``<|im_end|>``."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.ffn_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+
+
+def new_text_llm(tokenizer: Any, spec: TextLLMSpec, seed: int):
+    """A freshly initialised text LLM with greedy, ``<|im_end|>``-terminated generation defaults."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(text_config(tokenizer, spec))
+    set_generation_defaults(model, tokenizer)
+    return model
+
+
+def set_generation_defaults(model: torch.nn.Module, tokenizer: Any) -> None:
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def text_batches(world: World, tokenizer: Any, spec: TextLLMSpec, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``step -> batch``: the step's task drawn by ``spec.mix``, then a batch of its examples; deterministic in seed.
+
+    One task per batch keeps padding short (Repeat rows are ~1.5x as long as MCQ rows).
+    """
+    rng = random.Random(seed)
+    pool = text_task_pool(world, rng, spec.mcq_per_fact)
+    encoded = {task: [encode_text_example(tokenizer, ex) for ex in pool[task]] for task in TEXT_TASKS}
+
+    def next_batch(step: int) -> dict[str, torch.Tensor]:
+        task = rng.choices(TEXT_TASKS, weights=spec.mix)[0]
+        return collate([rng.choice(encoded[task]) for _ in range(spec.batch_size)], tokenizer.pad_token_id)
+
+    return next_batch
+
+
+def train_text_llm(
+    world: World,
+    tokenizer: Any,
+    eval_items: list[Item],
+    spec: TextLLMSpec = TextLLMSpec(),
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[torch.nn.Module, StageLog]:
+    """Train the text LLM on every fact until the eval MCQs are answered (``spec.target_accuracy``) or steps run out.
+
+    ``tokenizer`` must carry the chat template. Returns the model (eval mode) and the stage log, whose checks hold
+    the typed eval accuracy.
+    """
+    model = new_text_llm(tokenizer, spec, seed)
+    adapter = CausalLMModel("organism-text-llm", model, tokenizer)
+
+    def check(step: int) -> dict[str, float]:
+        scores, _ = typed_scores(adapter, eval_items, max_new_tokens=6)
+        accuracy = float(scores.mean())
+        return {"typed_accuracy": accuracy, "stop": float(accuracy >= spec.target_accuracy)}
+
+    log = train("text_llm", model, model.parameters(), text_batches(world, tokenizer, spec, seed + 1), spec.schedule,
+                check=check, on_step=on_step)
+    return model, log

@@ -1,0 +1,70 @@
+"""A micro organism build: real training code on a 4 x 4 world for a few steps, producing loadable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from speechlm_eval.models.base import GenerationConfig, Prompt
+from speechlm_eval.models.registry import load_model
+from speechlm_eval.organism import build, is_built, micro_spec
+from speechlm_eval.organism.build import make_processor
+from speechlm_eval.organism.clips import HELD_OUT_VOICE, synthesize
+from speechlm_eval.organism.train_text import train_text_llm
+from speechlm_eval.organism.world import eval_items, make_world
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+@pytest.fixture(scope="module")
+def micro_build(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("organism"), seed=0, spec=micro_spec(), progress=False)
+
+
+def test_micro_build_writes_loadable_checkpoints(micro_build) -> None:
+    paths = micro_build
+    assert is_built(paths.root)
+    text_llm, speech_llm = load_model(str(paths.text_llm)), load_model(str(paths.speech_llm))
+    assert text_llm.describe()["family"] == "hf-causal" and speech_llm.describe()["family"] == "qwen2-audio"
+    rows = [json.loads(line) for line in paths.eval_suite.read_text().splitlines()]
+    assert len(rows) == 8 and all(r["reference"] in "ABCD" for r in rows)
+    config = GenerationConfig(max_new_tokens=3)
+    clip = synthesize([rows[0]["prompt"]], [HELD_OUT_VOICE])[0]
+    for model, prompt in ((text_llm, Prompt(text=rows[0]["prompt"])), (speech_llm, Prompt(text=rows[0]["prompt"])),
+                          (speech_llm, Prompt(audio=clip))):
+        assert model.generate([prompt], config)[0].n_new_tokens >= 1
+    summary = json.loads(paths.summary.read_text())
+    assert set(summary["timings_s"]) >= {"world", "text_llm", "clips", "stage_a", "stage_b", "total"}
+    assert summary["sizes"]["speech_llm_bytes"] > summary["sizes"]["text_llm_bytes"] > 0
+    distill = [json.loads(line) for line in paths.distill.read_text().splitlines()]
+    assert {(r["entity"], r["attribute"]) for r in distill}.isdisjoint((r["entity"], r["attribute"]) for r in rows)
+
+
+def test_speech_stage_changed_the_copied_lm(micro_build) -> None:
+    """The speech LLM's LM has the text LLM's architecture (hub key layout) and stage B moved its weights."""
+    from safetensors.torch import load_file
+
+    text = load_file(str(micro_build.text_llm / "model.safetensors"))
+    speech = load_file(str(micro_build.speech_llm / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    speech_key = "language_model." + key
+    assert text[key].shape == speech[speech_key].shape
+    assert not torch.equal(text[key], speech[speech_key])
+
+
+def test_text_training_is_deterministic() -> None:
+    spec = micro_spec()
+    world = make_world(0, spec.world)
+    processor = make_processor(world, spec.vocab_size, 6, 0, 320)
+    items = eval_items(world)
+    torch.set_num_threads(1)
+    first, _ = train_text_llm(world, processor.tokenizer, items, spec.text, seed=0)
+    second, _ = train_text_llm(world, processor.tokenizer, items, spec.text, seed=0)
+    other, _ = train_text_llm(world, processor.tokenizer, items, spec.text, seed=1)
+    a, b, c = (np.concatenate([p.detach().ravel().numpy() for p in m.parameters()]) for m in (first, second, other))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
