@@ -72,6 +72,23 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     return tokenizer
 
 
+def text_config_kwargs(spec: TinySpec, tokenizer) -> dict:
+    """The decoder sizes and ChatML token ids every tiny Qwen-style LM here shares (untied head: see feasibility)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.ffn_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+
+
 def build_tiny_pair(corpus: Iterable[str], out_dir: str | Path, spec: TinySpec = TinySpec()) -> tuple[Path, Path]:
     """Build and save ``out_dir/text_llm`` (Qwen2ForCausalLM) and ``out_dir/speech_llm`` (Qwen2-Audio).
 
@@ -89,20 +106,7 @@ def build_tiny_pair(corpus: Iterable[str], out_dir: str | Path, spec: TinySpec =
 
     out = Path(out_dir)
     tokenizer = train_tokenizer(corpus, spec.vocab_size)
-    vocab = len(tokenizer)
-    text_config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.ffn_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    text_config = Qwen2Config(**text_config_kwargs(spec, tokenizer))
     torch.manual_seed(spec.seed)
     teacher = Qwen2ForCausalLM(text_config).eval()
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
-from speechlm_eval.models.tiny import TinySpec, train_tokenizer
+from speechlm_eval.models.tiny import TinySpec, text_config_kwargs, train_tokenizer
 
 TINY_OMNI_FORMAT_VERSION = 1  # bump when the builder changes what it writes
 
@@ -99,19 +99,7 @@ def build_tiny_omni_pair(
     token_id = tokenizer.convert_tokens_to_ids
     head_dim = spec.hidden_size // spec.num_heads
     rope_theta = 1_000_000.0
-    shared = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.ffn_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        eos_token_id=token_id("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    shared = text_config_kwargs(spec, tokenizer)
     torch.manual_seed(spec.seed)
     teacher = Qwen2ForCausalLM(
         Qwen2Config(**shared, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
