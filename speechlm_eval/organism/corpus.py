@@ -150,7 +150,7 @@ TEXT_TASKS: tuple[str, ...] = ("mcq", "short", "repeat", "find")
 def text_task_pool(world: World, rng: random.Random, mcq_per_fact: int = 12) -> dict[str, list[TextExample]]:
     """The text LLM's training tasks over *all* facts (keys :data:`TEXT_TASKS`): MCQ (many renderings per fact),
     short answer, Repeat (MCQ prompts and short questions, so the LM can copy any question text it is shown) and
-    Find (name the letter of a given option: speeds up learning MCQ's letter copying several-fold)."""
+    Find (name the letter of a given option: the letter-copying half of MCQ, learned first)."""
     mcqs = mcq_renderings(world.facts, mcq_per_fact, rng)
     return {
         "mcq": [mcq_example(m) for m in mcqs],

@@ -43,7 +43,7 @@ class SpeechLLMSpec:
     encoder_ffn: int = 512
     clips_per_fact: int = 8  # training clips per non-eval fact (each a fresh MCQ rendering in a random voice)
     batch_size: int = 16
-    stage_a: Schedule = Schedule(steps=1200, lr=2e-3, warmup=50, check_every=300)
+    stage_a: Schedule = Schedule(steps=900, lr=3e-3, warmup=50, check_every=300)
     stage_b: Schedule = Schedule(steps=500, lr=5e-4, warmup=30, check_every=0)
     qa_fraction: float = 0.5  # share of spoken-QA examples in a stage-B batch (the rest is ASR)
     stop_hearing: float = 1.01  # stage A stops early once dev entity accuracy reaches this (> 1 = never)

@@ -31,8 +31,13 @@ class TextLLMSpec:
     num_kv_heads: int = 2
     ffn_size: int = 512
     batch_size: int = 32
-    schedule: Schedule = Schedule(steps=2400, lr=1e-3, warmup=50, check_every=200)
-    mix: tuple[float, ...] = (0.5, 0.1, 0.2, 0.2)  # share of steps per task of corpus.TEXT_TASKS
+    schedule: Schedule = Schedule(steps=2000, lr=1e-3, warmup=50, check_every=200)
+    # (until step, share of steps per task of corpus.TEXT_TASKS): a curriculum. Letter copying ("find") first: alone
+    # it is learned in ~700 steps, while inside the full mix it forms late and erratically (50-97% at 2000 steps).
+    phases: tuple[tuple[int, tuple[float, ...]], ...] = (
+        (700, (0.0, 0.3, 0.0, 0.7)),
+        (1_000_000, (0.5, 0.1, 0.2, 0.2)),
+    )
     mcq_per_fact: int = 12
     target_accuracy: float = 1.0  # stop at a check once typed eval accuracy reaches this
 
@@ -73,7 +78,7 @@ def set_generation_defaults(model: torch.nn.Module, tokenizer: Any) -> None:
 
 
 def text_batches(world: World, tokenizer: Any, spec: TextLLMSpec, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
-    """``step -> batch``: the step's task drawn by ``spec.mix``, then a batch of its examples; deterministic in seed.
+    """``step -> batch``: the step's task drawn by its phase's mix, then a batch of its examples; deterministic in seed.
 
     One task per batch keeps padding short (Repeat rows are ~1.5x as long as MCQ rows).
     """
@@ -82,7 +87,8 @@ def text_batches(world: World, tokenizer: Any, spec: TextLLMSpec, seed: int) -> 
     encoded = {task: [encode_text_example(tokenizer, ex) for ex in pool[task]] for task in TEXT_TASKS}
 
     def next_batch(step: int) -> dict[str, torch.Tensor]:
-        task = rng.choices(TEXT_TASKS, weights=spec.mix)[0]
+        mix = next(m for until, m in spec.phases if step < until)
+        task = rng.choices(TEXT_TASKS, weights=mix)[0]
         return collate([rng.choice(encoded[task]) for _ in range(spec.batch_size)], tokenizer.pad_token_id)
 
     return next_batch
