@@ -10,7 +10,7 @@ Run: ``.venv/bin/python benchmarks/bench_distill.py [--threads 2] [--skip-memory
    w.r.t. the student logits. On (a) synthetic 151,665-id teachers of two shapes, ``lm_like`` (Gaussian bulk of
    logits, sd 2, plus a head of 40 plausible ids whose top logit is 18–30 above the bulk mean, exponential gaps) and
    ``zipf`` (p ∝ rank^−s, s ~ U(1.2, 2.5), random ids), the student = teacher + N(0, 1) logit noise; and (b) the
-   embedded tiny models' real logits (text LLM teacher, speech LLM student on text input) read back from a real
+   tiny random models' real logits (text LLM teacher, speech LLM student on text input) read back from a real
    cache. Each case prints the teacher's entropy and top-k mass so one can judge how realistic it is. Target: < 1%.
 3. ``steps_per_s``: tiny models; one KD step = student forward + backward + AdamW step, with the teacher either run
    every step (forward under no_grad) or read from the cache.
@@ -162,12 +162,13 @@ def topk_error_synthetic(tokens: int = 32, vocab: int = QWEN25_VOCAB) -> dict:
 
 def tiny_setup(n_examples: int, max_new_tokens: int):
     from speechlm_eval import defaults
+    from speechlm_eval.models.tiny import cached_random_pair
     from speechlm_eval.data.suite import load_suite, parse_suite
     from speechlm_eval.distill.vocab import check_vocab_compatible
     from speechlm_eval.models.base import GenerationConfig, Prompt
     from speechlm_eval.models.registry import LoadOptions, load_model
 
-    speech_path, text_path = defaults.embedded_models()
+    speech_path, text_path = cached_random_pair(defaults.cache_root())
     student = load_model(str(speech_path), LoadOptions(device="cpu"))
     teacher = load_model(str(text_path), LoadOptions(device="cpu"))
     check_vocab_compatible(teacher.tokenizer, student.tokenizer)
@@ -389,7 +390,7 @@ def main() -> None:
             student, teacher, prompts, targets, cache, ids
         )
         report["steps_per_s"] = {
-            "models": "embedded tiny pair (random init): student Qwen2-Audio on text input, teacher Qwen2",
+            "models": "tiny random pair (models.tiny.cached_random_pair): student Qwen2-Audio on text input, teacher Qwen2",
             "cache_build_s": round(build_s, 2),
             "cache_build_examples": len(ids),
             **steps_per_s(student, teacher, prompts, targets, cache, ids, args.batch_size, args.steps),

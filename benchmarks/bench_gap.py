@@ -2,7 +2,7 @@
 
 Baseline named: VoiceBench ``main.py`` answers items one by one (``model.generate`` on a single prompt per call).
 Run: ``.venv/bin/python benchmarks/bench_gap.py [--batch-size 16] [--items 64] [--arm speech_llm_text]``.
-Uses the embedded tiny pair (built offline on first use) on the bundled suite, replicated to ``--items``.
+Uses the tiny random pair (models.tiny.cached_random_pair, built offline on first use) on the bundled suite, replicated to ``--items``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import torch
 
 from speechlm_eval import defaults
+from speechlm_eval.models.tiny import cached_random_pair
 from speechlm_eval.data.registry import SubsetRequest
 from speechlm_eval.data.suite import load_suite, parse_suite
 from speechlm_eval.gap import GapConfig, make_audio_source
@@ -48,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    speech_path, _ = defaults.embedded_models()
+    speech_path, _ = cached_random_pair(defaults.cache_root())
     model = load_model(str(speech_path), LoadOptions(device="cpu"))
     items = bench_items(args.items)
     with_audio = args.arm == "speech_llm_speech"

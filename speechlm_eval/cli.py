@@ -29,7 +29,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def gap(
-    model: Optional[str] = typer.Option(None, help="Speech LLM: hub id or local path. Omitted: the embedded tiny default pair and bundled suite."),
+    model: Optional[str] = typer.Option(None, help="Speech LLM: hub id or local path. Omitted: the embedded model organism pair and its suite."),
     text_model: Optional[str] = typer.Option(None, help="Text LLM (the speech LLM's text backbone/teacher): hub id or local path. Omitted: forgetting is not measured."),
     suite: List[str] = typer.Option([], "--suite", help="Benchmark subsets, repeatable: 'voicebench:mmsu,openbookqa', 'voicebench:sd-qa@usa', 'voicebench', 'mmau', 'bundled'. Default: bundled."),
     out: Path = typer.Option(Path("runs/gap"), help="Run directory (records, manifest, results, report)."),
@@ -37,7 +37,7 @@ def gap(
     overwrite: bool = typer.Option(False, help="Delete an existing run in --out and start over."),
     limit: Optional[int] = typer.Option(None, min=1, help="Keep the first N items of each subset (smoke runs)."),
     batch_size: int = typer.Option(8, min=1, help="Prompts per generate call (padded left, sorted by length)."),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="New-token budget per answer (default 512; 24 for the embedded default)."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="New-token budget per answer (default 512; 8 for the embedded organism)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. auto = this process's device under torchrun/accelerate, else CUDA if present, else CPU."),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16. auto = checkpoint dtype on GPU, float32 on CPU."),
     seed: int = typer.Option(0, help="Seed for sampling, scoring fallbacks and bootstrap resampling."),
@@ -107,7 +107,7 @@ def report(
 def distill(ctx: typer.Context) -> None:
     """Repair a speech LLM by cross-modal distillation from its text LLM; report gaps before and after.
 
-    Options: `speechlm-eval distill --help`. With no --student/--teacher it repairs the embedded default pair.
+    Options: `speechlm-eval distill --help`. With no --student/--teacher it repairs the embedded model organism.
     """
     from speechlm_eval.distill.pipeline import main as distill_main
 

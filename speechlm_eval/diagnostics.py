@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from speechlm_eval.data.item import Item
+from speechlm_eval.data.item import KEY_PHRASE, Item
 from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
 from speechlm_eval.distributed import process_state, shard
 from speechlm_eval.records import RecordWriter, read_records
@@ -43,6 +43,11 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     if not ref:
         return 0.0
     return float(jiwer.wer(ref, hyp if hyp else "<empty>"))
+
+
+def phrase_heard(transcript: str, phrase: str) -> bool:
+    """True when the normalised ``phrase`` occurs as whole words in the normalised transcript."""
+    return f" {normalise_for_wer(phrase)} " in f" {normalise_for_wer(transcript)} "
 
 
 def token_divergences(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -184,6 +189,9 @@ def run_perception_probe(
                     records.append(error_record("perception", item, out))
                     continue
                 spoken = item.text_to_speak() or ""
-                records.append({"id": item.id, "subset": item.subset, "arm": "perception", "error": None,
-                                "transcript": out.text, "wer": word_error_rate(spoken, out.text)})
+                record = {"id": item.id, "subset": item.subset, "arm": "perception", "error": None,
+                          "transcript": out.text, "wer": word_error_rate(spoken, out.text)}
+                if item.meta.get(KEY_PHRASE):
+                    record["key_heard"] = phrase_heard(out.text, str(item.meta[KEY_PHRASE]))
+                records.append(record)
             writer.write_many(records)

@@ -212,11 +212,15 @@ def test_two_processes_under_torchrun_give_the_single_process_records(full_run, 
 def test_report_rebuilds_byte_identical_files_from_records_alone(full_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(full_run, copy)
+    plots = sorted(p.relative_to(full_run).as_posix() for p in (full_run / "plots").glob("*.png"))
+    assert "plots/arm-scores-per-subset.png" in plots and all(f"]({p})" in (full_run / "report.md").read_text()
+                                                              for p in plots)
+    shutil.rmtree(copy / "plots")
     for name in ("results.json", "report.md", "report.html"):
         (copy / name).unlink()
     result = runner.invoke(app, ["report", str(copy)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    for name in ("results.json", "report.md", "report.html"):
+    for name in ("results.json", "report.md", "report.html", *plots):
         assert (copy / name).read_bytes() == (full_run / name).read_bytes(), name
 
 

@@ -7,6 +7,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# Optional ``Item.meta`` key: the words whose hearing decides the item (e.g. an entity's name). The perception probe
+# then also reports whether the speech LLM's transcript contains them, beside the WER of the whole prompt.
+KEY_PHRASE = "key_phrase"
+
 
 @dataclass(frozen=True)
 class AudioRef:

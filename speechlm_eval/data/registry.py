@@ -9,7 +9,12 @@ from typing import Any, Callable, Mapping
 from speechlm_eval.data.item import Item
 
 # Imported lazily by get_benchmark/benchmark_names, so that asking the registry is enough to see the built-ins.
-_BUILTIN_MODULES = ("speechlm_eval.data.voicebench", "speechlm_eval.data.mmau", "speechlm_eval.data.bundled")
+_BUILTIN_MODULES = (
+    "speechlm_eval.data.voicebench",
+    "speechlm_eval.data.mmau",
+    "speechlm_eval.data.bundled",
+    "speechlm_eval.organism.suite",
+)
 
 
 class DataError(ValueError):

@@ -68,6 +68,22 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-device", default="auto", help="device for the gap runs")
 
 
+# What ``speechlm-eval distill`` uses for the embedded organism where the user sets nothing (each still overridable).
+# The organism's distillation set is small (every non-evaluation fact, ~290 MCQs) and its models tiny, so the run is a
+# full fine-tune for many epochs at a higher learning rate than the 7B defaults; S→T speaks the questions in a training
+# voice, so the evaluation voice stays unheard by every training stage.
+ORGANISM_DISTILL_DEFAULTS: dict[str, Any] = {
+    "targets": "teacher",
+    "lora": False,
+    "lr": 3e-4,
+    "epochs": 24,
+    "batch_size": 24,
+    "warmup_ratio": 0.05,
+    "tts_voice": "en-gb",
+    "teacher_batch_size": 32,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Parse ``speechlm-eval distill`` options; with no --student/--teacher, repair the embedded default pair."""
     from speechlm_eval.distill.__main__ import build_parser
@@ -75,12 +91,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = build_parser()
     parser.prog = "speechlm-eval distill"
     parser.description = ("Repair a speech LLM by cross-modal knowledge distillation (T→T and S→T) from its text "
-                          "LLM teacher, then report forgetting and inequivalence before and after. "
-                          + (parser.description or ""))
+                          "LLM teacher, then report forgetting and inequivalence before and after. With no "
+                          "--student/--teacher it repairs the embedded model organism with its own data and "
+                          "defaults (" + ", ".join(f"{k}={v}" for k, v in ORGANISM_DISTILL_DEFAULTS.items())
+                          + "). " + (parser.description or ""))
     for action in parser._actions:  # student/teacher/out are optional here: the embedded default fills them
         if action.dest in ("student", "teacher", "out"):
             action.required = False
     add_pipeline_options(parser)
+    field_defaults = {key: parser.get_default(key) for key in (*ORGANISM_DISTILL_DEFAULTS, "data")}
+    parser.set_defaults(**{key: None for key in field_defaults})  # None = not given on the command line
     args = parser.parse_args(argv)
     notes: list[str] = []
     if args.student is None:
@@ -91,10 +111,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
         speech, text = defaults.embedded_models()
         args.student, args.teacher = str(speech), str(text)
         notes.append(defaults.EMBEDDED_NOTE)
+        organism = {**ORGANISM_DISTILL_DEFAULTS, "data": str(defaults.embedded_distill_data())}
+        for key, value in organism.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if args.leakage_suite is None:
+            args.leakage_suite = defaults.EMBEDDED_SUITE
         if args.eval_max_new_tokens is None:
             args.eval_max_new_tokens = defaults.EMBEDDED_MAX_NEW_TOKENS
+        args.suite = args.suite or [defaults.EMBEDDED_SUITE]
     elif args.teacher is None:
         parser.error("--teacher is required with --student (a text LLM with the student's tokenizer)")
+    for key, value in field_defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.out = args.out or Path("runs/distill")
     args.suite = args.suite or ["bundled"]
     pipeline_keys = {"suite", "eval_limit", "eval_batch_size", "eval_max_new_tokens", "eval_device"}

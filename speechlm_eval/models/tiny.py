@@ -168,3 +168,30 @@ def is_built(out_dir: str | Path) -> bool:
         if not marker.exists() or json.loads(marker.read_text()).get("format") != TINY_FORMAT_VERSION:
             return False
     return True
+
+
+def bundled_corpus() -> list[str]:
+    """Every prompt, choice and reference of the bundled mini-suite: the tiny random pair's tokenizer corpus."""
+    from speechlm_eval.data.registry import LoadOptions, SubsetRequest, get_benchmark
+
+    bundled = get_benchmark("bundled")
+    corpus: list[str] = []
+    for subset in bundled.subsets:
+        for item in bundled.load(SubsetRequest("bundled", subset), LoadOptions()):
+            corpus.extend(t for t in (item.text, item.audio_instruction, item.speak, *item.choices) if t)
+            if isinstance(item.reference, str):
+                corpus.append(item.reference)
+    return corpus
+
+
+def cached_random_pair(cache_root: str | Path, name: str = "tiny-random-v1") -> tuple[Path, Path]:
+    """(speech LLM, text LLM) paths of a tiny *random* pair built once under ``cache_root/models/name`` (safe when two
+    processes start together). Meaningless answers; the benchmarks time the pipeline on it."""
+    from filelock import FileLock
+
+    root = Path(cache_root) / "models" / name
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if not is_built(root):
+            build_tiny_pair(bundled_corpus(), root)
+    return root / "speech_llm", root / "text_llm"

@@ -64,8 +64,9 @@ class ClipBank:
     Attributes:
         features: log-mel features padded to the encoder window, ``(n, n_mels, frames)`` float16 (upcast per batch).
         n_frames: real (unpadded) mel frames per clip, ``(n,)`` int64; the feature attention mask is a prefix of ones.
-        mcqs: the MCQ each clip speaks (its ``prompt`` is the transcript, its ``answer`` the gold letter).
+        mcqs: the MCQ each clip is about (its ``answer`` is the gold letter).
         voices: the voice of each clip.
+        texts: what each clip says (the ASR target): the MCQ prompt, or only its question for short clips.
         dropped: clips left out because they were longer than the encoder window.
     """
 
@@ -73,6 +74,7 @@ class ClipBank:
     n_frames: torch.Tensor
     mcqs: list[MCQ]
     voices: list[Voice]
+    texts: list[str]
     dropped: int = 0
 
     def __len__(self) -> int:
@@ -81,6 +83,10 @@ class ClipBank:
     def n_audio_tokens(self, index: int) -> int:
         # hop_length=1: the count is a function of mel frames only (as the processor computes it from its mask).
         return audio_token_count(int(self.n_frames[index]), hop_length=1)
+
+    def spoken_qa_indices(self, split: str = "speech") -> tuple[int, ...]:
+        """Clips that speak a whole MCQ (question and options) of a fact in ``split``: the spoken-QA examples."""
+        return tuple(i for i, m in enumerate(self.mcqs) if m.fact.split == split and self.texts[i] == m.prompt)
 
     def batch_features(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """``input_features`` ``(b, n_mels, frames)`` float32 and ``feature_attention_mask`` ``(b, frames)`` int64."""
@@ -116,12 +122,16 @@ def make_clip_bank(
     feature_extractor: Any,
     on_progress: Callable[[int], None] | None = None,
     chunk: int = 256,
+    texts: Sequence[str] | None = None,
 ) -> ClipBank:
-    """Synthesise and featurise ``mcqs[i].prompt`` in ``voices[i]``; clips longer than the window are dropped."""
-    kept_mcqs, kept_voices, feats, lengths, dropped = [], [], [], [], 0
+    """Synthesise and featurise ``texts[i]`` (default: ``mcqs[i].prompt``) in ``voices[i]``; clips longer than the
+    window are dropped."""
+    texts = [m.prompt for m in mcqs] if texts is None else list(texts)
+    kept_mcqs, kept_voices, kept_texts, feats, lengths, dropped = [], [], [], [], [], 0
     for start in range(0, len(mcqs), chunk):
         part_m, part_v = list(mcqs[start : start + chunk]), list(voices[start : start + chunk])
-        clips = synthesize([m.prompt for m in part_m], part_v)
+        part_t = texts[start : start + chunk]
+        clips = synthesize(part_t, part_v)
         keep = [i for i, c in enumerate(clips) if fits_window(c, feature_extractor)]
         dropped += len(clips) - len(keep)
         if keep:
@@ -130,6 +140,14 @@ def make_clip_bank(
             lengths.append(n)
             kept_mcqs += [part_m[i] for i in keep]
             kept_voices += [part_v[i] for i in keep]
+            kept_texts += [part_t[i] for i in keep]
         if on_progress is not None:
             on_progress(len(part_m))
-    return ClipBank(torch.cat(feats), torch.cat(lengths), kept_mcqs, kept_voices, dropped)
+    return ClipBank(torch.cat(feats), torch.cat(lengths), kept_mcqs, kept_voices, kept_texts, dropped)
+
+
+def concat_banks(*banks: ClipBank) -> ClipBank:
+    """One bank holding every clip of ``banks`` in order (all featurised with the same extractor)."""
+    return ClipBank(torch.cat([b.features for b in banks]), torch.cat([b.n_frames for b in banks]),
+                    [m for b in banks for m in b.mcqs], [v for b in banks for v in b.voices],
+                    [t for b in banks for t in b.texts], sum(b.dropped for b in banks))

@@ -18,10 +18,9 @@ import torch
 from speechlm_eval.diagnostics import PROBE_INSTRUCTION
 from speechlm_eval.models.base import Prompt
 from speechlm_eval.models.qwen2_audio import conversation
-from speechlm_eval.organism.world import ATTRIBUTES, LETTERS, MCQ, Fact, World, mcq_renderings
+from speechlm_eval.organism.world import ATTRIBUTES, LETTERS, MCQ, Fact, World, mcq_renderings, render_mcq
 
 REPEAT_PREFIX = "Repeat: "  # the text-LLM task that lets a frozen LM emit question text (needed by stage A's ASR)
-FIND_PREFIX = "Which option is "  # the text-LLM task that teaches copying the letter of a named option
 AUDIO_TOKEN = "<|AUDIO|>"
 IM_END = "<|im_end|>"
 IGNORE_INDEX = -100
@@ -47,20 +46,13 @@ def repeat_example(text: str) -> TextExample:
     return TextExample(REPEAT_PREFIX + text, text)
 
 
-def find_example(mcq: MCQ) -> TextExample:
-    """"Which option is <value>? A. .. D. .." -> the MCQ reply: the letter-copying half of MCQ without recall."""
-    options = mcq.prompt[len(mcq.fact.question()) + 1 :]
-    return TextExample(f"{FIND_PREFIX}{mcq.fact.value}? {options}", mcq.response)
-
-
-def tokenizer_corpus(world: World, seed: int = 0) -> list[str]:
+def tokenizer_corpus(world: World) -> list[str]:
     """Text the BPE is trained on: MCQ renderings and short questions of every fact, answers, Repeat lines and the
     fixed chat/probe strings, so every world word and every answer is a single token."""
-    rng = random.Random(seed)
-    mcqs = mcq_renderings(world.facts, 2, rng)
+    mcqs = mcq_renderings(world.facts)
     corpus = [m.prompt for m in mcqs] + [m.response for m in mcqs]
     corpus += [f.question() for f in world.facts]
-    corpus += [REPEAT_PREFIX + f.question() for f in world.facts] + [find_example(m).prompt for m in mcqs]
+    corpus += [REPEAT_PREFIX + f.question() for f in world.facts]
     corpus += list(LETTERS) + [v for a in ATTRIBUTES for v in a.values]
     corpus += [PROBE_INSTRUCTION, "You are a helpful assistant.", "system", "user", "assistant", "Audio 1: "]
     return corpus
@@ -144,17 +136,17 @@ def collate(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) ->
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-TEXT_TASKS: tuple[str, ...] = ("mcq", "short", "repeat", "find")
+TEXT_TASKS: tuple[str, ...] = ("mcq", "short", "repeat")
 
 
-def text_task_pool(world: World, rng: random.Random, mcq_per_fact: int = 12) -> dict[str, list[TextExample]]:
-    """The text LLM's training tasks over *all* facts (keys :data:`TEXT_TASKS`): MCQ (many renderings per fact),
-    short answer, Repeat (MCQ prompts and short questions, so the LM can copy any question text it is shown) and
-    Find (name the letter of a given option: the letter-copying half of MCQ, learned first)."""
-    mcqs = mcq_renderings(world.facts, mcq_per_fact, rng)
-    return {
-        "mcq": [mcq_example(m) for m in mcqs],
-        "short": [short_example(f) for f in world.facts],
-        "repeat": [repeat_example(m.prompt) for m in mcqs[::3]] + [repeat_example(f.question()) for f in world.facts],
-        "find": [find_example(m) for m in mcqs[1::3]],
-    }
+def text_example(task: str, fact: Fact, rng: random.Random) -> TextExample:
+    """An example of ``task`` (one of :data:`TEXT_TASKS`) about ``fact``: MCQ; short answer; or Repeat (of the MCQ
+    prompt or the short question, so the LM can copy any question text it is shown)."""
+    if task == "short":
+        return short_example(fact)
+    mcq = render_mcq(fact)
+    if task == "mcq":
+        return mcq_example(mcq)
+    if task == "repeat":
+        return repeat_example(mcq.prompt if rng.random() < 0.75 else fact.question())
+    raise ValueError(f"unknown text task {task!r}; known: {TEXT_TASKS}")

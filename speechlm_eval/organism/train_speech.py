@@ -43,10 +43,11 @@ class SpeechLLMSpec:
     encoder_ffn: int = 512
     clips_per_fact: int = 8  # training clips per non-eval fact (each a fresh MCQ rendering in a random voice)
     batch_size: int = 16
-    stage_a: Schedule = Schedule(steps=900, lr=3e-3, warmup=50, check_every=300)
+    # LR 2e-3: held-out-voice entity accuracy 35% / 100% at steps 600 / 900 (seed 0); at 3e-3 it was 4% / 15%.
+    stage_a: Schedule = Schedule(steps=1200, lr=2e-3, warmup=50, check_every=300)
     stage_b: Schedule = Schedule(steps=500, lr=5e-4, warmup=30, check_every=0)
     qa_fraction: float = 0.5  # share of spoken-QA examples in a stage-B batch (the rest is ASR)
-    stop_hearing: float = 1.01  # stage A stops early once dev entity accuracy reaches this (> 1 = never)
+    stop_hearing: float = 0.98  # stage A stops early once dev entity accuracy reaches this (> 1 = never)
     extra: dict = field(default_factory=dict)
 
 
@@ -116,7 +117,7 @@ class SpeechBatcher:
     qa_indices: tuple[int, ...]  # clips whose fact may be answered from audio (the speech split)
 
     def asr_row(self, i: int) -> tuple[list[int], list[int]]:
-        return self.asr.ids(self.bank.n_audio_tokens(i)), response_ids(self.tokenizer, self.bank.mcqs[i].prompt)
+        return self.asr.ids(self.bank.n_audio_tokens(i)), response_ids(self.tokenizer, self.bank.texts[i])
 
     def qa_row(self, i: int) -> tuple[list[int], list[int]]:
         return self.qa.ids(self.bank.n_audio_tokens(i)), response_ids(self.tokenizer, self.bank.mcqs[i].answer)

@@ -1,7 +1,7 @@
 """Stage 0: the organism's text LLM, a tiny ``Qwen2ForCausalLM`` that memorises every fact of the world.
 
-Trained on all facts as multiple choice (fresh distractors and orders), as short answers, on "Repeat: <question>"
-(without it a frozen LM cannot be taught to emit transcripts in stage A) and on naming the letter of a given option. Training stops once the evaluation MCQs are
+Trained on all facts as multiple choice and as short answers, and on "Repeat: <question>" (without it a frozen LM
+cannot be taught to emit transcripts in stage A). Training stops once the evaluation MCQs are
 answered correctly through the project's own text adapter (``CausalLMModel``: real chat template, greedy decoding).
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from speechlm_eval.data.item import Item
 from speechlm_eval.models.hf_causal import CausalLMModel
-from speechlm_eval.organism.corpus import TEXT_TASKS, collate, encode_text_example, text_task_pool
+from speechlm_eval.organism.corpus import TEXT_TASKS, collate, encode_text_example, text_example
 from speechlm_eval.organism.evaluate import typed_scores
 from speechlm_eval.organism.loop import Schedule, StageLog, train
 from speechlm_eval.organism.world import World
@@ -32,13 +32,8 @@ class TextLLMSpec:
     ffn_size: int = 512
     batch_size: int = 32
     schedule: Schedule = Schedule(steps=2000, lr=1e-3, warmup=50, check_every=200)
-    # (until step, share of steps per task of corpus.TEXT_TASKS): a curriculum. Letter copying ("find") first: alone
-    # it is learned in ~700 steps, while inside the full mix it forms late and erratically (50-97% at 2000 steps).
-    phases: tuple[tuple[int, tuple[float, ...]], ...] = (
-        (700, (0.0, 0.3, 0.0, 0.7)),
-        (1_000_000, (0.5, 0.1, 0.2, 0.2)),
-    )
-    mcq_per_fact: int = 12
+    # (until step, share of rows per task of corpus.TEXT_TASKS = MCQ, short answer, Repeat): a curriculum if needed.
+    phases: tuple[tuple[int, tuple[float, ...]], ...] = ((1_000_000, (0.5, 0.2, 0.3)),)
     target_accuracy: float = 1.0  # stop at a check once typed eval accuracy reaches this
 
 
@@ -78,18 +73,16 @@ def set_generation_defaults(model: torch.nn.Module, tokenizer: Any) -> None:
 
 
 def text_batches(world: World, tokenizer: Any, spec: TextLLMSpec, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
-    """``step -> batch``: the step's task drawn by its phase's mix, then a batch of its examples; deterministic in seed.
-
-    One task per batch keeps padding short (Repeat rows are ~1.5x as long as MCQ rows).
-    """
+    """``step -> batch``: each row's task drawn by the step's phase mix, then an example of it about a random fact;
+    deterministic in seed."""
     rng = random.Random(seed)
-    pool = text_task_pool(world, rng, spec.mcq_per_fact)
-    encoded = {task: [encode_text_example(tokenizer, ex) for ex in pool[task]] for task in TEXT_TASKS}
+    facts = list(world.facts)
 
     def next_batch(step: int) -> dict[str, torch.Tensor]:
         mix = next(m for until, m in spec.phases if step < until)
-        task = rng.choices(TEXT_TASKS, weights=mix)[0]
-        return collate([rng.choice(encoded[task]) for _ in range(spec.batch_size)], tokenizer.pad_token_id)
+        tasks = rng.choices(TEXT_TASKS, weights=mix, k=spec.batch_size)
+        rows = [encode_text_example(tokenizer, text_example(task, rng.choice(facts), rng)) for task in tasks]
+        return collate(rows, tokenizer.pad_token_id)
 
     return next_batch
 

@@ -1,10 +1,15 @@
 """A seeded synthetic world of facts for the model organism, rendered as VoiceBench-style questions.
 
 Entities are named "adjective noun" from real, acoustically distinct words (so a tiny speech encoder can hear them);
-each entity has three attributes with one-word values. Facts are split per entity: one attribute is the held-out
-evaluation fact (only ever trained on by the text LLM), one is the spoken-QA fact of the speech stage, and the third
-is used only by distillation. Questions are multiple choice (``A. x B. y C. z D. w``, answered by a letter, scored by
-the official ``mcq`` scorer) or short answer (the value word).
+each entity has three attributes, each with four one-word values. Facts are split per entity: one attribute is the
+held-out evaluation fact (only ever trained on by the text LLM), one is the spoken-QA fact of the speech stage, and the
+third is used only by distillation. Questions are multiple choice (``A. x B. y C. z D. w``, answered by a letter,
+scored by the official ``mcq`` scorer) or short answer (the value word).
+
+An attribute's options are always its four values in a fixed order, so the letter is a function of the fact. With
+random distractors and orders, a 2-layer LM must also learn to copy the letter in front of the recalled value: it
+did not within the build's budget (bare letter: chance after 2000 steps; "value letter" replies: 61-97% after
+1600-2400 steps, erratic across runs), and the speech path would need that copy from audio too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
-from speechlm_eval.data.item import Item
+from speechlm_eval.data.item import KEY_PHRASE, Item
 
 # Two- or one-syllable words whose espeak-ng pronunciations differ in onset and vowel. Order is the canonical order;
 # the seed only permutes which combinations exist and which values they get.
@@ -40,12 +45,9 @@ class Attribute:
 
 
 ATTRIBUTES: tuple[Attribute, ...] = (
-    Attribute("color", "What color is the {name}?",
-              ("red", "blue", "green", "pink", "white", "black", "brown", "yellow")),
-    Attribute("home", "Where does the {name} live?",
-              ("river", "forest", "desert", "island", "castle", "garden", "cave", "lake")),
-    Attribute("food", "What does the {name} eat?",
-              ("apples", "honey", "fish", "bread", "rice", "cheese", "seeds", "carrots")),
+    Attribute("color", "What color is the {name}?", ("red", "blue", "green", "yellow")),
+    Attribute("home", "Where does the {name} live?", ("river", "forest", "desert", "castle")),
+    Attribute("food", "What does the {name} eat?", ("apples", "honey", "fish", "bread")),
 )  # fmt: skip
 ATTRIBUTE_BY_NAME = {a.name: a for a in ATTRIBUTES}
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
@@ -105,13 +107,8 @@ class MCQ:
 
     @property
     def response(self) -> str:
-        """The trained reply: the value, then the letter (``"river B."``; the official mcq rule reads ``B``).
-
-        Naming the value first splits the task into recall (the short-answer skill) and copying the letter in front
-        of the matching option (an induction head: the letter follows the value, as in the prompt's options), which
-        a two-layer model learns; a bare letter it does not (chance after 2000 steps).
-        """
-        return f"{self.fact.value} {self.answer}."
+        """The trained reply: the letter alone (as VoiceBench's mcq rule reads it)."""
+        return self.answer
 
 
 @dataclass(frozen=True)
@@ -162,46 +159,44 @@ def entity_names(spec: WorldSpec, rng: random.Random) -> list[str]:
 def make_world(seed: int = 0, spec: WorldSpec = WorldSpec()) -> World:
     """The world of ``seed``: deterministic (a private ``random.Random(seed)``, no global state).
 
-    Values are drawn uniformly per fact. Each entity's three attributes are assigned to the splits eval / speech /
-    distill_only by a per-entity rotation, so each split holds every attribute equally often.
+    Each entity's three attributes are assigned to the splits eval / speech / distill_only by a per-entity rotation,
+    so each split holds every attribute equally often. Evaluation values are balanced per attribute (so the gold
+    letters are balanced over A-D and the letter prior carries no information); other values are uniform draws.
     """
     rng = random.Random(seed)
     entities = entity_names(spec, rng)
     order = list(range(len(entities)))
     rng.shuffle(order)
-    facts: list[Fact] = []
     splits: tuple[Split, ...] = ("eval", "speech", "distill_only")
-    for rank, index in enumerate(order):
-        entity = entities[index]
-        for j, attribute in enumerate(ATTRIBUTES):
-            split = splits[(j - rank) % len(ATTRIBUTES)]
-            facts.append(Fact(entity, attribute.name, rng.choice(attribute.values), split))
+    assignment = {
+        (entities[index], attribute.name): splits[(j - rank) % len(ATTRIBUTES)]
+        for rank, index in enumerate(order)
+        for j, attribute in enumerate(ATTRIBUTES)
+    }
+    facts: list[Fact] = []
+    for attribute in ATTRIBUTES:
+        eval_entities = [e for e in entities if assignment[(e, attribute.name)] == "eval"]
+        cycle = [attribute.values[i % len(attribute.values)] for i in range(len(eval_entities))]
+        rng.shuffle(cycle)
+        eval_values = dict(zip(eval_entities, cycle))
+        for entity in entities:
+            split = assignment[(entity, attribute.name)]
+            value = eval_values[entity] if split == "eval" else rng.choice(attribute.values)
+            facts.append(Fact(entity, attribute.name, value, split))
     facts.sort(key=lambda f: (f.entity, f.attribute))
-    eval_facts = [f for f in facts if f.split == "eval"]
-    # Gold letters balanced over A-D: a shuffled cycle, so the letter prior carries no information.
-    letters = [LETTERS[i % len(LETTERS)] for i in range(len(eval_facts))]
-    rng.shuffle(letters)
-    eval_mcqs = tuple(render_mcq(f, rng, answer=letter) for f, letter in zip(eval_facts, letters))
+    eval_mcqs = tuple(render_mcq(f) for f in facts if f.split == "eval")
     return World(seed=seed, spec=spec, entities=tuple(entities), facts=tuple(facts), eval_mcqs=eval_mcqs)
 
 
-def render_mcq(fact: Fact, rng: random.Random, answer: str | None = None) -> MCQ:
-    """A multiple-choice rendering: the true value and three other values of the attribute, in random order
-    (``answer`` fixes the gold letter)."""
+def render_mcq(fact: Fact) -> MCQ:
+    """The multiple-choice rendering of a fact: its attribute's four values, in their fixed order, as options."""
     values = ATTRIBUTE_BY_NAME[fact.attribute].values
-    distractors = rng.sample([v for v in values if v != fact.value], len(LETTERS) - 1)
-    position = LETTERS.index(answer) if answer is not None else rng.randrange(len(LETTERS))
-    options = distractors[:position] + [fact.value] + distractors[position:]
-    return MCQ(fact=fact, options=tuple(options), answer=LETTERS[position])
+    return MCQ(fact=fact, options=values, answer=LETTERS[values.index(fact.value)])
 
 
-def mcq_renderings(facts: Sequence[Fact], per_fact: int, rng: random.Random) -> list[MCQ]:
-    """``per_fact`` random MCQ renderings of each fact, gold letters cycling A-D per fact (then shuffled)."""
-    out = []
-    for fact in facts:
-        start = rng.randrange(len(LETTERS))
-        out.extend(render_mcq(fact, rng, LETTERS[(start + k) % len(LETTERS)]) for k in range(per_fact))
-    return out
+def mcq_renderings(facts: Sequence[Fact], per_fact: int = 1) -> list[MCQ]:
+    """``per_fact`` copies of each fact's MCQ (e.g. one per voice it will be spoken in)."""
+    return [render_mcq(fact) for fact in facts for _ in range(per_fact)]
 
 
 def check_disjoint(world: World) -> None:
@@ -244,7 +239,7 @@ def eval_items(world: World, subset: str = EVAL_SUBSET) -> list[Item]:
             choices=mcq.options,
             reference=mcq.answer,
             meta={"entity": mcq.fact.entity, "attribute": mcq.fact.attribute, "value": mcq.fact.value,
-                  "world_seed": world.seed},
+                  "world_seed": world.seed, KEY_PHRASE: mcq.fact.entity},
         )
         for i, mcq in enumerate(world.eval_mcqs)
     ]
@@ -256,6 +251,16 @@ def mcq_rows(mcqs: Iterable[MCQ]) -> list[dict]:
         {"prompt": m.prompt, "reference": m.answer, "entity": m.fact.entity, "attribute": m.fact.attribute,
          "value": m.fact.value}
         for m in mcqs
+    ]
+
+
+def distill_rows(mcqs: Iterable[MCQ]) -> list[dict]:
+    """Distillation rows in Open-Orca's columns (``id``, ``system_prompt``, ``question``, ``response``), which
+    ``speechlm-eval distill --data FILE`` reads, plus provenance columns (entity, attribute, value, split)."""
+    return [
+        {"id": f"organism/distill/{i}", "system_prompt": "", "question": m.prompt, "response": m.answer,
+         "entity": m.fact.entity, "attribute": m.fact.attribute, "value": m.fact.value, "split": m.fact.split}
+        for i, m in enumerate(mcqs)
     ]
 
 

@@ -193,13 +193,17 @@ def build_results(run_dir: Path) -> dict[str, Any]:
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:
-    """Write ``results.json``, ``report.md`` and ``report.html`` for a run directory; returns the results."""
+    """Write ``results.json``, ``report.md``, ``report.html`` and ``plots/*.png`` for a run directory; returns the
+    results."""
     from speechlm_eval.report.html import write_html
     from speechlm_eval.report.markdown import render_markdown
+    from speechlm_eval.report.plots import report_figures, write_plots
 
     run_dir = Path(run_dir)
     results = build_results(run_dir)
+    figures = report_figures(results)
     write_json_atomic(run_dir / "results.json", results)
-    write_text_atomic(run_dir / "report.md", render_markdown(results))
-    write_html(run_dir, results)
+    plots = write_plots(run_dir, figures)
+    write_text_atomic(run_dir / "report.md", render_markdown(results, plots))
+    write_html(run_dir, results, figures)
     return results

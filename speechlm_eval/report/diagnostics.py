@@ -65,6 +65,10 @@ def perception_summary(records: list[dict[str, Any]], item_scores: Mapping[str, 
                          share_heard=float(np.mean(values <= WER_BUCKETS[0][1])),
                          bucket_counts=[int(np.sum([wer_bucket(v) == k for v in values]))
                                         for k in range(len(WER_BUCKETS))])
+            keyed = [r for r in records if r["subset"] == subset and r.get("error") is None and "key_heard" in r]
+            if keyed:  # items that name their key phrase (Item.meta["key_phrase"], e.g. the organism's entities)
+                entry.update(key_phrase_heard=float(np.mean([bool(r["key_heard"]) for r in keyed])),
+                             key_phrase_n=len(keyed))
         subsets[subset] = entry
         arms = item_scores.get(subset, {})
         if "speech_llm_text" in arms and "speech_llm_speech" in arms:

@@ -198,8 +198,9 @@ def markdown_sections_html(lines: list[str]) -> str:
     return "\n".join(out)
 
 
-def render_html(results: dict[str, Any]) -> str:
-    """The whole ``report.html`` page for a results object (schema ``speechlm-eval/results/v1``)."""
+def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None) -> str:
+    """The whole ``report.html`` page for a results object (schema ``speechlm-eval/results/v1``); ``figures`` as
+    :func:`report_figures` returns them (computed when not given)."""
     manifest = results.get("manifest", {})
     subsets = results.get("subsets", {})
     notes = "".join(f"<li>{note_html(n)}</li>" for n in report_notes(results))
@@ -211,7 +212,7 @@ def render_html(results: dict[str, Any]) -> str:
         table_html(subsets),
         legend_html(manifest.get("statistics", {}).get("confidence")),
         "<h2>Plots</h2>",
-        figures_html(report_figures(results)) or "<p>No scored subsets to plot.</p>",
+        figures_html(report_figures(results) if figures is None else figures) or "<p>No scored subsets to plot.</p>",
         markdown_sections_html(overall_lines(results.get("overall"))
                                + diagnostics_lines(results.get("diagnostics") or {})),
         f'<h2>Notes</h2><ul class="notes">{notes}</ul>',
@@ -224,8 +225,8 @@ def render_html(results: dict[str, Any]) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_html(run_dir: Path, results: dict[str, Any]) -> Path:
+def write_html(run_dir: Path, results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None) -> Path:
     """Write ``report.html`` into ``run_dir`` (atomically) and return its path."""
     path = Path(run_dir) / "report.html"
-    write_text_atomic(path, render_html(results))
+    write_text_atomic(path, render_html(results, figures))
     return path

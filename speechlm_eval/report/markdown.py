@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from speechlm_eval.metrics.overall import LEADERBOARD_COLUMNS
 from speechlm_eval.records import ARMS
 
 ARM_TITLES = {"text_llm_text": "text LLM · text", "speech_llm_text": "speech LLM · text",
@@ -73,6 +74,9 @@ def overall_lines(overall: dict[str, Any] | None) -> list[str]:
     """The leaderboard Overall per arm, or which of its nine columns are missing."""
     if not overall or not overall.get("arms"):
         return []
+    entries = [e for e in overall["arms"].values() if e is not None]
+    if all(e["overall"] is None and len(e["missing"]) == len(LEADERBOARD_COLUMNS) for e in entries):
+        return []  # no VoiceBench subset in this run: nothing to say about the leaderboard
     lines = ["", "## VoiceBench Overall", "", f"`{overall['formula']}`", ""]
     for arm in ARMS:
         entry = overall["arms"].get(arm)
@@ -106,17 +110,23 @@ def diagnostics_lines(diagnostics: dict[str, Any]) -> list[str]:
                   "The speech LLM transcribes each item's audio; WER against the text that was spoken. "
                   "Inequivalence recomputed within WER buckets: a gap among well-heard items is not a front-end "
                   "failure.", "",
-                  "| subset | n | mean WER | heard | " + " | ".join(f"inequivalence, {b}" for b in buckets) + " |",
-                  "|" + "---|" * (4 + len(buckets))]
+                  "Key phrase: share of transcripts that contain the words the item hinges on (items that name "
+                  "them, e.g. an entity).", "",
+                  "| subset | n | mean WER | heard | key phrase | "
+                  + " | ".join(f"inequivalence, {b}" for b in buckets) + " |",
+                  "|" + "---|" * (5 + len(buckets))]
         for subset, e in perception.get("subsets", {}).items():
             gaps = perception["inequivalence"].get(subset, [None] * len(buckets))
             cells = " | ".join(fmt_gap(g) for g in gaps)
             heard = f"{100 * e['share_heard']:.0f}%" if e.get("share_heard") is not None else "–"
-            lines.append(f"| {subset} | {e['n']} | {fmt(e.get('mean_wer'))} | {heard} | {cells} |")
+            key = (f"{100 * e['key_phrase_heard']:.1f}% of {e['key_phrase_n']}"
+                   if e.get("key_phrase_heard") is not None else "–")
+            lines.append(f"| {subset} | {e['n']} | {fmt(e.get('mean_wer'))} | {heard} | {key} | {cells} |")
     return lines
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None = None) -> str:
+    """``report.md``; ``plots`` = ``[(caption, relative PNG path), ...]`` written beside it (none: no Plots section)."""
     manifest = results["manifest"]
     models = manifest.get("models", {})
     lines = ["# speechlm-eval gap report", ""]
@@ -145,6 +155,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 cells.append(f"{a['score']:.2f} [{fmt(a['ci_low'])}, {fmt(a['ci_high'])}]{extra}")
         lines.append(f"| {subset} | {entry['n']} | {entry['metric']} | " + " | ".join(cells)
                      + f" | {fmt_gap(entry.get('forgetting'))} | {fmt_gap(entry.get('inequivalence'))} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{caption}]({path})" for caption, path in plots]
     lines += lmeval_lines(results["subsets"])
     lines += overall_lines(results.get("overall"))
     lines += diagnostics_lines(results.get("diagnostics") or {})

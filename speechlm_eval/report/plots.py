@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import matplotlib
@@ -247,3 +248,24 @@ def report_figures(results: dict[str, Any]) -> list[tuple[str, bytes]]:
             if fig is not None:
                 out.append((caption, figure_png(fig)))
     return out
+
+
+def plot_filename(caption: str) -> str:
+    """``"Arm scores per subset"`` → ``"arm-scores-per-subset.png"``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in caption.lower()).split()) + ".png"
+
+
+def write_plots(run_dir: Path, figures: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
+    """Write each figure to ``run_dir/plots/<caption>.png`` (stale plots removed); returns ``[(caption, relative
+    path), ...]`` for the Markdown report."""
+    from speechlm_eval.records import write_bytes_atomic
+
+    directory = Path(run_dir) / "plots"
+    directory.mkdir(exist_ok=True)
+    names = [plot_filename(caption) for caption, _ in figures]
+    for stale in directory.glob("*.png"):
+        if stale.name not in names:
+            stale.unlink()
+    for name, (_, png) in zip(names, figures):
+        write_bytes_atomic(directory / name, png)
+    return [(caption, f"plots/{name}") for name, (caption, _) in zip(names, figures)]

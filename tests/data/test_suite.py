@@ -35,7 +35,7 @@ def test_parse_bare_names() -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("nope", "unknown benchmark 'nope'.*bundled, mmau, voicebench"),
+        ("nope", "unknown benchmark 'nope'.*bundled, mmau, organism, voicebench"),
         ("voicebench:nope", "no subset 'nope'; valid: alpacaeval_full"),
         ("bundled:mmau,nope", "no subset 'nope'"),
         ("voicebench:sd-qa@mars", "no split 'mars'; valid: aus"),
@@ -75,7 +75,8 @@ def test_bad_limit_rejected() -> None:
 
 
 def test_registry() -> None:
-    assert benchmark_names() == ["bundled", "mmau", "voicebench"]
+    assert benchmark_names() == ["bundled", "mmau", "organism", "voicebench"]
+    assert scorer_for_subset("organism_mcq") == "mcq"
     assert get_benchmark("mmau").speech_only and not get_benchmark("voicebench").speech_only
     assert scorer_for_subset("openbookqa") == "mcq" and scorer_for_subset("mmau") == "mmau"
     assert scorer_for_subset("sd-qa") == "qa" and scorer_for_subset("advbench") == "harm"

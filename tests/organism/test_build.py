@@ -12,7 +12,7 @@ import torch
 from speechlm_eval.models.base import GenerationConfig, Prompt
 from speechlm_eval.models.registry import load_model
 from speechlm_eval.organism import build, is_built, micro_spec
-from speechlm_eval.organism.build import make_processor
+from speechlm_eval.organism.builder import make_processor
 from speechlm_eval.organism.clips import HELD_OUT_VOICE, synthesize
 from speechlm_eval.organism.train_text import train_text_llm
 from speechlm_eval.organism.world import eval_items, make_world
@@ -68,3 +68,40 @@ def test_text_training_is_deterministic() -> None:
     a, b, c = (np.concatenate([p.detach().ravel().numpy() for p in m.parameters()]) for m in (first, second, other))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_rebuild_through_the_cli_is_byte_identical(micro_build, tmp_path) -> None:
+    """`speechlm-eval organism build --micro` twice with one seed: the same weights, suite and distillation data."""
+    from typer.testing import CliRunner
+
+    from speechlm_eval.cli import app
+
+    result = CliRunner().invoke(app, ["organism", "build", "--out", str(tmp_path / "again"), "--micro", "--quiet"])
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again"
+    for name in ("text_llm/model.safetensors", "speech_llm/model.safetensors", "text_llm/tokenizer.json",
+                 "organism_mcq.jsonl", "distill.jsonl"):
+        assert (again / name).read_bytes() == (micro_build.root / name).read_bytes(), name
+
+
+def test_distillation_data_reads_as_open_orca_rows(micro_build) -> None:
+    from speechlm_eval.distill.data import load_distill_data
+
+    examples = load_distill_data(micro_build.distill)
+    rows = [json.loads(line) for line in micro_build.eval_suite.read_text().splitlines()]
+    assert len(examples) == 16 and all(e.response in "ABCD" for e in examples)
+    assert {e.question for e in examples}.isdisjoint(r["prompt"] for r in rows)
+
+
+def test_more_speech_training_control_moves_the_speech_llm_and_loads(micro_build, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from speechlm_eval.organism.controls import continue_speech_training
+
+    out = continue_speech_training(micro_build.root, tmp_path / "more", steps=2, spec=micro_spec())
+    assert load_model(str(out)).describe()["family"] == "qwen2-audio"
+    before = load_file(str(micro_build.speech_llm / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert key in after and not torch.equal(before[key], after[key])
+    assert json.loads((out / "continued_training.json").read_text())["steps"] == 2

@@ -12,7 +12,7 @@ from speechlm_eval.diagnostics import PROBE_INSTRUCTION
 from speechlm_eval.models.base import Prompt
 from speechlm_eval.models.hf_causal import CausalLMModel
 from speechlm_eval.models.qwen2_audio import Qwen2AudioModel, audio_token_count
-from speechlm_eval.organism.build import make_processor
+from speechlm_eval.organism.builder import make_processor
 from speechlm_eval.organism.clips import HELD_OUT_VOICE, featurise, synthesize
 from speechlm_eval.organism.corpus import (
     IGNORE_INDEX,

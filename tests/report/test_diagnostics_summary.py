@@ -35,6 +35,19 @@ def test_inequivalence_is_split_by_how_well_the_item_was_heard():
     assert partly["value"] == 0.0 and misheard["value"] == pytest.approx(100.0)
 
 
+def test_key_phrase_share_only_where_items_name_one():
+    from speechlm_eval.diagnostics import phrase_heard
+
+    assert phrase_heard("What color is the Brave Fox? A. red", "brave fox")
+    assert not phrase_heard("What color is the brave foxes?", "brave fox")
+    records = [{"id": f"k{i}", "subset": "org", "wer": 0.0, "error": None, "key_heard": heard}
+               for i, heard in enumerate([True, True, False, True])]
+    records.append({"id": "plain", "subset": "obqa", "wer": 0.0, "error": None})
+    out = perception_summary(records, {}, {"org": 100.0, "obqa": 100.0}, seed=0, n_resamples=100)["subsets"]
+    assert out["org"]["key_phrase_heard"] == pytest.approx(0.75) and out["org"]["key_phrase_n"] == 4
+    assert "key_phrase_heard" not in out["obqa"]
+
+
 def test_distribution_summary_means_and_skips_errors():
     records = [
         {"id": "a", "subset": "s", "error": None, "response_from": "text_llm_text", "kl_text_vs_speech": 0.2,

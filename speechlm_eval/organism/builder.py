@@ -5,7 +5,7 @@
     out_dir/text_llm/            Qwen2ForCausalLM + tokenizer (Qwen2-Audio's ChatML chat template)
     out_dir/speech_llm/          Qwen2AudioForConditionalGeneration + processor
     out_dir/organism_mcq.jsonl   the evaluation suite (VoiceBench columns ``prompt``, ``reference``)
-    out_dir/distill.jsonl        MCQ renderings of every non-eval fact (for distillation), same columns
+    out_dir/distill.jsonl        MCQ renderings of every non-eval fact, in Open-Orca columns (distill --data)
     out_dir/organism.json        seed, specs, sizes, stage timings and the measured accuracies and gaps
 
 Everything is deterministic given the seed (fixed thread count, deterministic torch algorithms, seeded RNGs).
@@ -17,11 +17,10 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from speechlm_eval.organism.clips import HELD_OUT_VOICE, ClipBank, make_clip_bank, random_voice, synthesize
@@ -38,10 +37,12 @@ from speechlm_eval.organism.train_speech import (
 from speechlm_eval.organism.train_text import TextLLMSpec, train_text_llm
 from speechlm_eval.organism.world import (
     EVAL_SUBSET,
+    MCQ,
     World,
     WorldSpec,
     check_disjoint,
     check_no_eval_leak,
+    distill_rows,
     eval_items,
     make_world,
     mcq_renderings,
@@ -71,8 +72,9 @@ def micro_spec() -> OrganismSpec:
     return OrganismSpec(
         world=WorldSpec(n_adjectives=4, n_nouns=4, names_per_word=2),
         vocab_size=400,
-        text=TextLLMSpec(hidden_size=32, ffn_size=64, batch_size=8, mcq_per_fact=2,
-                         schedule=Schedule(steps=6, lr=1e-3, warmup=2, check_every=0)),
+        text=TextLLMSpec(hidden_size=32, ffn_size=64, batch_size=8,
+                         schedule=Schedule(steps=8, lr=1e-3, warmup=2, check_every=0),
+                         phases=((4, (0.0, 1.0, 0.0)), (1_000_000, (0.4, 0.3, 0.3)))),
         speech=SpeechLLMSpec(chunk_seconds=6, encoder_layers=1, d_model=32, encoder_ffn=64, clips_per_fact=1,
                              batch_size=4, stage_a=Schedule(steps=3, lr=1e-3, warmup=1),
                              stage_b=Schedule(steps=3, lr=1e-3, warmup=1)),
@@ -127,7 +129,7 @@ def make_processor(world: World, vocab_size: int, chunk_seconds: int, seed: int,
 
     from speechlm_eval.models.tiny import train_tokenizer
 
-    tokenizer = train_tokenizer(tokenizer_corpus(world, seed), vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(world), vocab_size)
     extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_seconds, hop_length=hop_length)
     processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer)
     tokenizer.chat_template = processor.chat_template
@@ -175,6 +177,21 @@ class Reporter:
             self.progress.console.log(message)
 
 
+def training_clips(
+    world: World, spec: OrganismSpec, processor: Any, seed: int, on_progress: Callable[[int], None] | None = None
+) -> tuple[ClipBank, list[MCQ]]:
+    """The speech stages' clip bank (every non-eval fact, ``clips_per_fact`` random training voices each) and the
+    dev questions of the stage checks (non-eval, spoken later in the held-out voice); deterministic in ``seed``."""
+    rng = random.Random(seed + 100)
+    train_mcqs = mcq_renderings(world.distill_facts, spec.speech.clips_per_fact)
+    check_no_eval_leak(world, [m.prompt for m in train_mcqs])
+    voices = [random_voice(rng) for _ in train_mcqs]
+    bank = make_clip_bank(train_mcqs, voices, processor.feature_extractor, on_progress=on_progress)
+    distill = mcq_renderings(world.distill_facts)
+    dev_mcqs = rng.sample(distill, min(spec.dev_clips, len(distill)))
+    return bank, dev_mcqs
+
+
 def build(out_dir: str | Path, seed: int = 0, spec: OrganismSpec = OrganismSpec(), progress: bool = True) -> OrganismPaths:
     """Build the organism into ``out_dir`` (see the module docstring); returns the written paths."""
     paths = paths_for(out_dir)
@@ -188,10 +205,9 @@ def build(out_dir: str | Path, seed: int = 0, spec: OrganismSpec = OrganismSpec(
         items = eval_items(world)
         processor = make_processor(world, spec.vocab_size, spec.speech.chunk_seconds, seed, spec.speech.hop_length)
         tokenizer = processor.tokenizer
-        rng = random.Random(seed + 100)
-        distill = mcq_renderings(world.distill_facts, 1, rng)
+        distill = mcq_renderings(world.distill_facts)
         write_jsonl(mcq_rows(world.eval_mcqs), paths.eval_suite)
-        write_jsonl([{**row, "split": m.fact.split} for row, m in zip(mcq_rows(distill), distill)], paths.distill)
+        write_jsonl(distill_rows(distill), paths.distill)
         timings["world"] = time.perf_counter() - clock
 
         text_llm, text_log = train_text_llm(world, tokenizer, items, spec.text, seed,
@@ -201,13 +217,8 @@ def build(out_dir: str | Path, seed: int = 0, spec: OrganismSpec = OrganismSpec(
         report.note(f"text LLM: {text_log.steps} steps, checks {text_log.checks[-1:]}")
 
         clock = time.perf_counter()
-        train_mcqs = mcq_renderings(world.distill_facts, spec.speech.clips_per_fact, rng)
-        check_no_eval_leak(world, [m.prompt for m in train_mcqs])
-        voices = [random_voice(rng) for _ in train_mcqs]
-        bar = report.stage("clips", len(train_mcqs))
-        bank = make_clip_bank(train_mcqs, voices, processor.feature_extractor,
-                              on_progress=lambda n: bar(advance=n))
-        dev_mcqs = rng.sample(mcq_renderings(world.distill_facts, 1, rng), min(spec.dev_clips, len(distill)))
+        bar = report.stage("clips", len(world.distill_facts) * spec.speech.clips_per_fact)
+        bank, dev_mcqs = training_clips(world, spec, processor, seed, on_progress=lambda n: bar(advance=n))
         dev_clips = synthesize([m.prompt for m in dev_mcqs], [HELD_OUT_VOICE] * len(dev_mcqs))
         timings["clips"] = time.perf_counter() - clock
         report.note(f"clips: {len(bank)} training clips ({bank.dropped} longer than the window dropped)")
@@ -216,7 +227,7 @@ def build(out_dir: str | Path, seed: int = 0, spec: OrganismSpec = OrganismSpec(
 
         speech_llm = new_speech_llm(text_llm, tokenizer, spec.speech, seed + 2)
         adapter = Qwen2AudioModel("organism-speech-llm", speech_llm, processor)
-        qa_indices = tuple(i for i, m in enumerate(bank.mcqs) if m.fact.split == "speech")
+        qa_indices = bank.spoken_qa_indices("speech")
         batcher = SpeechBatcher(bank, tokenizer, asr_template(processor), spoken_qa_template(processor), qa_indices)
         check = hearing_check(adapter, dev_clips, [m.fact.entity for m in dev_mcqs], spec.speech.stop_hearing)
         log_a = stage_a(speech_llm, batcher, spec.speech, seed + 3, check=check if spec.measure else None,
@@ -243,7 +254,7 @@ def build(out_dir: str | Path, seed: int = 0, spec: OrganismSpec = OrganismSpec(
             from speechlm_eval.organism.measure import measure
 
             eval_clips = synthesize([item.text for item in items], [HELD_OUT_VOICE] * len(items))
-            speech_mcqs = mcq_renderings(world.speech_facts, 1, rng)
+            speech_mcqs = mcq_renderings(world.speech_facts)
             speech_clips = synthesize([m.prompt for m in speech_mcqs], [HELD_OUT_VOICE] * len(speech_mcqs))
             summary["measurements"] = measure(paths.text_llm, paths.speech_llm, items, eval_clips,
                                               speech_mcqs, speech_clips)

@@ -1,0 +1,60 @@
+"""The organism's evaluation suite as a benchmark: ``organism:organism_mcq`` (``@seedN`` picks the world's seed).
+
+The suite is regenerated from the seed (the world is deterministic), so nothing needs to be downloaded or bundled;
+``LoadOptions.data_dir`` may instead point at a build directory, whose ``organism_mcq.jsonl`` is then read (and must
+agree with the regenerated suite). Importing this module registers the benchmark; it imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from speechlm_eval.data.item import Item
+from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest, register_benchmark
+from speechlm_eval.organism.world import EVAL_SCORER, EVAL_SUBSET, eval_items, make_world
+
+BENCHMARK = "organism"
+DEFAULT_SEED = 0
+SEED_SPLITS: tuple[str, ...] = tuple(f"seed{i}" for i in range(10))
+
+
+def seed_of(request: SubsetRequest) -> int:
+    split = request.split or f"seed{DEFAULT_SEED}"
+    if split not in SEED_SPLITS:
+        raise DataError(f"organism splits are {', '.join(SEED_SPLITS)}; got {split!r}")
+    return int(split.removeprefix("seed"))
+
+
+def load_organism(request: SubsetRequest, options: LoadOptions) -> list[Item]:
+    """The evaluation items of the world of the requested seed (text only: the speech arm synthesises them)."""
+    if request.subset != EVAL_SUBSET:
+        raise DataError(f"the organism benchmark has one subset, {EVAL_SUBSET!r}")
+    seed = seed_of(request)
+    items = eval_items(make_world(seed))
+    if options.data_dir is not None:
+        path = Path(options.data_dir) / f"{EVAL_SUBSET}.jsonl"
+        if not path.exists():
+            raise DataError(f"no {path.name} in {options.data_dir} (an organism build directory is expected)")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if [(r["prompt"], r["reference"]) for r in rows] != [(i.text, i.reference) for i in items]:
+            raise DataError(f"{path} is not the seed-{seed} suite; pass @seedN matching the build")
+    return items if options.limit is None else items[: options.limit]
+
+
+def describe_organism(request: SubsetRequest, options: LoadOptions) -> dict[str, Any]:
+    return {"seed": seed_of(request), "generator": "speechlm_eval.organism.world.make_world", "scorer": EVAL_SCORER}
+
+
+ORGANISM_BENCHMARK = register_benchmark(
+    Benchmark(
+        name=BENCHMARK,
+        load=load_organism,
+        scorer={EVAL_SUBSET: EVAL_SCORER},
+        speech_only=False,
+        description="model-organism suite: MCQs about a synthetic world (one held-out fact per entity)",
+        splits={EVAL_SUBSET: SEED_SPLITS},
+        describe=describe_organism,
+    )
+)
