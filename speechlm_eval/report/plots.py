@@ -33,6 +33,7 @@ METRIC_RANGES = {"acc": (0.0, 100.0), "total_accuracy": (0.0, 100.0), "refusal_r
 DPI = 110
 PANEL_HEIGHT_IN = 3.4
 MAX_WIDTH_IN = 11.5
+MIN_WIDTH_IN = 7.5  # room for the title and a one-row legend when there is only one subset
 _RC = {"font.size": 9, "axes.titlesize": 10, "axes.spines.top": False, "axes.spines.right": False,
        "savefig.dpi": DPI, "path.simplify": False}
 # A white halo keeps a bar's value label readable where its error bar runs through it.
@@ -75,7 +76,7 @@ def _yerr(value: float, low: Any, high: Any) -> tuple[float, float]:
 def _panels(groups: dict[str, list[str]], min_slots: float = 1.6) -> tuple[Figure, list[Axes]]:
     """One panel per metric in a row, each as wide as its number of subsets (with a floor so a lone subset fits)."""
     ratios = [max(len(names), min_slots) for names in groups.values()]
-    width = min(MAX_WIDTH_IN, 1.6 + 1.25 * sum(ratios))
+    width = min(MAX_WIDTH_IN, max(MIN_WIDTH_IN, 1.6 + 1.25 * sum(ratios)))
     fig = Figure(figsize=(width, PANEL_HEIGHT_IN), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(ratios), width_ratios=ratios, squeeze=False)[0]
