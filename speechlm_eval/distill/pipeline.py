@@ -101,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     add_pipeline_options(parser)
     field_defaults = {key: parser.get_default(key) for key in (*ORGANISM_DISTILL_DEFAULTS, "data")}
     parser.set_defaults(**{key: None for key in field_defaults})  # None = not given on the command line
+    for action in parser._actions:
+        if action.dest in field_defaults:  # "%(default).0s" renders empty and stops argparse appending "None"
+            organism = ORGANISM_DISTILL_DEFAULTS.get(action.dest, "its distill.jsonl")
+            action.help = (f"{action.help} (default: {field_defaults[action.dest]}; embedded organism: {organism})"
+                           "%(default).0s")
     args = parser.parse_args(argv)
     notes: list[str] = []
     if args.student is None:
