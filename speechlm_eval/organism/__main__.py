@@ -20,16 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     build_cmd.add_argument("--quiet", action="store_true", help="no progress bars")
     experiments_cmd = commands.add_parser(
         "experiments", help="KD, its channel ablations and two controls on one or more builds (one per seed)")
-    experiments_cmd.add_argument("--build", action="append", required=True, help="an organism build directory")
+    experiments_cmd.add_argument("--build", action="append", default=[], help="an organism build directory")
+    experiments_cmd.add_argument("--combine", action="append", default=[],
+                                 help="instead of running: merge the experiments.json of earlier --out directories")
     experiments_cmd.add_argument("--out", required=True, help="output directory (runs, experiments.{json,md})")
     experiments_cmd.add_argument("--arm", action="append", default=None, help="only these arms (default: all)")
     args = parser.parse_args(argv)
     if args.command == "experiments":
         from pathlib import Path
 
-        from speechlm_eval.organism.experiments import ARMS, run_experiments
+        from speechlm_eval.organism.experiments import ARMS, combine, run_experiments
 
-        run_experiments([Path(b) for b in args.build], Path(args.out), args.arm or tuple(ARMS))
+        if args.combine:
+            combine([Path(c) for c in args.combine], Path(args.out))
+        else:
+            run_experiments([Path(b) for b in args.build], Path(args.out), args.arm or tuple(ARMS))
         print(Path(args.out) / "experiments.md")
         return 0
     spec = micro_spec() if args.micro else OrganismSpec()

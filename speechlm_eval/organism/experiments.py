@@ -82,11 +82,11 @@ def run_experiments(builds: Sequence[Path], out: Path, arms: Sequence[str] = tup
         suite = f"organism:organism_mcq@seed{seed}"
         base = out / f"seed{seed}"
         before = _gap(base / "before", paths.speech_llm, paths.text_llm, suite, diagnostics=True)
-        rows.append(arm_row(seed, "before", before, None))
+        rows.append(arm_row(seed, "before", before, None, out))
         for name in arms:
             checkpoint = run_arm(name, Path(build), base / name, seed, suite)
             after = _gap(base / name / "gap", checkpoint, paths.text_llm, suite, diagnostics=True)
-            rows.append(arm_row(seed, name, after, before_after(before, after)))
+            rows.append(arm_row(seed, name, after, before_after(before, after), out))
     summary = {"schema": "speechlm-eval/organism-experiments/v1", "arms": {k: v for k, v in ARMS.items()},
                "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -95,11 +95,25 @@ def run_experiments(builds: Sequence[Path], out: Path, arms: Sequence[str] = tup
     return summary
 
 
-def arm_row(seed: int, arm: str, run: Path, change: dict[str, Any] | None) -> dict[str, Any]:
+def combine(summaries: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Merge the ``experiments.json`` of runs made separately (e.g. one process per seed) into ``out``."""
+    rows: list[dict[str, Any]] = []
+    for path in summaries:
+        part = json.loads((Path(path) / "experiments.json").read_text())
+        rows += [{**r, "run": f"{Path(path).name}/{r['run']}"} for r in part["rows"]]
+    summary = {"schema": "speechlm-eval/organism-experiments/v1", "arms": {k: v for k, v in ARMS.items()},
+               "rows": sorted(rows, key=lambda r: r["seed"])}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiments.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    (out / "experiments.md").write_text(render_experiments(summary))
+    return summary
+
+
+def arm_row(seed: int, arm: str, run: Path, change: dict[str, Any] | None, out: Path) -> dict[str, Any]:
     """One table row: accuracies, gaps with CIs and (for repaired arms) each gap's paired change vs before."""
     results = json.loads((run / "results.json").read_text())
     subset = results["subsets"]["organism_mcq"]
-    row: dict[str, Any] = {"seed": seed, "arm": arm, "run": str(run),
+    row: dict[str, Any] = {"seed": seed, "arm": arm, "run": run.relative_to(out).as_posix(),
                            "accuracy": {a: subset["arms"][a]["score"] / 100.0 for a in subset["arms"]}}
     for gap in GAPS:
         row[gap] = {k: subset[gap][k] for k in ("value", "ci_low", "ci_high", "p_value")}
@@ -135,6 +149,33 @@ def render_experiments(summary: dict[str, Any]) -> str:
         heard = r.get("key_phrase_heard")
         cells.append(f"{100 * heard:.1f}%" if heard is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Arms: " + "; ".join(f"`{k}` = {v if v is not None else 'stage B continued, no teacher'}"
-                                       for k, v in summary["arms"].items()), ""]
+    lines += seed_mean_lines(summary["rows"])
+    lines += ["", "Arms (overrides of the organism's `distill` defaults): " + "; ".join(
+        f"`{k}` = " + (", ".join(f"{o}={v[o]}" for o in sorted(v)) if v is not None else "stage B continued, no teacher")
+        for k, v in sorted(summary["arms"].items())), ""]
     return "\n".join(lines)
+
+
+def seed_mean_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per arm, the mean over seeds of each gap's change, with the per-seed values and how many were significant."""
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) < 2:
+        return []
+    lines = ["", f"Mean over the {len(seeds)} seeds (points; per-seed changes in brackets, * = paired p < 0.05):", "",
+             "| arm | Δ forgetting | Δ inequivalence | speech LLM typed | speech LLM spoken |", "|---|---|---|---|---|"]
+    arms = [a for a in dict.fromkeys(r["arm"] for r in rows) if a != "before"]
+    for arm in ["before", *arms]:
+        mine = [r for r in rows if r["arm"] == arm]
+        cells = [arm]
+        for gap in GAPS:
+            changes = [r.get(f"{gap}_change") for r in mine]
+            if any(c is None for c in changes):
+                cells.append("–")
+                continue
+            values = ", ".join(f"{c['change']:+.1f}{'*' if c['p_value'] < 0.05 else ''}" for c in changes)
+            cells.append(f"{sum(c['change'] for c in changes) / len(changes):+.1f} ({values})")
+        for key in ("speech_llm_text", "speech_llm_speech"):
+            accs = [r["accuracy"][key] for r in mine]
+            cells.append(f"{sum(accs) / len(accs):.3f} ({', '.join(f'{a:.3f}' for a in accs)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
