@@ -16,9 +16,9 @@ EMBEDDED_NAME = "organism-seed0"
 EMBEDDED_SUITE = "organism:organism_mcq@seed0"
 EMBEDDED_MAX_NEW_TOKENS = 8  # a letter and the end-of-turn token; a few spare tokens show what a failure says
 EMBEDDED_NOTE = (
-    "Embedded default: the seed-0 model organism (speechlm_eval.organism), a 0.7 M-parameter Qwen2 text LLM and a "
-    "Qwen2-Audio speech LLM built from it, trained offline on a synthetic world; the suite asks each entity's held-out "
-    "fact, spoken in an espeak-ng voice never used in training. Its numbers describe the organism, not any real model."
+    "Embedded default: the seed-0 model organism (speechlm_eval.organism), a 0.6 M-parameter Qwen2 text LLM and a "
+    "1.3 M-parameter Qwen2-Audio speech LLM built from it, trained offline on a synthetic world; the suite asks each "
+    "entity's held-out fact, spoken in an espeak-ng voice never used in training. Its numbers describe the organism, not any real model."
 )
 
 
