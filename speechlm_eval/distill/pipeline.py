@@ -37,6 +37,13 @@ def distill_and_compare(config: DistillConfig, args: argparse.Namespace, notes: 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     items = suite_items(args.suite, args.eval_limit)  # also the leakage check's evaluation items
+    if config.overwrite:  # the before/after runs of an earlier distillation must not be resumed as if current
+        import shutil
+
+        for name in ("before", "after"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("comparison.json", "report.md", "report.html"):
+            (out / name).unlink(missing_ok=True)
     before = _gap(out / "before", config.student, config.teacher, args, notes)
     checkpoint = out / "checkpoint"
     if (checkpoint / "config.json").exists() and (out / "manifest.json").exists() and not config.overwrite:

@@ -36,3 +36,9 @@ def test_distill_command_repairs_and_reports(tiny_pair, tmp_path):
     again = CliRunner().invoke(app, args, catch_exceptions=False)
     assert again.exit_code == 0, again.output
     assert (out / "before" / "records" / "speech_llm_text.jsonl").read_bytes() == before_records
+    # --overwrite starts over: the earlier after run must not be resumed as if it scored the new checkpoint.
+    stale = out / "after" / "records" / "stale-marker"
+    stale.write_text("from the previous run")
+    overwritten = CliRunner().invoke(app, [*args, "--overwrite"], catch_exceptions=False)
+    assert overwritten.exit_code == 0, overwritten.output
+    assert not stale.exists() and (out / "after" / "results.json").exists()
