@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -72,8 +72,11 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     return tokenizer
 
 
-def text_config_kwargs(spec: TinySpec, tokenizer) -> dict:
-    """The decoder sizes and ChatML token ids every tiny Qwen-style LM here shares (untied head: see feasibility)."""
+def text_config_kwargs(spec: Any, tokenizer, max_position_embeddings: int = 2048) -> dict:
+    """The decoder sizes and ChatML token ids every tiny Qwen-style LM here shares (untied head: see feasibility).
+
+    ``spec`` is any object with ``hidden_size``, ``ffn_size``, ``num_layers``, ``num_heads`` and ``num_kv_heads``
+    (:class:`TinySpec`, the organism's ``TextLLMSpec``)."""
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -81,7 +84,7 @@ def text_config_kwargs(spec: TinySpec, tokenizer) -> dict:
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,

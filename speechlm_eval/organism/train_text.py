@@ -41,19 +41,9 @@ def text_config(tokenizer: Any, spec: TextLLMSpec):
     """The Qwen2 config: untied head (the speech model never ties it), eos = ``<|im_end|>``."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.ffn_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    from speechlm_eval.models.tiny import text_config_kwargs
+
+    return Qwen2Config(**text_config_kwargs(spec, tokenizer, max_position_embeddings=1024))
 
 
 def new_text_llm(tokenizer: Any, spec: TextLLMSpec, seed: int):
