@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from speechlm_eval.organism.builder import OrganismSpec, deterministic, make_processor, paths_for, training_clips
+from speechlm_eval.organism.builder import OrganismSpec, deterministic, paths_for, training_clips
 from speechlm_eval.organism.corpus import asr_template, spoken_qa_template
 from speechlm_eval.organism.train_speech import SpeechBatcher, stage_b
 from speechlm_eval.organism.world import make_world
@@ -31,9 +31,8 @@ def continue_speech_training(build_dir: str | Path, out: str | Path, steps: int,
     with deterministic(seed + 50, spec.threads):
         world = make_world(seed, spec.world)
         processor = AutoProcessor.from_pretrained(paths.speech_llm)
-        # The bank depends only on the world, the feature extractor and the seed: rebuild it as the build did.
-        fresh = make_processor(world, spec.vocab_size, spec.speech.chunk_seconds, seed, spec.speech.hop_length)
-        bank, _ = training_clips(world, spec, fresh, seed)
+        # The bank depends only on the world, the (saved) feature extractor and the seed: rebuilt as the build made it.
+        bank, _ = training_clips(world, spec, processor, seed)
         model = Qwen2AudioForConditionalGeneration.from_pretrained(paths.speech_llm, dtype=torch.float32)
         qa_indices = bank.spoken_qa_indices("speech")
         batcher = SpeechBatcher(bank, processor.tokenizer, asr_template(processor), spoken_qa_template(processor),
