@@ -23,6 +23,11 @@ Run: ``.venv/bin/python benchmarks/bench_distill.py [--threads 2] [--skip-memory
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests/fixtures model builders
+
 import argparse
 import json
 import math
@@ -161,14 +166,14 @@ def topk_error_synthetic(tokens: int = 32, vocab: int = QWEN25_VOCAB) -> dict:
 
 
 def tiny_setup(n_examples: int, max_new_tokens: int):
-    from speechlm_eval import defaults
-    from speechlm_eval.models.tiny import cached_random_pair
+    from speechlm_eval.paths import cache_root
+    from tests.fixtures.tiny import cached_random_pair
     from speechlm_eval.data.suite import load_suite, parse_suite
     from speechlm_eval.distill.vocab import check_vocab_compatible
     from speechlm_eval.models.base import GenerationConfig, Prompt
     from speechlm_eval.models.registry import LoadOptions, load_model
 
-    speech_path, text_path = cached_random_pair(defaults.cache_root())
+    speech_path, text_path = cached_random_pair(cache_root())
     student = load_model(str(speech_path), LoadOptions(device="cpu"))
     teacher = load_model(str(text_path), LoadOptions(device="cpu"))
     check_vocab_compatible(teacher.tokenizer, student.tokenizer)
@@ -390,7 +395,7 @@ def main() -> None:
             student, teacher, prompts, targets, cache, ids
         )
         report["steps_per_s"] = {
-            "models": "tiny random pair (models.tiny.cached_random_pair): student Qwen2-Audio on text input, teacher Qwen2",
+            "models": "tiny random pair (tests.fixtures.tiny.cached_random_pair): student Qwen2-Audio on text input, teacher Qwen2",
             "cache_build_s": round(build_s, 2),
             "cache_build_examples": len(ids),
             **steps_per_s(student, teacher, prompts, targets, cache, ids, args.batch_size, args.steps),

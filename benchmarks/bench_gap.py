@@ -2,10 +2,15 @@
 
 Baseline named: VoiceBench ``main.py`` answers items one by one (``model.generate`` on a single prompt per call).
 Run: ``.venv/bin/python benchmarks/bench_gap.py [--batch-size 16] [--items 64] [--arm speech_llm_text]``.
-Uses the tiny random pair (models.tiny.cached_random_pair, built offline on first use) on the bundled suite, replicated to ``--items``.
+Uses the tiny random pair (tests.fixtures.tiny.cached_random_pair, built offline on first use) on the bundled suite, replicated to ``--items``.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests/fixtures model builders
 
 import argparse
 import dataclasses
@@ -15,8 +20,8 @@ import time
 
 import torch
 
-from speechlm_eval import defaults
-from speechlm_eval.models.tiny import cached_random_pair
+from speechlm_eval.paths import cache_root
+from tests.fixtures.tiny import cached_random_pair
 from speechlm_eval.data.registry import SubsetRequest
 from speechlm_eval.data.suite import load_suite, parse_suite
 from speechlm_eval.gap import GapConfig, make_audio_source
@@ -49,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    speech_path, _ = cached_random_pair(defaults.cache_root())
+    speech_path, _ = cached_random_pair(cache_root())
     model = load_model(str(speech_path), LoadOptions(device="cpu"))
     items = bench_items(args.items)
     with_audio = args.arm == "speech_llm_speech"

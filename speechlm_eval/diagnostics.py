@@ -19,14 +19,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from speechlm_eval.data.item import KEY_PHRASE, Item
-from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
 from speechlm_eval.distributed import process_state, shard
-from speechlm_eval.records import RecordWriter, read_records
-from speechlm_eval.runner import batches, completed_ids, error_record, records_path
+from speechlm_eval.divergence import token_jsd, token_kl
+from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
+from speechlm_eval.records import RecordWriter
+from speechlm_eval.rundir import DIAGNOSTICS, PERCEPTION, SPEECH_LLM_TEXT, TEXT_LLM_TEXT, RunDir
+from speechlm_eval.runner import batches, error_record
 
 PROBE_INSTRUCTION = "Transcribe the speech in the audio exactly."  # our choice; configurable with --probe-instruction
-DIAGNOSTICS = "diagnostics"  # records/diagnostics.jsonl
-PERCEPTION = "perception"  # records/perception.jsonl
 
 
 def normalise_for_wer(text: str) -> str:
@@ -56,8 +56,6 @@ def token_divergences(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torc
     ``p_logits``/``q_logits``: ``(batch, len, vocab)`` (cut to a common vocabulary); ``mask``: ``(batch, len)`` bool.
     Returns, per row, the mean KL and mean JSD over its masked tokens.
     """
-    from speechlm_eval.distill.losses import token_jsd, token_kl
-
     kl_rows, jsd_rows = [], []
     for row in range(p_logits.shape[0]):
         m = mask[row : row + 1]
@@ -75,7 +73,7 @@ def _common_vocab(*models: SpeechLM) -> int:
 def _my_share(run_dir: Path, name: str, todo: list[Item]) -> tuple[Path, list[Item]]:
     """This process's records file and disjoint share of the items (several processes under torchrun/accelerate)."""
     state = process_state()
-    path = records_path(run_dir, name, state.process_index, state.num_processes)
+    path = RunDir(run_dir).records_path(name, state.process_index, state.num_processes)
     return path, shard(todo, state.process_index, state.num_processes)
 
 
@@ -91,10 +89,11 @@ def run_distribution_diagnostics(
     max_tokens: int = 256,
 ) -> None:
     """KL/JSD per item on its fixed response; skipped where the response is missing or the audio fails."""
-    reference_arm = "text_llm_text" if text_llm is not None else "speech_llm_text"
-    responses = {r["id"]: r for r in read_records(run_dir / "records" / f"{reference_arm}.jsonl")}
+    reference_arm = TEXT_LLM_TEXT if text_llm is not None else SPEECH_LLM_TEXT
+    run = RunDir(run_dir)
+    responses = run.records(reference_arm)
     same_vocab = text_llm is not None and speech_llm.tokenizer.get_vocab() == text_llm.tokenizer.get_vocab()  # type: ignore[attr-defined]
-    done = completed_ids(run_dir, DIAGNOSTICS)
+    done = run.completed_ids(DIAGNOSTICS)
     path, todo = _my_share(run_dir, DIAGNOSTICS, [
         i for i in items if i.has_text_equivalent and i.id not in done
         and responses.get(i.id, {}).get("error") is None and responses.get(i.id, {}).get("response")])
@@ -107,7 +106,7 @@ def run_distribution_diagnostics(
                     audio_prompts.append(Prompt(audio=audio_source(item)))
                     ready.append(item)
                 except Exception as error:  # noqa: BLE001 - the item's own error record
-                    records.append(error_record("diagnostics", item, error))
+                    records.append(error_record(DIAGNOSTICS, item, error))
             if ready:
                 targets = [tokenizer(responses[i.id]["response"], add_special_tokens=False)["input_ids"][:max_tokens]
                            for i in ready]
@@ -126,7 +125,7 @@ def run_distribution_diagnostics(
                             records += _divergence_records([item], [tp], [ap], [tg], speech_llm,
                                                            text_llm if same_vocab else None, reference_arm)
                         except Exception as item_error:  # noqa: BLE001
-                            records.append(error_record("diagnostics", item, item_error))
+                            records.append(error_record(DIAGNOSTICS, item, item_error))
             writer.write_many(records)
 
 
@@ -141,7 +140,7 @@ def _divergence_records(items, text_prompts, audio_prompts, targets, speech_llm,
         kl_tl, jsd_tl = token_divergences(teacher[..., :vocab], given_text[..., :vocab], mask)
     return [
         {
-            "id": item.id, "subset": item.subset, "arm": "diagnostics", "error": None,
+            "id": item.id, "subset": item.subset, "arm": DIAGNOSTICS, "error": None,
             "response_from": reference_arm, "n_tokens": int(mask[k].sum()),
             "kl_text_vs_speech": kl_st[k], "jsd_text_vs_speech": jsd_st[k],
             "kl_text_llm_vs_speech_llm": kl_tl[k], "jsd_text_llm_vs_speech_llm": jsd_tl[k],
@@ -161,7 +160,7 @@ def run_perception_probe(
     max_new_tokens: int = 128,
 ) -> None:
     """Transcripts + WER of each item's audio against the text that was spoken (items with a text equivalent)."""
-    done = completed_ids(run_dir, PERCEPTION)
+    done = RunDir(run_dir).completed_ids(PERCEPTION)
     path, todo = _my_share(run_dir, PERCEPTION, [i for i in items if i.id not in done and i.text_to_speak()])
     generation = GenerationConfig(max_new_tokens=max_new_tokens)
     with RecordWriter(path) as writer:
@@ -172,7 +171,7 @@ def run_perception_probe(
                     prompts.append(Prompt(audio=audio_source(item), text=instruction))
                     ready.append(item)
                 except Exception as error:  # noqa: BLE001
-                    records.append(error_record("perception", item, error))
+                    records.append(error_record(PERCEPTION, item, error))
             outputs: list[Any] = []
             if ready:
                 try:
@@ -186,10 +185,10 @@ def run_perception_probe(
                             outputs.append(error)
             for item, out in zip(ready, outputs):
                 if isinstance(out, Exception):
-                    records.append(error_record("perception", item, out))
+                    records.append(error_record(PERCEPTION, item, out))
                     continue
                 spoken = item.text_to_speak() or ""
-                record = {"id": item.id, "subset": item.subset, "arm": "perception", "error": None,
+                record = {"id": item.id, "subset": item.subset, "arm": PERCEPTION, "error": None,
                           "transcript": out.text, "wer": word_error_rate(spoken, out.text)}
                 if item.meta.get(KEY_PHRASE):
                     record["key_heard"] = phrase_heard(out.text, str(item.meta[KEY_PHRASE]))

@@ -1,4 +1,5 @@
-"""``speechlm-eval gap`` as a library call: load the suite, load the models, run the arms, write records and results.
+"""``speechlm-eval gap`` as a library call, the composition root of an evaluation: load the suite, load the models,
+run the arms, write records, run the diagnostics, judge, report.
 
 Configuration problems (unknown subset, missing data, bad model path, incompatible resume) stop before any model
 weights are loaded; per-item problems become error records and the run goes on.
@@ -6,91 +7,119 @@ weights are loaded; per-item problems become error records and the run goes on.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
-import shutil
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from speechlm_eval import __version__
 from speechlm_eval.data.item import Item
-from speechlm_eval.records import ARMS, write_json_atomic, write_text_atomic
+from speechlm_eval.embedded import apply_embedded, gap_defaults
+from speechlm_eval.models.base import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from speechlm_eval.rundir import (
+    ARM_BY_NAME,
+    ARMS,
+    DIAGNOSTICS,
+    PERCEPTION,
+    ItemRow,
+    Manifest,
+    RunDir,
+    RunDirError,
+    package_versions,
+    portable_path,
+)
 
-MANIFEST_SCHEMA = "speechlm-eval/manifest/v1"
-RECORDED_PACKAGES = ("torch", "transformers", "datasets", "accelerate", "numpy", "scipy", "soundfile", "soxr")
+DEFAULT_SUITE = "bundled"
+NO_TEXT_MODEL_NOTE = (
+    "No --text-model given: the text_llm_text arm was not run and forgetting is not measured. The speech "
+    "LLM's own text path is not a reference for forgetting; pass its text backbone (e.g. "
+    "Qwen/Qwen2-7B-Instruct for Qwen2-Audio) to measure it."
+)
 
 
 class ConfigError(ValueError):
     """A run that cannot start as configured; raised before any model is loaded."""
 
 
+def _opt(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002 - "help" as on a command line
+    """A config field with its command-line help (the CLI is generated from these fields)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class GapConfig:
-    """Everything that determines a gap run. ``model=None`` selects the embedded default pair and suite."""
+    """Everything that determines a gap run; each field is also a ``speechlm-eval gap`` option.
 
-    out: Path
-    model: str | None = None
-    text_model: str | None = None
-    model_family: str | None = None
-    text_model_family: str | None = None
-    model_revision: str | None = None
-    text_model_revision: str | None = None
-    suites: Sequence[str] = ()
-    data_dir: str | None = None
-    voicebench_revision: str | None = None
-    mmau_json: str | None = None
-    mmau_audio_dir: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    limit: int | None = None
-    batch_size: int = 8
-    max_new_tokens: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    trust_remote_code: bool = False
-    tts_engine: str = "espeak-ng"
-    tts_voice: str = "en-us"
-    tts_rate: int = 160
-    arms: Sequence[str] = ARMS
-    judge: str = "none"
-    diagnostics: bool = True
-    lm_eval_tasks: Sequence[str] = ()
-    lm_eval_include: str | None = None
-    probe_instruction: str | None = None
-    n_resamples: int = 10_000
-    notes: list[str] = field(default_factory=list)
+    ``model=None`` selects the embedded default pair, suite and token budget (:mod:`speechlm_eval.embedded`).
+    """
+
+    model: str | None = _opt(None, "Speech LLM: hub id or local path. Omitted: the embedded model organism pair and "
+                             "its suite.")
+    text_model: str | None = _opt(None, "Text LLM (the speech LLM's text backbone/teacher): hub id or local path. "
+                                  "Omitted: forgetting is not measured.")
+    suites: list[str] = _opt([], "Benchmark subsets, repeatable: 'voicebench:mmsu,openbookqa', "
+                             "'voicebench:sd-qa@usa', 'voicebench', 'mmau', 'bundled', 'organism:organism_mcq@seedN'. "
+                             f"Default: {DEFAULT_SUITE} (the embedded organism's suite without --model).",
+                             flag="--suite")
+    out: Path = _opt(Path("runs/gap"), "Run directory (records, manifest, results, report).")
+    resume: bool = _opt(False, "Continue a killed run in --out without recomputing any record.")
+    overwrite: bool = _opt(False, "Delete an existing run in --out and start over.")
+    limit: int | None = _opt(None, "Keep the first N items of each subset (smoke runs).", min=1)
+    batch_size: int = _opt(8, "Prompts per generate call (padded left, sorted by length).", min=1)
+    max_new_tokens: int | None = _opt(None, f"New-token budget per answer (default {DEFAULT_MAX_NEW_TOKENS}; "
+                                      "8 for the embedded organism).", min=1)
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N. auto = this process's device under torchrun/accelerate, "
+                       "else CUDA if present, else CPU.")
+    dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16. auto = checkpoint dtype on GPU, float32 on CPU.")
+    seed: int = _opt(0, "Seed for sampling, scoring fallbacks and bootstrap resampling.")
+    model_family: str | None = _opt(None, "Force the speech LLM's family (default: from its config).")
+    text_model_family: str | None = _opt(None, "Force the text LLM's family (default: from its config).")
+    model_revision: str | None = _opt(None, "Hub revision (commit/tag) of --model.")
+    text_model_revision: str | None = _opt(None, "Hub revision (commit/tag) of --text-model.")
+    trust_remote_code: bool = _opt(False, "Allow checkpoints' own Python code (only for sources you trust).")
+    data_dir: str | None = _opt(None, "Local VoiceBench copy (save_to_disk or the hub's parquet snapshot) instead of "
+                                "the HF hub.")
+    voicebench_revision: str | None = _opt(None, "HF dataset revision of hlt-lab/voicebench (default: the hub's "
+                                           "current main; nothing is pinned, and the manifest says so).")
+    mmau_json: str | None = _opt(None, "MMAU mmau-test-mini.json (its sha256 is recorded).")
+    mmau_audio_dir: str | None = _opt(None, "Folder of MMAU test-mini <id>.wav clips.")
+    tts_engine: str = _opt("espeak-ng", "TTS engine for items that have text but no audio.")
+    tts_voice: str = _opt("en-us", "TTS voice.")
+    tts_rate: int = _opt(160, "TTS speaking rate (words per minute).")
+    arms: list[str] = _opt([], f"Run only these arms (repeatable): {', '.join(ARMS)}. Default: all.", flag="--arm")
+    judge: str = _opt("none", "LLM judge for the open-ended subsets and sd-qa: openai:MODEL (any OpenAI-compatible "
+                      "endpoint; base URL from $SPEECHLM_EVAL_JUDGE_BASE_URL, key from $OPENAI_API_KEY; VoiceBench "
+                      "uses openai:gpt-4o-mini), hf:PATH (a local model), or none (those subsets are left unscored, "
+                      "with a note). Calls are cached on disk.")
+    diagnostics: bool = _opt(True, "Judge-free diagnostics after the arms: per-token KL/JSD speech vs text and text "
+                             "LLM vs speech LLM, and the perception (transcription + WER) probe.")
+    lm_eval_tasks: list[str] = _opt([], "lm-eval tasks (repeatable or comma-separated): forgetting per task on both "
+                                    "models' text paths; multiple_choice tasks are also scored by log-likelihood "
+                                    "given the spoken vs typed question (inequivalence).", comma=True)
+    lm_eval_include: str | None = _opt(None, "Folder of local lm-eval task YAMLs (offline use; only local tasks are "
+                                       "indexed when all named tasks are found there).")
+    probe_instruction: str | None = _opt(None, "Instruction sent with the audio for the perception probe (default: "
+                                         "'Transcribe the speech in the audio exactly.').")
+    n_resamples: int = _opt(10_000, "Bootstrap resamples of every confidence interval.", min=1)
+    notes: list[str] = _opt([], "Notes written into the manifest and the report.", cli=False)
 
 
 def resolve_defaults(config: GapConfig) -> GapConfig:
-    """Fill in the embedded default (models, suite, token budget) where the user gave none."""
-    from speechlm_eval import defaults
-
+    """Fill in the embedded default (models, suite, token budget) and the plain defaults where the user gave none."""
     if config.model is None:
         if config.text_model is not None:
             raise ConfigError("--text-model needs --model (the embedded default brings its own pair)")
-        speech, text = defaults.embedded_models()
-        config.model, config.text_model = str(speech), str(text)
-        config.notes.append(defaults.EMBEDDED_NOTE)
-        if config.max_new_tokens is None:
-            config.max_new_tokens = defaults.EMBEDDED_MAX_NEW_TOKENS
-    if not config.suites:
-        config.suites = [defaults.EMBEDDED_SUITE]
-    if config.max_new_tokens is None:
-        config.max_new_tokens = 512
-    if config.text_model is None:
-        config.arms = [a for a in config.arms if a != "text_llm_text"]
-        config.notes.append(
-            "No --text-model given: the text_llm_text arm was not run and forgetting is not measured. The speech "
-            "LLM's own text path is not a reference for forgetting; pass its text backbone (e.g. "
-            "Qwen/Qwen2-7B-Instruct for Qwen2-Audio) to measure it."
-        )
+        apply_embedded(config, gap_defaults())
+    config.suites = list(config.suites) or [DEFAULT_SUITE]
+    config.arms = list(config.arms) or list(ARMS)
     unknown = [a for a in config.arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"unknown arm(s) {unknown}; arms are {list(ARMS)}")
+    if config.max_new_tokens is None:
+        config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if config.text_model is None:
+        config.arms = [a for a in config.arms if ARM_BY_NAME[a].model != "text_llm"]
+        config.notes.append(NO_TEXT_MODEL_NOTE)
     if config.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     return config
@@ -110,31 +139,25 @@ def load_items(config: GapConfig) -> tuple[list[Item], list[dict[str, Any]]]:
     )
 
 
-def item_row(item: Item) -> dict[str, Any]:
-    """What scoring and reports need of an item (no audio), one JSON line in ``items.jsonl``."""
+def item_row(item: Item) -> ItemRow:
+    """What scoring and reports need of an item (no audio), one line of ``items.jsonl``."""
     from speechlm_eval.data.registry import scorer_for_subset
 
-    return {
-        "id": item.id,
-        "subset": item.subset,
-        "scorer": scorer_for_subset(item.subset),
-        "text": item.text,
-        "audio_instruction": item.audio_instruction,
-        "speak": item.speak,
-        "choices": list(item.choices),
-        "reference": item.reference,
-        "meta": dict(item.meta),
-        "has_audio": item.audio is not None,
-    }
+    return ItemRow.from_item(item, scorer=scorer_for_subset(item.subset))
+
+
+def generation_config(config: GapConfig) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=int(config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS), seed=config.seed)
 
 
 def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
     """The part of the configuration a resumed run must share with the run it continues."""
+    out = Path(config.out)
     return {
-        "model": config.model,
+        "model": portable_path(config.model, out),
         "model_revision": config.model_revision,
         "model_family": config.model_family,
-        "text_model": config.text_model,
+        "text_model": portable_path(config.text_model, out),
         "text_model_revision": config.text_model_revision,
         "text_model_family": config.text_model_family,
         "suites": list(config.suites),
@@ -149,115 +172,83 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
     } | ({"lm_eval_tasks": list(config.lm_eval_tasks)} if config.lm_eval_tasks else {})
 
 
-def generation_config(config: GapConfig):
-    from speechlm_eval.models.base import GenerationConfig
-
-    return GenerationConfig(max_new_tokens=int(config.max_new_tokens or 512), seed=config.seed)
-
-
-def prepare_run_dir(config: GapConfig, identity: dict[str, Any]) -> None:
-    """Refuse to mix runs: an existing run continues only with ``--resume`` and the same request."""
-    out = Path(config.out)
-    manifest_path = out / "manifest.json"
-    has_run = manifest_path.exists() or any((out / "records").glob("*.jsonl"))
-    if has_run and config.overwrite:
-        for name in ("records", "items.jsonl", "manifest.json", "results.json", "report.md", "report.html", "plots"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    elif has_run and not config.resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
-    elif has_run and manifest_path.exists():
-        previous = json.loads(manifest_path.read_text()).get("request", {})
-        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-        if changed:
-            raise ConfigError(
-                f"cannot resume {out}: the request differs from the run's manifest in {', '.join(changed)}"
-            )
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "speechlm_eval": __version__}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     """Run (or resume) a gap run; returns the run directory holding records, manifest and results."""
     from speechlm_eval.distributed import process_state
+    from speechlm_eval.rundir import items_jsonl_sha256
 
     config = resolve_defaults(config)
     items, sources = load_items(config)  # DataError here: nothing loaded yet
     if not items:
         raise ConfigError("the suite selected no items")
     rows = [item_row(i) for i in items]
-    items_text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=_json_default) + "\n" for r in rows)
-    items_sha256 = hashlib.sha256(items_text.encode()).hexdigest()
-    identity = request_identity(config, items_sha256)
+    identity = request_identity(config, items_jsonl_sha256(rows))
     state = process_state()
-    out = Path(config.out)
+    run = RunDir(config.out)
     if state.is_main_process:
-        prepare_run_dir(config, identity)
+        try:
+            run.prepare(identity, resume=config.resume, overwrite=config.overwrite)
+        except RunDirError as error:
+            raise ConfigError(str(error)) from None
     state.wait_for_everyone()
 
     models = load_models(config)
     audio_source, tts = make_audio_source(config)
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "request": identity,
-        "models": {name: m.describe() for name, m in models.items() if m is not None},
-        "data": sources,
-        "items": {"n": len(items), "sha256": items_sha256,
-                  "speech_only": sum(not i.has_text_equivalent for i in items)},
-        "generation": generation_config(config).to_dict(),
-        "tts": tts.cache_key_fields(),
-        "batch_size": config.batch_size,
-        "world_size": state.num_processes,
-        "seed": config.seed,
-        "statistics": {"n_resamples": config.n_resamples, "confidence": 0.95},
-        "packages": package_versions(),
-        "notes": list(config.notes),
-    }
+    manifest = Manifest(
+        request=identity,
+        models={name: describe_portably(m, run.path) for name, m in models.items() if m is not None},
+        data=sources,
+        items={"n": len(items), "sha256": identity["items_sha256"],
+               "speech_only": sum(not i.has_text_equivalent for i in items)},
+        generation=generation_config(config).to_dict(),
+        tts=tts.cache_key_fields(),
+        batch_size=config.batch_size,
+        world_size=state.num_processes,
+        seed=config.seed,
+        statistics={"n_resamples": config.n_resamples, "confidence": 0.95},
+        packages=package_versions(),
+        notes=list(config.notes),
+    )
     if state.is_main_process:
-        write_text_atomic(out / "items.jsonl", items_text)
-        write_json_atomic(out / "manifest.json", manifest)
+        run.write_items(rows)
+        run.write_manifest(manifest)
     state.wait_for_everyone()
 
-    from speechlm_eval.runner import merge_records
-
+    order = [i.id for i in items]
     run_arms(config, items, models, audio_source, console)
     state.wait_for_everyone()
     if state.is_main_process:
-        merge_records(out, items, config.arms)
+        run.merge(config.arms, order)
     state.wait_for_everyone()
     if config.diagnostics:
         run_diagnostics(config, items, models, audio_source)
         state.wait_for_everyone()
     if state.is_main_process:
-        from speechlm_eval.diagnostics import DIAGNOSTICS, PERCEPTION
-        from speechlm_eval.judging import judge_run
+        from speechlm_eval.judge.run import judge_run
         from speechlm_eval.report.build import build_report
 
-        merge_records(out, items, [DIAGNOSTICS, PERCEPTION])
+        run.merge([DIAGNOSTICS, PERCEPTION], order)
         if config.lm_eval_tasks:
             from speechlm_eval.lmeval.run import run_lmeval_tasks
 
             run_lmeval_tasks(models["speech_llm"], models["text_llm"], list(config.lm_eval_tasks),
-                             config.lm_eval_include, out, limit=config.limit, batch_size=config.batch_size,
-                             seed=config.seed, spoken=True, tts=tts, n_resamples=config.n_resamples)
-        judge_run(out, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
-        build_report(out)
+                             config.lm_eval_include, run.path, limit=config.limit, batch_size=config.batch_size,
+                             seed=config.seed, spoken=True, tts=tts)
+        judge_run(run.path, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
+        build_report(run.path)
     state.wait_for_everyone()
-    return out
+    return run.path
 
 
-def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], audio_source) -> None:
+def describe_portably(model: Any, run_dir: Path) -> dict[str, Any]:
+    """A model's manifest identity with its local path written as :func:`portable_path` writes it."""
+    description = dict(model.describe())
+    if isinstance(description.get("id"), str):
+        description["id"] = portable_path(description["id"], run_dir)
+    return description
+
+
+def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], audio_source: Any) -> None:
     """Judge-free diagnostics after the arms: per-token KL/JSD and the perception (transcription) probe."""
     from speechlm_eval.diagnostics import PROBE_INSTRUCTION, run_distribution_diagnostics, run_perception_probe
 
@@ -279,7 +270,7 @@ def load_models(config: GapConfig) -> dict[str, Any]:
         return chosen, options
 
     speech_family, speech_options = load(config.model, config.model_family, config.model_revision)
-    if not speech_family.accepts_audio and any(a.startswith("speech_llm_speech") for a in config.arms):
+    if not speech_family.accepts_audio and any(ARM_BY_NAME[a].audio for a in config.arms):
         raise ConfigError(f"--model {config.model} is a text-only checkpoint (family {speech_family.name}); "
                           "the speech arm needs a speech LLM (e.g. Qwen2-Audio)")
     text_family = text_options = None
@@ -310,7 +301,8 @@ def make_audio_source(config: GapConfig):
     return audio_for, tts
 
 
-def run_arms(config: GapConfig, items: list[Item], models: dict[str, Any], audio_source, console: Any) -> None:
+def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], audio_source: Any,
+             console: Any) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from speechlm_eval.distributed import process_state
@@ -326,14 +318,3 @@ def run_arms(config: GapConfig, items: list[Item], models: dict[str, Any], audio
                             batch_size=config.batch_size, audio_source=audio_source, progress=progress)
             if stats.errors and state.is_main_process:
                 progress.console.print(f"[yellow]{plan.name}: {stats.errors} item(s) got error records")
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars/arrays from datasets columns
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    return str(value)

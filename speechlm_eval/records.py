@@ -6,13 +6,13 @@ truth: every number in a report is derived from them plus the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
-
-ARMS: tuple[str, ...] = ("text_llm_text", "speech_llm_text", "speech_llm_speech")
-
 
 class RecordsError(ValueError):
     """A records file that cannot be read as records (other than a torn last line, which is repaired)."""
@@ -86,21 +86,81 @@ def write_canonical(path: str | Path, records: Iterable[Mapping[str, Any]], orde
     write_text_atomic(Path(path), "".join(dumps(r) + "\n" for r in ordered))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and ``os.replace`` so readers never see a partial file."""
+def write_atomic(path: str | Path, data: bytes | str, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers, and a kill or power cut at any moment, see either the old file
+    or the whole new one: a unique temp file in the same directory, fsynced, renamed over ``path``, directory fsynced.
+
+    ``durable=False`` skips the two fsyncs (readers still never see a partial file): for cache entries that are
+    checked when read and recomputed when torn, where a sync per entry would cost more than a recomputation.
+    A crash between the write and the rename leaves a ``.<name>.*.tmp`` file, which :func:`remove_stale_temps` clears.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; outputs are meant to be readable like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_directory(path.parent)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """:func:`write_text_atomic` for bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every filesystem allows opening a directory, and then there is nothing to do.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files a kill between a write and its rename left in ``directory`` (not recursive)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """:func:`write_atomic` for text (UTF-8)."""
+    write_atomic(path, text)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data: non-finite floats become None (strict JSON), numpy scalars and arrays become
+    Python numbers and lists, tuples and sets lists, dataclasses dicts; recursing into dicts and lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple, dict)):  # numpy scalars and arrays
+        return json_safe(value.tolist())
+    if isinstance(value, Mapping):
+        return {key: json_safe(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_safe(dataclasses.asdict(value))
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """The one way a JSON file (manifest, results) is written: sorted keys, indent 2, strict JSON, atomic."""
+    write_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Sequence
 from speechlm_eval.data.item import Item
 from speechlm_eval.distributed import process_state, shard
 from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
-from speechlm_eval.records import ARMS, RecordWriter, read_records, write_canonical
+from speechlm_eval.records import RecordWriter
+from speechlm_eval.rundir import ARM_BY_NAME, ARMS, RunDir
 
 # (item) -> 16 kHz float32 audio for the speech arm; raises with a clear message when it cannot.
 AudioSource = Callable[[Item], Any]
@@ -35,17 +36,15 @@ def arms_for(items: Sequence[Item], speech_llm: SpeechLM, text_llm: SpeechLM | N
              arms: Sequence[str] = ARMS) -> list[ArmPlan]:
     """The arm plans for these items. Items without a text equivalent (MMAU) only get the speech arm."""
     texty = [i for i in items if i.has_text_equivalent]
+    models = {"speech_llm": speech_llm, "text_llm": text_llm}
     plans = []
     for name in arms:
-        if name == "text_llm_text":
-            if text_llm is not None:
-                plans.append(ArmPlan(name, text_llm, texty, with_audio=False))
-        elif name == "speech_llm_text":
-            plans.append(ArmPlan(name, speech_llm, texty, with_audio=False))
-        elif name == "speech_llm_speech":
-            plans.append(ArmPlan(name, speech_llm, list(items), with_audio=True))
-        else:
+        if name not in ARM_BY_NAME:
             raise ValueError(f"unknown arm {name!r}; arms are {ARMS}")
+        arm = ARM_BY_NAME[name]
+        if models[arm.model] is not None:
+            # Audio arms take every item; text arms only those with a text equivalent (not MMAU).
+            plans.append(ArmPlan(name, models[arm.model], list(items) if arm.audio else texty, with_audio=arm.audio))
     return plans
 
 
@@ -70,19 +69,6 @@ class ArmProgress:
     seconds: float = 0.0
 
 
-def records_path(run_dir: Path, arm: str, rank: int = 0, world_size: int = 1) -> Path:
-    suffix = f".rank{rank}" if world_size > 1 else ""
-    return run_dir / "records" / f"{arm}{suffix}.jsonl"
-
-
-def completed_ids(run_dir: Path, arm: str) -> set[str]:
-    """Ids with a record in the arm's merged file or in any rank's file (a killed multi-process run)."""
-    done: set[str] = set()
-    for path in sorted((run_dir / "records").glob(f"{arm}*.jsonl")):
-        done.update(r["id"] for r in read_records(path, repair=True))
-    return done
-
-
 def run_arm(
     plan: ArmPlan,
     run_dir: Path,
@@ -95,13 +81,14 @@ def run_arm(
     """Answer this process's share of the arm's pending items, appending a record per item as each batch finishes."""
     state = process_state()
     rank, world = state.process_index, state.num_processes
-    done = completed_ids(run_dir, plan.name)
+    run = RunDir(run_dir)
+    done = run.completed_ids(plan.name)
     pending = [i for i in plan.items if i.id not in done]
     mine = shard(sorted_for_batching(pending, plan), rank, world)
     stats = ArmProgress(plan.name, total=len(mine), skipped=len(plan.items) - len(pending))
     task = progress.add_task(plan.name, total=len(mine)) if progress is not None else None
     start = time.perf_counter()
-    with RecordWriter(records_path(run_dir, plan.name, rank, world)) as writer:
+    with RecordWriter(run.records_path(plan.name, rank, world)) as writer:
         for batch in batches(mine, batch_size):
             records = answer_batch(plan, batch, generation, audio_source)
             writer.write_many(records)
@@ -180,18 +167,3 @@ def error_record(arm: str, item: Item, error: BaseException) -> dict[str, Any]:
         "response": None,
         "error": {"type": type(error).__name__, "message": f"item {item.id}: {error}"},
     }
-
-
-def merge_records(run_dir: Path, items: Sequence[Item], arms: Sequence[str]) -> None:
-    """Fold every rank's records into ``records/<arm>.jsonl`` in item order (rank 0 only; after a barrier)."""
-    order = [i.id for i in items]
-    for arm in arms:
-        paths = sorted((run_dir / "records").glob(f"{arm}*.jsonl"))
-        if not paths:
-            continue
-        records = [r for p in paths for r in read_records(p, repair=True)]
-        merged = run_dir / "records" / f"{arm}.jsonl"
-        write_canonical(merged, records, order)
-        for path in paths:
-            if path != merged:
-                path.unlink()

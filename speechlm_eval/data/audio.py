@@ -10,9 +10,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.data.item import AudioRef
 
-TARGET_SAMPLING_RATE = 16_000
 
 # libsndfile error codes (sndfile.h) that say *why* a file could not be opened.
 _LIBSNDFILE_CAUSES = {
@@ -76,7 +76,7 @@ def _read(ref: AudioRef, item_id: str) -> tuple[np.ndarray, int]:
     return _mono(samples, item_id, ref), int(rate)
 
 
-def decode_audio(ref: AudioRef, *, item_id: str, target_sr: int = TARGET_SAMPLING_RATE) -> np.ndarray:
+def decode_audio(ref: AudioRef, *, item_id: str, target_sr: int = SAMPLING_RATE) -> np.ndarray:
     """Decode, mix to mono, check and resample (soxr) an item's audio.
 
     Returns:

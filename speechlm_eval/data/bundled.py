@@ -10,7 +10,7 @@ from typing import Any
 
 from speechlm_eval.data import mmau, voicebench
 from speechlm_eval.data.item import Item
-from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest, register_benchmark
+from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest
 
 ID_PREFIX = "bundled/"
 _PACKAGE_DIR = "bundled_suite"
@@ -72,13 +72,9 @@ def _scorer(subset: str) -> str:
     return mmau.SCORER if subset in MMAU_FORMAT else voicebench.SUBSETS[subset].scorer
 
 
-register_benchmark(
-    Benchmark(
-        name="bundled",
-        load=load_bundled,
-        scorer={subset: _scorer(subset) for subset in SUBSETS},
-        speech_only=False,
-        description="bundled mini-suite: short VoiceBench-style text items and MMAU-style spoken facts (TTS audio)",
-        describe=describe_bundled,
-    )
+BENCHMARK = Benchmark(
+    name="bundled",
+    load=load_bundled,
+    scorer={subset: _scorer(subset) for subset in SUBSETS},
+    describe=describe_bundled,
 )

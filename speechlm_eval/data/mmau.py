@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
 from speechlm_eval.data.item import AudioRef, Item
-from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest, register_benchmark
+from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest
 
 SUBSET = "mmau"
 SCORER = "mmau"
@@ -16,12 +16,13 @@ MMAU_KEYS = frozenset(
     {"id", "audio_id", "question", "choices", "answer", "dataset", "task", "split", "category", "sub-category",
      "difficulty"}
 )  # fmt: skip
-# The official scorer raises KeyError on any other task/difficulty (benchmarks.md §2.2).
-MMAU_TASKS = ("sound", "music", "speech")
-MMAU_DIFFICULTIES = ("easy", "medium", "hard")
+# The official scorer (Sakshi113/MMAU evaluation.py) pre-initialises exactly these groups, in this (print) order, and
+# raises KeyError on any other task/difficulty.
+MMAU_TASKS: tuple[str, ...] = ("sound", "music", "speech")
+MMAU_DIFFICULTIES: tuple[str, ...] = ("easy", "hard", "medium")
 AUDIO_REPO = "gamma-lab-umd/MMAU-test-mini"
 
-# sha256 of mmau-test-mini.json -> version (benchmarks.md §2.1). Only HEAD's hash is known in full; the two older
+# sha256 of mmau-test-mini.json -> version (the file's history in Sakshi113/MMAU). Only HEAD's hash is known in full; the two older
 # ones are known by their first 8 hex digits, matched as prefixes.
 KNOWN_VERSIONS: dict[str, str] = {
     "9f18fda99f8dbc2bc5ecd6323fb5063309f54969810b5c6f1caeb3b8d904cf1c": "HEAD f0a4a97d (2025-08-09)",
@@ -177,13 +178,9 @@ def describe_mmau(request: SubsetRequest, options: LoadOptions) -> dict[str, Any
     return {**mmau_version(_json_path(options)), "audio_dir": options.mmau_audio_dir, "scorer": SCORER}
 
 
-register_benchmark(
-    Benchmark(
-        name="mmau",
-        load=load_mmau,
-        scorer={SUBSET: SCORER},
-        speech_only=True,
-        description="MMAU test-mini: questions about sound, music and speech clips (no text equivalent)",
-        describe=describe_mmau,
-    )
+BENCHMARK = Benchmark(
+    name="mmau",
+    load=load_mmau,
+    scorer={SUBSET: SCORER},
+    describe=describe_mmau,
 )

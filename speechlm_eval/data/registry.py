@@ -1,21 +1,12 @@
-"""Benchmarks by name: each benchmark file (voicebench, mmau, bundled) registers a loader, its subsets and scorers."""
+"""Benchmarks by name: a benchmark is one file (loader, subsets, scorers, provenance) plus one row in :data:`BENCHMARKS`."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from speechlm_eval.data.item import Item
-
-# Imported lazily by get_benchmark/benchmark_names, so that asking the registry is enough to see the built-ins.
-_BUILTIN_MODULES = (
-    "speechlm_eval.data.voicebench",
-    "speechlm_eval.data.mmau",
-    "speechlm_eval.data.bundled",
-    "speechlm_eval.organism.suite",
-)
-
+from speechlm_eval.registry import Registry
 
 class DataError(ValueError):
     """A benchmark source cannot be used as asked (unknown name, missing column, bad row, missing files)."""
@@ -67,8 +58,6 @@ class Benchmark:
         load: ``(request, options) -> items``; validates the source and raises :class:`DataError` before any model
             is needed. Audio is *not* decoded here (a bad clip is a per-item error later).
         scorer: subset -> scorer name (see ``speechlm_eval.scoring.registry``); its keys are the valid subsets.
-        speech_only: True when no item has a text equivalent (MMAU); item-level truth is ``Item.has_text_equivalent``.
-        description: one line for ``--help`` and reports.
         default_subsets: what the bare benchmark name means (empty = every subset).
         splits: subset -> splits a user may name with ``@split``; a subset absent here takes no explicit split.
         unsupported: subset -> why it cannot be run (named in the error when someone asks for it).
@@ -78,8 +67,6 @@ class Benchmark:
     name: str
     load: LoadFn
     scorer: Mapping[str, str]
-    speech_only: bool
-    description: str
     default_subsets: tuple[str, ...] = ()
     splits: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     unsupported: Mapping[str, str] = field(default_factory=dict)
@@ -97,32 +84,36 @@ class Benchmark:
             raise DataError(f"{self.name} has no subset {subset!r}; valid: {', '.join(self.subsets)}") from None
 
 
-_BENCHMARKS: dict[str, Benchmark] = {}
+def _unknown(name: str, known: list[str]) -> DataError:
+    return DataError(f"unknown benchmark {name!r}; registered: {', '.join(known)}")
+
+
+# A benchmark is one file defining ``BENCHMARK`` plus one row here; each is imported when first asked for.
+BENCHMARKS: Registry[Benchmark] = Registry(
+    "benchmark",
+    {
+        "bundled": "speechlm_eval.data.bundled:BENCHMARK",
+        "mmau": "speechlm_eval.data.mmau:BENCHMARK",
+        "organism": "speechlm_eval.data.organism:BENCHMARK",
+        "voicebench": "speechlm_eval.data.voicebench:BENCHMARK",
+    },
+    unknown=_unknown,
+)
 
 
 def register_benchmark(benchmark: Benchmark) -> Benchmark:
-    """Add (or replace) a benchmark under ``benchmark.name``."""
-    _BENCHMARKS[benchmark.name] = benchmark
+    """Add (or replace) a benchmark object at run time (a plug-in may instead add a ``"module:BENCHMARK"`` row)."""
+    BENCHMARKS.register(benchmark.name, benchmark, replace=True)
     return benchmark
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
 
 
 def get_benchmark(name: str) -> Benchmark:
     """The benchmark registered as ``name``; :class:`DataError` listing the known names otherwise."""
-    _load_builtins()
-    try:
-        return _BENCHMARKS[name]
-    except KeyError:
-        raise DataError(f"unknown benchmark {name!r}; registered: {', '.join(benchmark_names())}") from None
+    return BENCHMARKS.get(name)
 
 
 def benchmark_names() -> list[str]:
-    _load_builtins()
-    return sorted(_BENCHMARKS)
+    return BENCHMARKS.names()
 
 
 def scorer_for_subset(subset: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from speechlm_eval.data.item import AudioRef, Item
-from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest, register_benchmark
+from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class SubsetInfo:
     """One VoiceBench subset.
 
     Attributes:
-        splits: split -> number of rows (HF dataset card / benchmarks.md §1.2).
+        splits: split -> number of rows (the hlt-lab/voicebench dataset card).
         scorer: the official evaluator's name (``open``, ``qa``, ``mcq``, ``bbh``, ``ifeval``, ``harm``).
         default_splits: what a request without ``@split`` loads (pooled in this order).
         leaderboard: whether the subset is one of the 9 columns of the leaderboard's Overall score.
@@ -69,7 +69,7 @@ def _single(n: int) -> dict[str, int]:
     return {"test": n}
 
 
-# Leaderboard subsets first, in the order of the Overall score (benchmarks.md §1.6).
+# Leaderboard subsets first, in the order of the Overall score (VoiceBench leaderboard).
 SUBSETS: dict[str, SubsetInfo] = {
     "alpacaeval_full": SubsetInfo(_single(636), "open", ("test",), True),
     "commoneval": SubsetInfo(_single(200), "open", ("test",), True),
@@ -331,16 +331,12 @@ def describe_voicebench(request: SubsetRequest, options: LoadOptions) -> dict[st
     return description
 
 
-register_benchmark(
-    Benchmark(
-        name="voicebench",
-        load=load_voicebench,
-        scorer={name: info.scorer for name, info in SUBSETS.items()},
-        speech_only=False,
-        description="VoiceBench (hlt-lab/voicebench): spoken instructions with a text `prompt` twin",
-        default_subsets=LEADERBOARD_SUBSETS,
-        splits={name: (*info.splits, ALL_SPLITS) for name, info in SUBSETS.items()},
-        unsupported=UNSUPPORTED,
-        describe=describe_voicebench,
-    )
+BENCHMARK = Benchmark(
+    name="voicebench",
+    load=load_voicebench,
+    scorer={name: info.scorer for name, info in SUBSETS.items()},
+    default_subsets=LEADERBOARD_SUBSETS,
+    splits={name: (*info.splits, ALL_SPLITS) for name, info in SUBSETS.items()},
+    unsupported=UNSUPPORTED,
+    describe=describe_voicebench,
 )

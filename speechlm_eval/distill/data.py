@@ -18,9 +18,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from speechlm_eval.audio_format import SAMPLING_RATE
+
 FIELDS = ("id", "system_prompt", "question", "response")
 BUNDLED = "bundled"
-SAMPLING_RATE = 16_000
 
 # Our reading, not the paper's: how long a spoken question may be and what counts as unspeakable.
 FILTER_DEFAULTS: dict[str, Any] = {

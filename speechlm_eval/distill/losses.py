@@ -13,7 +13,7 @@ float32 blocks at the peak, measured by ``benchmarks/bench_distill.py``; the pla
 ``(n_tokens, vocab)`` blocks, so chunking wins once a batch has more than about 2·chunk_size response tokens), and the
 gradient equals the unchunked one. The teacher is a constant: no gradient flows into it. One backward per forward.
 
-Notation (our reading of the paper, see ``shared/paper.md``): ``p`` = teacher, ``q`` = student, both softened by the
+Notation (our reading of the paper, Wang et al. 2025, arXiv 2509.14930): ``p`` = teacher, ``q`` = student, both softened by the
 temperature τ (``softmax(logits / τ)``); the loss is ``τ² · mean over response tokens of D(p, q)`` where ``D`` is
 
 - ``forward_kl``: KL(p ‖ q), the paper's default (mass-covering);
@@ -55,10 +55,10 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+from speechlm_eval.divergence import DEFAULT_CHUNK_SIZE, Divergence, check_divergence, divergence
+
 TopKTail = Literal["bucket", "renormalize"]
 DEFAULT_TOPK_TAIL: TopKTail = "bucket"
-DEFAULT_CHUNK_SIZE = 128
 # Only used when a TopK carries no rest_logprob: the rest mass 1 − Σ exp(top-k), rounded, can come out ≤ 0.
 REST_FLOOR = 1e-8
 
@@ -110,24 +110,6 @@ def topk_from_logits(logits: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZ
 
 # ----------------------------------------------------------------------------------------------------------------
 # Divergences between two normalised log-distributions over the last dim: (n, C), (n, C) -> (n,)
-
-
-def _xlogy_diff(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Σ a · (log a − log b) over the last dim, with 0 · log 0 = 0 (ids where a has no mass contribute nothing)."""
-    a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
-
-
-def divergence(log_p: Tensor, log_q: Tensor, kind: Divergence, beta: float = 0.5) -> Tensor:
-    """D(p, q) per row for normalised log-probabilities ``(n, C)`` → ``(n,)``; p = teacher, q = student."""
-    if kind == "forward_kl":
-        return _xlogy_diff(log_p, log_q)
-    if kind == "reverse_kl":
-        return _xlogy_diff(log_q, log_p)
-    if kind == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        return beta * _xlogy_diff(log_p, log_m) + (1 - beta) * _xlogy_diff(log_q, log_m)
-    raise ValueError(f"unknown divergence {kind!r}; choose one of {get_args(Divergence)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,14 +217,9 @@ def _masked_sum(
 
 
 def _check_options(kind: str, temperature: float, beta: float, topk_tail: str) -> None:
-    if kind not in get_args(Divergence):
-        raise ValueError(f"unknown divergence {kind!r}; choose one of {get_args(Divergence)}")
+    check_divergence(kind, temperature, beta)
     if topk_tail not in get_args(TopKTail):
         raise ValueError(f"unknown topk_tail {topk_tail!r}; choose one of {get_args(TopKTail)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if kind == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
 
 
 def _teacher_token_fn(
@@ -328,41 +305,3 @@ def ce_loss(student_logits: Tensor, targets: Tensor, mask: Tensor, chunk_size: i
 
     total, n = _masked_sum(student_logits, mask, token_ce, (targets.long(),), chunk_size)
     return total / max(n, 1)
-
-
-@torch.no_grad()
-def per_token_divergence(
-    p_logits: Tensor,
-    q_logits: Tensor,
-    mask: Tensor,
-    *,
-    kind: Divergence = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Tensor:
-    """D(p, q) at each masked token, for diagnostics (no gradient): ``(n_masked,)`` float32, ``p_logits[mask]`` order.
-
-    ``p_logits``/``q_logits`` ``(B, T, V)`` (e.g. text-LLM vs speech-LLM, or speech vs text input of one model);
-    ``forward_kl`` = KL(p ‖ q), ``reverse_kl`` = KL(q ‖ p), ``jsd`` as in :func:`kd_loss` with p in the teacher's role.
-    """
-    _check_options(kind, temperature, beta, DEFAULT_TOPK_TAIL)
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(f"p and q logits differ in shape: {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
-    rows = mask.bool().nonzero()
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=p_logits.device)
-    for start in range(0, rows.shape[0], chunk_size):
-        b, t = rows[start : start + chunk_size].unbind(-1)
-        out[start : start + chunk_size] = divergence(*_full_pair(q_logits[b, t].float(), p_logits[b, t], temperature),
-                                                     kind, beta)
-    return out
-
-
-def token_kl(p_logits: Tensor, q_logits: Tensor, mask: Tensor) -> Tensor:
-    """KL(p ‖ q) at τ = 1 per masked token: ``(n_masked,)``; logits ``(B, T, V)``, mask ``(B, T)``."""
-    return per_token_divergence(p_logits, q_logits, mask, kind="forward_kl")
-
-
-def token_jsd(p_logits: Tensor, q_logits: Tensor, mask: Tensor, beta: float = 0.5) -> Tensor:
-    """Generalised JSD(β) of p and q at τ = 1 per masked token: ``(n_masked,)`` (symmetric at β = 0.5)."""
-    return per_token_divergence(p_logits, q_logits, mask, kind="jsd", beta=beta)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from speechlm_eval.distill.losses import REST_FLOOR, TopK, topk_from_logits
 from speechlm_eval.distill.vocab import cut_padded_vocab, real_vocab_size
+from speechlm_eval.records import write_atomic
 
 CACHE_FORMAT = 1
 META_FILE, INDEX_FILE, SHARD_DIR = "meta.json", "index.jsonl", "shards"
@@ -90,7 +91,7 @@ class TeacherCache:
                         "delete this one"
                     )
             else:
-                _atomic_write(meta_path, json.dumps(self.meta, indent=2, sort_keys=True))
+                write_atomic(meta_path, json.dumps(self.meta, indent=2, sort_keys=True))
         self._index: dict[str, tuple[str, int]] = {}
         self._shards: dict[str, Any] = {}  # shard name -> open safe_open handle (shards never change once written)
         self._offsets: dict[str, Tensor] = {}
@@ -156,7 +157,7 @@ class TeacherCache:
             "rest_logprob": torch.cat(rests).contiguous(),
             "offsets": lengths.cumsum(0),
         }
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         with self._lock():
             self._reload_index()
@@ -165,9 +166,7 @@ class TeacherCache:
                 raise ValueError(f"{len(already)} example(s) already cached, e.g. {already[0]!r}")
             name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
             final = self.dir / SHARD_DIR / name
-            temporary = final.with_name(f".{name}.tmp-{os.getpid()}")
-            save_file(tensors, str(temporary), metadata={"example_ids": json.dumps(list(example_ids))})
-            os.replace(temporary, final)
+            write_atomic(final, save(tensors, metadata={"example_ids": json.dumps(list(example_ids))}))
             line = json.dumps({"shard": name, "ids": list(example_ids)}) + "\n"
             with open(self.dir / INDEX_FILE, "a+b") as index:
                 index.seek(0, os.SEEK_END)
@@ -250,12 +249,6 @@ class TeacherCache:
         from filelock import FileLock
 
         return FileLock(str(self.dir / ".lock"))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def build_teacher_cache(

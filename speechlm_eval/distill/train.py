@@ -16,15 +16,21 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from speechlm_eval.distill.config import (
+    _RESUMABLE_CHANGES,
+    MANIFEST_SCHEMA,
+    OUR_READING,
+    ConfigError,
+    DistillConfig,
+    resolve_distill_config,
+)
 from speechlm_eval.distill.data import (
-    FILTER_DEFAULTS,
     DistillExample,
     attach_audio,
     check_no_leakage,
@@ -39,124 +45,6 @@ from speechlm_eval.distill.data import (
 from speechlm_eval.distill.losses import ce_loss, kd_loss
 from speechlm_eval.distill.teacher_cache import TeacherCache, build_teacher_cache
 from speechlm_eval.distill.vocab import check_vocab_compatible, cut_padded_vocab, real_vocab_size
-
-MANIFEST_SCHEMA = "speechlm-eval/distill-manifest/v1"
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
-
-OUR_READING: dict[str, str] = {
-    "loss": "forward KL(teacher ‖ student) per response token at temperature 2, scaled by τ², averaged over the "
-    "response tokens of the batch (paper: 'KL divergence with temperature scaling'; direction, τ and reduction ours)",
-    "weights": "λ_TT = λ_ST = 1, no CE term (ce = 0); with ce > 0, CE is averaged over the active channels",
-    "teacher": "cached as its top-64 log-probs per response token (sparse); --topk 0 = full vocabulary on the fly",
-    "targets": "the dataset's response (Open-Orca 'response'), cut to 256 tokens, end-of-turn token appended",
-    "prompts": "the system prompt stays text in both channels; only the question is spoken (S→T)",
-    "trained": "LoRA r=16, α=32, dropout 0.05 on q/k/v/o of the language model; audio encoder and projector frozen",
-    "optimizer": "AdamW lr 1e-4, no weight decay, 3% linear warmup then cosine decay, 1 epoch, batch 8, "
-    "gradient clipping at norm 1.0",
-    "precision": "bf16 weights and autocast on GPU, fp32 on CPU",
-    "data": "rows read before filtering; speakable filter " + json.dumps(FILTER_DEFAULTS, sort_keys=True),
-    "speech": "espeak-ng, voice en-us, 160 words per minute; clips longer than the student's audio window dropped",
-}
-
-
-class ConfigError(ValueError):
-    """A distillation run that cannot start as configured (raised before models load where possible)."""
-
-
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:  # "help" as in argparse
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
-@dataclass
-class DistillConfig:
-    """Everything that determines a distillation run; each field is also a ``python -m speechlm_eval.distill`` option.
-
-    Defaults marked *our reading* in their help are our decisions, not the paper's (see :data:`OUR_READING`).
-    """
-
-    student: str = _opt(None, "speech LLM to distil into (path or hub id; Qwen2-Audio family)", required=True)
-    teacher: str = _opt(None, "text LLM teacher with the student's tokenizer (path or hub id)", required=True)
-    out: Path = _opt(None, "output directory (train state, logs, OUT/checkpoint)", required=True)
-    data: str = _opt("bundled", "'bundled', a local .jsonl/.parquet file, or a hub id such as Open-Orca/OpenOrca")
-    max_examples: int | None = _opt(None, "read at most this many rows (before filtering)")
-    targets: Literal["dataset", "teacher"] = _opt("dataset", "response to distil on: the dataset's or the teacher's "
-                                                  "own greedy generation (our reading: dataset)")
-    max_response_tokens: int = _opt(256, "cut target responses to this many tokens (our reading)")
-    channels: str = _opt("tt,st", "distillation channels: 'tt,st', 'tt' (text→text) or 'st' (speech→text)")
-    lambda_tt: float = _opt(1.0, "weight of the T→T loss (our reading)")
-    lambda_st: float = _opt(1.0, "weight of the S→T loss (our reading)")
-    ce: float = _opt(0.0, "weight of cross-entropy on the target tokens (our reading: 0)")
-    kind: Literal["forward_kl", "reverse_kl", "jsd"] = _opt("forward_kl", "divergence (our reading: forward KL)")
-    temperature: float = _opt(2.0, "softmax temperature τ; losses are scaled by τ² (our reading: 2)")
-    beta: float = _opt(0.5, "JSD mixing weight (kind=jsd only)")
-    topk: int = _opt(64, "teacher log-probs cached per token; 0 = full teacher distribution on the fly (our reading)")
-    lora: bool = _opt(True, "train LoRA adapters on the language model (--no-lora / --full = full fine-tune)")
-    lora_r: int = _opt(16, "LoRA rank (our reading)")
-    lora_alpha: int = _opt(32, "LoRA alpha (our reading)")
-    lora_dropout: float = _opt(0.05, "LoRA dropout (our reading)")
-    lora_targets: str = _opt(LORA_TARGETS, "regex of the modules LoRA adapts (language model attention only)")
-    train_projector: bool = _opt(False, "also train the audio→LLM projector (the audio encoder is always frozen)")
-    lr: float = _opt(1e-4, "peak learning rate (our reading)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (our reading)")
-    warmup_ratio: float = _opt(0.03, "share of the steps with linear warmup, then cosine decay (our reading)")
-    epochs: int = _opt(1, "passes over the data (our reading)")
-    batch_size: int = _opt(8, "examples per micro-batch per process (our reading)")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (our reading)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    seed: int = _opt(0, "seed of the data order, LoRA init and dropout")
-    save_every: int = _opt(0, "write a resumable train state every N optimizer steps (0 = only at the end)")
-    keep_states: int = _opt(2, "train states kept on disk (older ones are deleted)")
-    resume: bool = _opt(False, "continue from the last train state in OUT (same config required)")
-    overwrite: bool = _opt(False, "delete a previous run in OUT and start over")
-    stop_after_steps: int | None = _opt(None, "stop (saving a train state) after this many optimizer steps; the "
-                                        "schedule is unchanged, so --resume continues the same run")
-    dtype: str = _opt("auto", "model dtype: auto = bf16 on GPU, fp32 on CPU (our reading)")
-    tts_engine: str = _opt("espeak-ng", "TTS engine that speaks the questions (our reading)")
-    tts_voice: str = _opt("en-us", "TTS voice (our reading)")
-    tts_rate: int = _opt(160, "TTS speaking rate, words per minute (our reading)")
-    teacher_batch_size: int = _opt(8, "batch size for teacher generation and caching")
-    leakage_suite: str | None = _opt(None, "evaluation suite spec (e.g. 'voicebench') whose items must not be "
-                                     "distillation questions; the run stops if one is")
-    leakage_data_dir: str | None = _opt(None, "local data directory for --leakage-suite")
-    max_words: int = _opt(FILTER_DEFAULTS["max_words"], "drop questions longer than this many words (our reading)")
-    max_chars: int = _opt(FILTER_DEFAULTS["max_chars"], "drop questions longer than this many characters")
-    max_response_words: int | None = _opt(FILTER_DEFAULTS["max_response_words"], "drop longer responses")
-    trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
-
-    def __post_init__(self) -> None:
-        for name in ("student", "teacher", "out"):
-            if getattr(self, name) is None:
-                raise ConfigError(f"DistillConfig needs {name}")
-        self.out = Path(self.out)
-        active = self.active_channels()
-        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
-            raise ConfigError("batch_size, grad_accum and epochs must be at least 1")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.topk < 0:
-            raise ConfigError("topk must be >= 0 (0 = full teacher distribution on the fly)")
-        if self.train_projector and "st" not in active:
-            raise ConfigError("--train-projector needs the S→T channel: the projector only sees audio")
-        if self.targets not in ("dataset", "teacher"):
-            raise ConfigError(f"targets must be 'dataset' or 'teacher', got {self.targets!r}")
-        if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
-            raise ConfigError(f"kind must be forward_kl, reverse_kl or jsd, got {self.kind!r}")
-
-    def active_channels(self) -> tuple[str, ...]:
-        parts = tuple(p.strip() for p in self.channels.split(",") if p.strip())
-        if not parts or set(parts) - {"tt", "st"} or len(set(parts)) != len(parts):
-            raise ConfigError(f"channels must be 'tt,st', 'tt' or 'st', got {self.channels!r}")
-        return tuple(c for c in ("tt", "st") if c in parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-
-# Fields that may change between a run and its --resume without changing what is trained.
-_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "save_every", "keep_states", "stop_after_steps",
-                      "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
-
 
 def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Path:
     """Run (or resume) a distillation; returns ``OUT/checkpoint`` (the merged student + processor).
@@ -176,6 +64,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     from transformers import get_cosine_schedule_with_warmup
 
     started = time.time()
+    config = resolve_distill_config(config)
     accelerator = make_accelerator()
     out = config.out
     channels = config.active_channels()
@@ -537,26 +426,23 @@ def mean_over_processes(values: dict[str, float], accelerator: Any) -> dict[str,
 # Output directory, train states (resume) and the final checkpoint
 
 
+DISTILL_OUTPUTS = ("data", "teacher_cache", "train_state", "checkpoint", "train_log.jsonl", "manifest.json")
+
+
 def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
     """Refuse to mix runs: an existing run continues only with ``--resume`` and the same training config."""
+    from speechlm_eval.rundir import RunDirError, prepare_output_dir
+
     out = config.out
     manifest = out / "manifest.json"
     if accelerator.is_main_process:
-        if manifest.exists() and config.overwrite:
-            for name in ("data", "teacher_cache", "train_state", "checkpoint",
-                         "train_log.jsonl", "manifest.json"):
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        elif manifest.exists() and not config.resume:
-            raise ConfigError(f"{out} already holds a distillation run; pass --resume to continue it or "
-                              "--overwrite to start over")
-        elif manifest.exists():
-            previous = json.loads(manifest.read_text())["config"]
-            current = config.to_dict()
-            changed = sorted(k for k in set(previous) | set(current)
-                             if k not in _RESUMABLE_CHANGES and previous.get(k) != current.get(k))
-            if changed:
-                raise ConfigError(f"cannot resume {out}: the config differs from the run's in {', '.join(changed)}")
+        previous = json.loads(manifest.read_text())["config"] if manifest.exists() else None
+        try:
+            prepare_output_dir(out, config.to_dict(), previous=previous, has_run=manifest.exists(),
+                               outputs=DISTILL_OUTPUTS, resume=config.resume, overwrite=config.overwrite,
+                               what="distillation run", key="config", ignore=_RESUMABLE_CHANGES)
+        except RunDirError as error:
+            raise ConfigError(str(error)) from None
         out.mkdir(parents=True, exist_ok=True)
         if not manifest.exists():
             # Written first, so a run killed before training still owns OUT (its data and cache are reused on resume).
@@ -570,7 +456,7 @@ def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data
                    seconds: float | None = None) -> None:
     if not accelerator.is_main_process:
         return
-    from speechlm_eval.gap import package_versions
+    from speechlm_eval.rundir import package_versions
 
     manifest = {
         "schema": MANIFEST_SCHEMA,
@@ -699,11 +585,6 @@ def save_student(model: torch.nn.Module, processor: Any, checkpoint: Path, confi
     _write_json(tmp / "speechlm_eval_distill.json", {"config": config.to_dict(), "our_reading": OUR_READING})
     shutil.rmtree(checkpoint, ignore_errors=True)
     os.replace(tmp, checkpoint)
-
-
-def config_fields() -> list[Any]:
-    """The ``DistillConfig`` fields with their help text, for the command line."""
-    return list(fields(DistillConfig))
 
 
 def _write_json(path: Path, obj: Any) -> None:

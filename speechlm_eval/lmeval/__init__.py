@@ -3,8 +3,8 @@
 inequivalence of any ``multiple_choice`` task.
 
 Importing this package registers ``speechlm`` with lm-eval as a lazy entry (torch and the model code load on first
-use), so ``lm_eval.simple_evaluate(model="speechlm", ...)`` works after ``import speechlm_eval.lmeval``, and
-``speechlm_eval.report`` can read lm-eval records without importing torch.
+use), so ``lm_eval.simple_evaluate(model="speechlm", ...)`` works after ``import speechlm_eval.lmeval``; the numbers are
+computed from the records by :mod:`speechlm_eval.report.lmeval`, without lm-eval or torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import lm_eval.models  # noqa: F401 - lm-eval's own lazy entries first: its registry only self-fills when empty
 from lm_eval.api.registry import model_registry
 
-from speechlm_eval.lmeval.run import harness_records, lmeval_results_fragment, run_lmeval_tasks, task_manager_for
+from speechlm_eval.lmeval.run import harness_records, run_lmeval_tasks, task_manager_for
 from speechlm_eval.lmeval.spoken import SPOKEN_ARMS, ChoiceDoc, choice_docs, choice_scores, spoken_records
 
 if "speechlm" not in model_registry:
@@ -36,7 +36,6 @@ __all__ = [
     "choice_docs",
     "choice_scores",
     "harness_records",
-    "lmeval_results_fragment",
     "run_lmeval_tasks",
     "spoken_records",
     "task_manager_for",

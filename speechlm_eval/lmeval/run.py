@@ -4,7 +4,8 @@ document's score as a record, and report the paired gaps in the shape of ``resul
 Layout under ``out_dir/lmeval/``: ``<arm>.jsonl`` (one record per (task, doc_id); arms ``text_llm_text`` and
 ``speech_llm_text`` from lm-eval's own prompts, plus ``speech_llm_text_ll`` / ``speech_llm_speech_ll`` from
 :mod:`speechlm_eval.lmeval.spoken` when asked) and ``<arm>.results.json`` (lm-eval's aggregate output and config,
-without the samples). :func:`lmeval_results_fragment` rebuilds the numbers from the records alone.
+without the samples) and ``notes.json``; :func:`speechlm_eval.report.lmeval.lmeval_results` computes the numbers from
+them alone.
 
 ``python -m speechlm_eval.lmeval.run ...`` is lm-eval's own command line with the ``speechlm`` model registered.
 """
@@ -13,21 +14,17 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
-from speechlm_eval.metrics.paired import mean_ci, paired_gap
 from speechlm_eval.models.base import SpeechLM
 from speechlm_eval.models.registry import LoadOptions, load_model
-from speechlm_eval.records import dumps, read_records, write_text_atomic
+from speechlm_eval.records import dumps, json_safe, write_json_atomic, write_text_atomic
+from speechlm_eval.rundir import LMEVAL_GAPS, SPEECH_LLM_TEXT, TEXT_LLM_TEXT
 
-HARNESS_ARMS: tuple[str, str] = ("text_llm_text", "speech_llm_text")
-# (first, second) of each gap: gap = first - second, as in speechlm_eval.report.build.GAPS.
-LMEVAL_GAPS = {"forgetting": HARNESS_ARMS, "inequivalence": ("speech_llm_text_ll", "speech_llm_speech_ll")}
-_ARM_ORDER = {arm: i for i, arm in enumerate([*HARNESS_ARMS, *LMEVAL_GAPS["inequivalence"]])}
+HARNESS_ARMS: tuple[str, str] = tuple(LMEVAL_GAPS["forgetting"])  # type: ignore[assignment]
+NOTES_FILE = "notes.json"  # {task: [note]} for tasks whose spoken arms could not be run (read by report.lmeval)
 # Keys of an lm-eval logged sample that are not per-document metrics.
 _SAMPLE_FIELDS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash",
                   "prompt_hash", "target_hash"}
@@ -65,7 +62,7 @@ def harness_records(samples: dict[str, list[dict[str, Any]]], arm: str) -> list[
                                               "metrics": {}, "error": None})
             names = sample.get("metrics") or [k for k in sample if k not in _SAMPLE_FIELDS]
             for name in names:
-                value = _plain(sample[name])
+                value = json_safe(sample[name])
                 record["metrics"][f"{name},{sample['filter']}"] = value
                 if sample["filter"] == main_filter:
                     if name not in record["metric_names"]:
@@ -110,10 +107,9 @@ def run_lmeval_tasks(
     spoken: bool = False,
     load_options: LoadOptions = LoadOptions(),
     tts: Any = None,
-    n_resamples: int = 10_000,
     apply_chat_template: bool = False,
-) -> dict[str, Any]:
-    """Run lm-eval ``tasks`` on the speech LLM's text path and on the text LLM; return the ``lmeval:<task>`` subsets.
+) -> dict[str, list[str]]:
+    """Run lm-eval ``tasks`` on the speech LLM's text path and on the text LLM, writing their records.
 
     Runs in one process: under a multi-process launch only the main process works and the others return ``{}``.
 
@@ -131,7 +127,8 @@ def run_lmeval_tasks(
             raw prompt, as ``--model hf`` scores it).
 
     Returns:
-        ``{"lmeval:<task>": subset entry}`` as :func:`lmeval_results_fragment` builds it from the records written.
+        ``{task: [note]}`` for the tasks whose spoken arms could not be run (also written to ``lmeval/notes.json``);
+        the scores are :func:`speechlm_eval.report.lmeval.lmeval_results` of the run directory.
     """
     from speechlm_eval.distributed import process_state
     from speechlm_eval.lmeval.model import SpeechLMHarness
@@ -139,13 +136,13 @@ def run_lmeval_tasks(
     if not process_state().is_main_process:
         return {}
     root = Path(out_dir) / "lmeval"
-    for stale in [*root.glob("*.jsonl"), *root.glob("*.results.json")]:
+    for stale in [*root.glob("*.jsonl"), *root.glob("*.results.json"), *root.glob(NOTES_FILE)]:
         stale.unlink()  # a previous lm-eval run here (other tasks, arms): every record is recomputed
     manager = task_manager_for(tasks, include_path)
     notes: dict[str, list[str]] = {}
-    arms = [("speech_llm_text", speech_model_path)]
+    arms = [(SPEECH_LLM_TEXT, speech_model_path)]
     if text_model_path is not None:
-        arms.append(("text_llm_text", text_model_path))
+        arms.append((TEXT_LLM_TEXT, text_model_path))
     for arm, model in arms:
         adapter = load_model(str(model), load_options) if isinstance(model, (str, Path)) else model
         harness = SpeechLMHarness(adapter, batch_size=batch_size)
@@ -155,15 +152,13 @@ def run_lmeval_tasks(
         summary = {k: v for k, v in results.items() if k != "samples"}
         write_text_atomic(root / f"{arm}.results.json",
                           json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-        if arm == "speech_llm_text" and spoken:
+        if arm == SPEECH_LLM_TEXT and spoken:
             notes = run_spoken_arms(adapter, manager, tasks, root, limit=limit, batch_size=batch_size, tts=tts)
         del harness, adapter
         gc.collect()
-    fragment = lmeval_results_fragment(out_dir, seed=seed, n_resamples=n_resamples)
-    for task, task_notes in notes.items():
-        if f"lmeval:{task}" in fragment:
-            fragment[f"lmeval:{task}"]["notes"] = task_notes
-    return fragment
+    if notes:
+        write_json_atomic(root / NOTES_FILE, notes)
+    return notes
 
 
 def run_spoken_arms(adapter: Any, task_manager: Any, tasks: Sequence[str], root: Path, *,
@@ -191,90 +186,6 @@ def run_spoken_arms(adapter: Any, task_manager: Any, tasks: Sequence[str], root:
 
 def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     write_text_atomic(Path(path), "".join(dumps(r) + "\n" for r in records))
-
-
-def primary_metric(records: Sequence[dict[str, Any]]) -> str:
-    """``acc`` when the documents have it, else the first numeric per-document metric lm-eval logged."""
-    names = [n for r in records for n in r.get("metric_names", ["acc"])]
-    numeric = [n for n in dict.fromkeys(names) if any(isinstance(r.get(n), float) for r in records)]
-    return "acc" if "acc" in numeric or not numeric else numeric[0]
-
-
-def lmeval_results_fragment(out_dir: Path, seed: int = 0, n_resamples: int = 10_000) -> dict[str, Any]:
-    """``{"lmeval:<task>": entry}`` from the records under ``out_dir/lmeval/`` alone, entries shaped like
-    ``results.json`` subsets: ``{"n", "metric", "scale", "scorer", "speech_only", "arms": {arm: {"score", "ci_low",
-    "ci_high", "n", "errors", "missing", "acc_norm"}}, "forgetting", "inequivalence"}``.
-
-    Scores are percentages (``scale`` 100) for metrics in [0, 1] (acc, acc_norm, exact_match), raw means otherwise.
-    Gaps are :func:`~speechlm_eval.metrics.paired.paired_gap` over the documents scored in both arms, paired by
-    ``doc_id``: forgetting = ``text_llm_text - speech_llm_text`` (lm-eval's prompt), inequivalence =
-    ``speech_llm_text_ll - speech_llm_speech_ll`` (chat prompt; text vs spoken context).
-    """
-    root = Path(out_dir) / "lmeval"
-    by_arm: dict[str, dict[str, dict[str, Any]]] = {}
-    for path in sorted(root.glob("*.jsonl"), key=lambda p: (_ARM_ORDER.get(p.stem, len(_ARM_ORDER)), p.stem)):
-        by_arm[path.stem] = {r["id"]: r for r in read_records(path)}
-    subsets: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    for arm, records in by_arm.items():
-        for record in records.values():
-            subsets.setdefault(record["subset"], {}).setdefault(arm, {})[record["id"]] = record
-    fragment = {}
-    for subset in sorted(subsets):
-        fragment[subset] = _subset_entry(subsets[subset], seed, n_resamples)
-    return fragment
-
-
-def _subset_entry(arms: dict[str, dict[str, dict[str, Any]]], seed: int, n_resamples: int) -> dict[str, Any]:
-    harness = [r for arm in HARNESS_ARMS for r in arms.get(arm, {}).values()]
-    metric = primary_metric(harness) if harness else "acc"
-    ids = sorted({i for records in arms.values() for i in records}, key=_doc_order)
-    values = [r.get(metric) for records in arms.values() for r in records.values() if r.get(metric) is not None]
-    scale = 100.0 if all(0.0 <= v <= 1.0 for v in values) else 1.0
-    entry: dict[str, Any] = {"n": len(ids), "metric": metric, "scale": scale, "scorer": "lm-eval",
-                             "speech_only": False, "arms": {}}
-    for arm, records in arms.items():
-        ok = [r for r in records.values() if r.get("error") is None and r.get(metric) is not None]
-        arm_entry: dict[str, Any] = {
-            "n": len(ok),
-            "errors": sum(r.get("error") is not None for r in records.values()),
-            "missing": sum(i not in records for i in ids),
-        }
-        if ok:
-            score, low, high = mean_ci(np.array([r[metric] for r in ok]), scale=scale, n_resamples=n_resamples,
-                                       seed=seed)
-            norm = [r["acc_norm"] for r in ok if r.get("acc_norm") is not None]
-            arm_entry.update(score=score, ci_low=low, ci_high=high,
-                             acc_norm=100.0 * float(np.mean(norm)) if norm else None)
-        else:
-            arm_entry.update(score=None, ci_low=None, ci_high=None, acc_norm=None)
-        entry["arms"][arm] = arm_entry
-    for gap, (first, second) in LMEVAL_GAPS.items():
-        if first in arms and second in arms:
-            both = [i for i in ids if _scored(arms[first].get(i), metric) and _scored(arms[second].get(i), metric)]
-            a = np.array([arms[first][i][metric] for i in both], dtype=float)
-            b = np.array([arms[second][i][metric] for i in both], dtype=float)
-            entry[gap] = paired_gap(a, b, scale=scale, n_resamples=n_resamples, seed=seed).to_dict()
-    return entry
-
-
-def _scored(record: dict[str, Any] | None, metric: str) -> bool:
-    return record is not None and record.get("error") is None and record.get(metric) is not None
-
-
-def _doc_order(record_id: str) -> tuple[str, int]:
-    task, _, doc_id = record_id.rpartition("/")
-    return task, int(doc_id) if doc_id.isdigit() else -1
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe copy of a per-document metric value (numpy scalars, tuples)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def lm_eval_cli() -> None:

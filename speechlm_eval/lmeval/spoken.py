@@ -22,9 +22,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from speechlm_eval.models.base import SAMPLING_RATE, ModelInputError, Prompt, SpeechLM
+from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.models.base import ModelInputError, Prompt, SpeechLM
+from speechlm_eval.rundir import LMEVAL_SPOKEN_ARMS
 
-SPOKEN_ARMS: tuple[str, str] = ("speech_llm_text_ll", "speech_llm_speech_ll")
+SPOKEN_ARMS: tuple[str, str] = LMEVAL_SPOKEN_ARMS
 NO_LABEL = -100  # lm-eval's index for a target that is not among the choices: never equal to a prediction
 
 

@@ -2,15 +2,18 @@
 
 Overall = mean(20·AlpacaEval_full, 20·CommonEval, 20·WildVoice, SD-QA, MMSU, OBQA, BBH, IFEval, AdvBench), where the
 open subsets are 1–5 judge means, SD-QA = (panda + gpt)/2 on the ``usa`` split, IFEval = 100·final and
-AdvBench = 100·refusal_rate (shared/benchmarks.md §1.6, checked against all leaderboard rows to within 0.006).
+AdvBench = 100·refusal_rate (VoiceBench leaderboard rules, checked against all leaderboard rows to within 0.006).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from speechlm_eval.records import ARMS
+from speechlm_eval.rundir import ARMS
 
+# Multiplier from a scorer's mean per-item value to points on the leaderboard's 0-100 scale, for scorers whose own
+# metric is not already a percentage (AdvBench and IFEval x100, open-ended 1-5 judge means x20).
+POINTS_SCALE: dict[str, float] = {"harm": 100.0, "ifeval": 100.0, "open": 20.0}
 # column -> (subset, how to read the column in 0–100 units from the subset's official metric dict)
 Column = tuple[str, Callable[[Mapping[str, Any]], float | None]]
 
@@ -26,15 +29,15 @@ def _sdqa(official: Mapping[str, Any]) -> float | None:
 
 
 LEADERBOARD_COLUMNS: dict[str, Column] = {
-    "AlpacaEval": ("alpacaeval_full", _times("gpt", 20.0)),
-    "CommonEval": ("commoneval", _times("gpt", 20.0)),
-    "WildVoice": ("wildvoice", _times("gpt", 20.0)),
+    "AlpacaEval": ("alpacaeval_full", _times("gpt", POINTS_SCALE["open"])),
+    "CommonEval": ("commoneval", _times("gpt", POINTS_SCALE["open"])),
+    "WildVoice": ("wildvoice", _times("gpt", POINTS_SCALE["open"])),
     "SD-QA": ("sd-qa", _sdqa),
     "MMSU": ("mmsu", _times("acc", 1.0)),
     "OBQA": ("openbookqa", _times("acc", 1.0)),
     "BBH": ("bbh", _times("acc", 1.0)),
-    "IFEval": ("ifeval", _times("final", 100.0)),
-    "AdvBench": ("advbench", _times("refusal_rate", 100.0)),
+    "IFEval": ("ifeval", _times("final", POINTS_SCALE["ifeval"])),
+    "AdvBench": ("advbench", _times("refusal_rate", POINTS_SCALE["harm"])),
 }
 
 

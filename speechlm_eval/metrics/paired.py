@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import stats
+
+from speechlm_eval.records import json_safe
 
 PairedTest = Literal["mcnemar-exact", "wilcoxon", "none"]
 
@@ -44,7 +45,7 @@ class GapEstimate:
 
     def to_dict(self) -> dict[str, float | int | str | bool | None]:
         """JSON-safe dict: plain Python numbers, non-finite floats as None, plus the `empty` flag."""
-        out = {key: _json_safe(val) for key, val in asdict(self).items()}
+        out = {key: json_safe(val) for key, val in asdict(self).items()}
         out["empty"] = self.empty
         return out
 
@@ -149,6 +150,8 @@ def _bootstrap_mean_ci(
 
 def _paired_test(a: np.ndarray, b: np.ndarray) -> tuple[PairedTest, float]:
     """Exact McNemar for binary arms, else Wilcoxon signed-rank; a, b have shape (n,), n >= 1."""
+    from scipy import stats  # imported on first use: scipy.stats alone costs ~0.6 s of every command's start-up
+
     if _is_binary(a) and _is_binary(b):
         b10 = int(np.sum((a == 1) & (b == 0)))
         b01 = int(np.sum((a == 0) & (b == 1)))
@@ -187,13 +190,3 @@ def _validate_settings(n_resamples: int, confidence: float) -> None:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-
-
-def _json_safe(val: object) -> object:
-    if isinstance(val, (bool, np.bool_)):
-        return bool(val)
-    if isinstance(val, (int, np.integer)):
-        return int(val)
-    if isinstance(val, (float, np.floating)):
-        return float(val) if math.isfinite(val) else None
-    return val

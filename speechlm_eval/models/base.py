@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-SAMPLING_RATE = 16_000
 
 
 @dataclass(frozen=True)
@@ -31,11 +30,14 @@ class Prompt:
             raise ValueError("a Prompt needs text, audio or both")
 
 
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings; greedy by default. Written to the run manifest."""
 
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -57,6 +59,34 @@ class Generation:
 
 class ModelInputError(ValueError):
     """A prompt the model cannot take as given (e.g. audio longer than the encoder window)."""
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded: unknown path/id, unknown family, missing files."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a checkpoint. ``device``/``dtype`` accept "auto"."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: a loader and the ``config.json`` ``model_type`` values it claims.
+
+    A family is one file that defines ``FAMILY = Family(...)`` and one row in
+    :data:`speechlm_eval.models.registry.FAMILIES`.
+    """
+
+    name: str
+    load: "Callable[[str, LoadOptions], SpeechLM]"
+    model_types: tuple[str, ...] = ()
+    accepts_audio: bool = True
 
 
 @runtime_checkable

@@ -6,9 +6,8 @@ from typing import Any, Sequence
 
 import torch
 
-from speechlm_eval.models.base import ModelInputError, Prompt
+from speechlm_eval.models.base import Family, LoadOptions, ModelInputError, Prompt
 from speechlm_eval.models.hf_runtime import HFAdapter, eos_token_ids, resolve_device, resolve_dtype
-from speechlm_eval.models.registry import Family, LoadOptions, register_family
 
 
 class CausalLMModel(HFAdapter):
@@ -70,4 +69,4 @@ def load(name_or_path: str, options: LoadOptions) -> CausalLMModel:
     return CausalLMModel(name_or_path, model, tokenizer, revision=options.revision)
 
 
-register_family(Family(name="hf-causal", load=load, model_types=(), accepts_audio=False))
+FAMILY = Family(name="hf-causal", load=load, model_types=(), accepts_audio=False)

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.models.base import Generation, GenerationConfig
-
-# (prompts' chat-formatted strings, audios or None) -> left-padded model inputs (input_ids, attention_mask, extras)
-EncodeFn = Callable[[Sequence[str], Sequence[np.ndarray] | None], Mapping[str, torch.Tensor]]
-
 
 def resolve_device(device: str) -> torch.device:
     """"auto" = this process's device under accelerate/torchrun, else CUDA when present, else CPU."""
@@ -173,7 +170,7 @@ def continuation_logprobs_batch(
 
 
 def check_clip(audio: np.ndarray | None, *, max_seconds: float | None, n_audio_tokens: int, min_tokens: int,
-               sampling_rate: int = 16_000) -> None:
+               sampling_rate: int = SAMPLING_RATE) -> None:
     """Refuse a clip the feature extractor would silently truncate to the encoder window, or one too short to encode.
 
     ``n_audio_tokens``: what the family's encoder emits for this clip; ``min_tokens``: the fewest it can take.

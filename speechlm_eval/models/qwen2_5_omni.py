@@ -1,6 +1,6 @@
 """Qwen2.5-Omni, text output only: the thinker (audio encoder + LLM) of a full checkpoint or a bare thinker.
 
-Prompt format, after VoiceBench's ``qwen_omni`` wrapper (shared/benchmarks.md §1.3): one user turn whose content is
+Prompt format, after VoiceBench's ``qwen_omni`` wrapper (MatthewCYM/VoiceBench ``src/models``): one user turn whose content is
 the audio alone or the text alone, with the system turn "You are a helpful assistant." sent explicitly, through the
 checkpoint's chat template; items with an instruction beside the audio (MMAU) put the audio first, then the text.
 Qwen's model card asks for :data:`AUDIO_OUTPUT_SYSTEM_PROMPT` when the talker should speak; only the thinker's text
@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechlm_eval.models.base import Prompt, SAMPLING_RATE
+from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.models.base import Family, LoadOptions, ModelLoadError, Prompt
 from speechlm_eval.models.hf_runtime import HFAdapter, check_clip, eos_token_ids, resolve_device, resolve_dtype
-from speechlm_eval.models.registry import Family, LoadOptions, ModelLoadError, register_family
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # Required by Qwen2.5-Omni for speech output (model card); recorded for reference, not used for text output.
@@ -200,8 +200,4 @@ def load(name_or_path: str, options: LoadOptions) -> Qwen25OmniModel:
     return Qwen25OmniModel(name_or_path, model, tokenizer, feature_extractor, chat_template, revision=options.revision)
 
 
-register_family(
-    Family(
-        name="qwen2.5-omni", load=load, model_types=("qwen2_5_omni", "qwen2_5_omni_thinker"), accepts_audio=True
-    )
-)
+FAMILY = Family(name="qwen2.5-omni", load=load, model_types=("qwen2_5_omni", "qwen2_5_omni_thinker"), accepts_audio=True)

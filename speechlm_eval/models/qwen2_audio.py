@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechlm_eval.models.base import Prompt, SAMPLING_RATE
+from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.models.base import Family, LoadOptions, Prompt
 from speechlm_eval.models.hf_runtime import HFAdapter, check_clip, eos_token_ids, resolve_device, resolve_dtype
-from speechlm_eval.models.registry import Family, LoadOptions, register_family
 
 
 def conversation(prompt: Prompt) -> list[dict[str, Any]]:
@@ -108,4 +108,4 @@ def load(name_or_path: str, options: LoadOptions) -> Qwen2AudioModel:
     return Qwen2AudioModel(name_or_path, model, processor, revision=options.revision)
 
 
-register_family(Family(name="qwen2-audio", load=load, model_types=("qwen2_audio",), accepts_audio=True))
+FAMILY = Family(name="qwen2-audio", load=load, model_types=("qwen2_audio",), accepts_audio=True)

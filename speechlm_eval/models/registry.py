@@ -1,66 +1,45 @@
-"""Model families by name: a family is one file that registers a loader; ``load_model`` picks one from the config."""
+"""Model families by name, in one lazy table: a family is one file defining ``FAMILY`` plus one row here, and
+``load_model`` picks the family from the checkpoint's config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from speechlm_eval.models.base import SpeechLM
+from speechlm_eval.models.base import Family, LoadOptions, ModelLoadError, SpeechLM
+from speechlm_eval.registry import Registry
 
+__all__ = ["FAMILIES", "Family", "LoadOptions", "ModelLoadError", "detect_family", "get_family", "load_model",
+           "register_family"]
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to load a checkpoint. ``device``/``dtype`` accept "auto"."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class Family:
-    """A model family: ``model_types`` are the ``config.json`` ``model_type`` values it claims."""
-
-    name: str
-    load: Callable[[str, LoadOptions], SpeechLM]
-    model_types: tuple[str, ...] = ()
-    accepts_audio: bool = True
-
-
-_FAMILIES: dict[str, Family] = {}
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded: unknown path/id, unknown family, missing files."""
+FAMILIES: Registry[Family] = Registry(
+    "model family",
+    {
+        "hf-causal": "speechlm_eval.models.hf_causal:FAMILY",
+        "qwen2-audio": "speechlm_eval.models.qwen2_audio:FAMILY",
+        "qwen2.5-omni": "speechlm_eval.models.qwen2_5_omni:FAMILY",
+    },
+    unknown=lambda name, known: ModelLoadError(f"unknown model family {name!r}; registered: {known}"),
+)
+FALLBACK_FAMILY = "hf-causal"  # a checkpoint no family claims is loaded as a plain causal LM
 
 
 def register_family(family: Family) -> Family:
-    _FAMILIES[family.name] = family
+    """Add (or replace) a family object at run time (a plug-in may instead add a ``"module:FAMILY"`` row)."""
+    FAMILIES.register(family.name, family, replace=True)
     return family
 
 
-def family_names() -> list[str]:
-    _load_builtin_families()
-    return sorted(_FAMILIES)
-
-
 def get_family(name: str) -> Family:
-    _load_builtin_families()
-    if name not in _FAMILIES:
-        raise ModelLoadError(f"unknown model family {name!r}; registered: {sorted(_FAMILIES)}")
-    return _FAMILIES[name]
+    return FAMILIES.get(name)
 
 
 def detect_family(name_or_path: str, options: LoadOptions) -> Family:
-    """The family whose ``model_types`` contains the checkpoint's ``model_type``; plain causal LMs fall back to hf-causal."""
-    _load_builtin_families()
+    """The family whose ``model_types`` contains the checkpoint's ``model_type``; else the plain causal-LM family."""
     model_type = read_model_type(name_or_path, options)
-    for family in _FAMILIES.values():
+    for _, family in FAMILIES.items():
         if model_type in family.model_types:
             return family
-    return _FAMILIES["hf-causal"]
+    return FAMILIES.get(FALLBACK_FAMILY)
 
 
 def read_model_type(name_or_path: str, options: LoadOptions) -> str:
@@ -83,8 +62,3 @@ def load_model(name_or_path: str, options: LoadOptions = LoadOptions(), family: 
     """Load a checkpoint through its family's loader (``family`` forces one)."""
     chosen = get_family(family) if family else detect_family(name_or_path, options)
     return chosen.load(name_or_path, options)
-
-
-def _load_builtin_families() -> None:
-    # Importing the modules registers them; done lazily so `import speechlm_eval.models` stays light.
-    from speechlm_eval.models import hf_causal, qwen2_5_omni, qwen2_audio  # noqa: F401

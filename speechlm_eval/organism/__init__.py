@@ -1,9 +1,10 @@
 """The model organism: a tiny real-architecture text LLM (Qwen2) and speech LLM (Qwen2-Audio) built offline from a
-synthetic world of facts, whose speech stage genuinely causes forgetting (typed accuracy drops after the LM is
-unfrozen) and modality inequivalence (spoken accuracy below typed while the audio is heard correctly).
+synthetic world of facts (:mod:`speechlm_eval.data.organism_world`), whose speech stage genuinely causes forgetting
+(typed accuracy drops after the LM is unfrozen) and modality inequivalence (spoken accuracy below typed while the
+audio is heard correctly).
 
-``build(out_dir, seed)`` writes both checkpoints, the evaluation suite and a summary; see ``organism.builder``.
-Names are imported lazily so that ``organism.world`` / ``organism.suite`` stay free of torch.
+``build(out_dir, seed)`` writes both checkpoints, the evaluation suite and a summary (``organism.builder``); where
+they go is ``organism.layout`` (torch-free). Names are imported lazily so that importing the package stays light.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "OrganismPaths": "builder", "OrganismSpec": "builder", "build": "builder", "is_built": "builder",
-    "micro_spec": "builder", "paths_for": "builder", "EVAL_SUBSET": "world", "World": "world", "WorldSpec": "world",
-    "check_disjoint": "world", "eval_items": "world", "make_world": "world",
+    "OrganismSpec": "builder", "build": "builder", "micro_spec": "builder", "build_organism": "builder",
+    "OrganismPaths": "layout", "is_built": "layout", "paths_for": "layout", "BuildConfig": "config",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

@@ -25,6 +25,8 @@ import torch
 
 from speechlm_eval.organism.clips import HELD_OUT_VOICE, ClipBank, make_clip_bank, random_voice, synthesize
 from speechlm_eval.organism.corpus import asr_template, spoken_qa_template, tokenizer_corpus
+from speechlm_eval.organism.config import BuildConfig
+from speechlm_eval.organism.layout import ORGANISM_FORMAT, OrganismPaths, paths_for
 from speechlm_eval.organism.loop import Schedule
 from speechlm_eval.organism.train_speech import (
     SpeechBatcher,
@@ -35,8 +37,7 @@ from speechlm_eval.organism.train_speech import (
     stage_b,
 )
 from speechlm_eval.organism.train_text import TextLLMSpec, train_text_llm
-from speechlm_eval.organism.world import (
-    EVAL_SUBSET,
+from speechlm_eval.data.organism_world import (
     MCQ,
     World,
     WorldSpec,
@@ -49,10 +50,6 @@ from speechlm_eval.organism.world import (
     mcq_rows,
     write_jsonl,
 )
-
-ORGANISM_FORMAT = 1  # bump when what build writes changes
-MARKER = "organism.json"
-
 
 @dataclass(frozen=True)
 class OrganismSpec:
@@ -83,32 +80,6 @@ def micro_spec() -> OrganismSpec:
     )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class OrganismPaths:
-    """Where a build put its outputs."""
-
-    root: Path
-    text_llm: Path
-    speech_llm: Path
-    eval_suite: Path
-    distill: Path
-    summary: Path
-
-
-def paths_for(out_dir: str | Path) -> OrganismPaths:
-    root = Path(out_dir)
-    return OrganismPaths(root, root / "text_llm", root / "speech_llm", root / f"{EVAL_SUBSET}.jsonl",
-                         root / "distill.jsonl", root / MARKER)
-
-
-def is_built(out_dir: str | Path) -> bool:
-    """True when ``out_dir`` holds a complete build of this format."""
-    paths = paths_for(out_dir)
-    if not paths.summary.exists():
-        return False
-    return json.loads(paths.summary.read_text()).get("format") == ORGANISM_FORMAT
-
-
 @contextlib.contextmanager
 def deterministic(seed: int, threads: int) -> Iterator[None]:
     """Seed torch, pin the thread count and turn on deterministic algorithms; restore the previous settings after."""
@@ -127,7 +98,7 @@ def make_processor(world: World, vocab_size: int, chunk_seconds: int, seed: int,
     """The tokenizer (byte-level BPE on the world's text, ChatML chat template) inside a Qwen2-Audio processor."""
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
-    from speechlm_eval.models.tiny import train_tokenizer
+    from speechlm_eval.organism.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(tokenizer_corpus(world), vocab_size)
     extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=chunk_seconds, hop_length=hop_length)
@@ -190,6 +161,17 @@ def training_clips(
     distill = mcq_renderings(world.distill_facts)
     dev_mcqs = rng.sample(distill, min(spec.dev_clips, len(distill)))
     return bank, dev_mcqs
+
+
+def build_organism(config: BuildConfig) -> OrganismPaths:
+    """``speechlm-eval organism build`` as a library call (espeak-ng is checked before anything is built)."""
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        raise FileNotFoundError("espeak-ng is not installed (apt-get install -y espeak-ng): the organism's speech "
+                                "data needs it")
+    return build(config.out, seed=config.seed, spec=micro_spec() if config.micro else OrganismSpec(),
+                 progress=not config.quiet)
 
 
 def build(out_dir: str | Path, seed: int = 0, spec: OrganismSpec = OrganismSpec(), progress: bool = True) -> OrganismPaths:

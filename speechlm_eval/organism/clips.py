@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.models.qwen2_audio import audio_token_count
-from speechlm_eval.organism.world import MCQ
+from speechlm_eval.data.organism_world import MCQ
 from speechlm_eval.speech import get_tts
 
 # espeak-ng accents x variants; none is the held-out voice (plain en-us).
@@ -104,7 +105,7 @@ def featurise(feature_extractor: Any, clips: Sequence[np.ndarray], batch: int = 
     feats, lengths = [], []
     for start in range(0, len(clips), batch):
         out = feature_extractor(
-            list(clips[start : start + batch]), sampling_rate=16000, return_attention_mask=True,
+            list(clips[start : start + batch]), sampling_rate=SAMPLING_RATE, return_attention_mask=True,
             padding="max_length", return_tensors="pt",
         )  # fmt: skip
         feats.append(out["input_features"].to(torch.float16))
@@ -144,10 +145,3 @@ def make_clip_bank(
         if on_progress is not None:
             on_progress(len(part_m))
     return ClipBank(torch.cat(feats), torch.cat(lengths), kept_mcqs, kept_voices, kept_texts, dropped)
-
-
-def concat_banks(*banks: ClipBank) -> ClipBank:
-    """One bank holding every clip of ``banks`` in order (all featurised with the same extractor)."""
-    return ClipBank(torch.cat([b.features for b in banks]), torch.cat([b.n_frames for b in banks]),
-                    [m for b in banks for m in b.mcqs], [v for b in banks for v in b.voices],
-                    [t for b in banks for t in b.texts], sum(b.dropped for b in banks))

@@ -18,7 +18,7 @@ import torch
 from speechlm_eval.diagnostics import PROBE_INSTRUCTION
 from speechlm_eval.models.base import Prompt
 from speechlm_eval.models.qwen2_audio import conversation
-from speechlm_eval.organism.world import ATTRIBUTES, LETTERS, MCQ, Fact, World, mcq_renderings, render_mcq
+from speechlm_eval.data.organism_world import ATTRIBUTES, LETTERS, MCQ, Fact, World, mcq_renderings, render_mcq
 
 REPEAT_PREFIX = "Repeat: "  # the text-LLM task that lets a frozen LM emit question text (needed by stage A's ASR)
 AUDIO_TOKEN = "<|AUDIO|>"

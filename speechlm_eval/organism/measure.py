@@ -17,7 +17,7 @@ from speechlm_eval.data.item import Item
 from speechlm_eval.metrics.paired import paired_gap
 from speechlm_eval.models.registry import LoadOptions, load_model
 from speechlm_eval.organism.evaluate import hearing_summary, spoken_scores, transcribe, typed_scores
-from speechlm_eval.organism.world import MCQ
+from speechlm_eval.data.organism_world import MCQ
 
 
 def mcq_items(mcqs: Sequence[MCQ], subset: str = "organism_mcq") -> list[Item]:

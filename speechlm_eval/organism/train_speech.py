@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.models.qwen2_audio import Qwen2AudioModel
 from speechlm_eval.organism.clips import ClipBank
 from speechlm_eval.organism.corpus import AudioPromptTemplate, collate, response_ids
@@ -61,7 +62,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
 
 def max_source_positions(spec: SpeechLLMSpec) -> int:
     """Encoder positions of one window: mel frames (16 kHz / hop) halved by the encoder's strided convolution."""
-    return spec.chunk_seconds * 16000 // spec.hop_length // 2
+    return spec.chunk_seconds * SAMPLING_RATE // spec.hop_length // 2
 
 
 def new_speech_llm(text_llm: torch.nn.Module, tokenizer: Any, spec: SpeechLLMSpec, seed: int):

@@ -18,7 +18,7 @@ from speechlm_eval.models.hf_causal import CausalLMModel
 from speechlm_eval.organism.corpus import TEXT_TASKS, collate, encode_text_example, text_example
 from speechlm_eval.organism.evaluate import typed_scores
 from speechlm_eval.organism.loop import Schedule, StageLog, train
-from speechlm_eval.organism.world import World
+from speechlm_eval.data.organism_world import World
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def text_config(tokenizer: Any, spec: TextLLMSpec):
     """The Qwen2 config: untied head (the speech model never ties it), eos = ``<|im_end|>``."""
     from transformers import Qwen2Config
 
-    from speechlm_eval.models.tiny import text_config_kwargs
+    from speechlm_eval.organism.tokenizer import text_config_kwargs
 
     return Qwen2Config(**text_config_kwargs(spec, tokenizer, max_position_embeddings=1024))
 

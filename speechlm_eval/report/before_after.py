@@ -14,9 +14,8 @@ from speechlm_eval.metrics.paired import recovered
 from speechlm_eval.records import write_json_atomic, write_text_atomic
 from speechlm_eval.report.check import compare_runs
 from speechlm_eval.report.markdown import fmt
+from speechlm_eval.rundir import ARMS, DIAGNOSTICS, GAPS, RunDir, portable_path
 
-GAPS = ("forgetting", "inequivalence")
-ARM_ORDER = ("text_llm_text", "speech_llm_text", "speech_llm_speech")
 
 
 def before_after(before: Path, after: Path, *, alpha: float = 0.05) -> dict[str, Any]:
@@ -42,12 +41,10 @@ def distribution_changes(before: Path, after: Path, seed: int = 0, n_resamples: 
     import numpy as np
 
     from speechlm_eval.metrics.paired import paired_gap
-    from speechlm_eval.records import read_records
     from speechlm_eval.report.diagnostics import DISTRIBUTION_KEYS
 
     def load(run: Path) -> dict[str, dict[str, Any]]:
-        path = run / "records" / "diagnostics.jsonl"
-        return {r["id"]: r for r in read_records(path) if r.get("error") is None} if path.exists() else {}
+        return {i: r for i, r in RunDir(run).records(DIAGNOSTICS).items() if r.get("error") is None}
 
     first, second = load(before), load(after)
     out: dict[str, Any] = {}
@@ -83,7 +80,7 @@ def render_before_after_markdown(result: dict[str, Any], preamble: list[str] | N
     lines += ["", "## Arm scores", "", "| subset | arm | n | before | after | change [95% CI] | p |",
               "|---|---|---|---|---|---|---|"]
     for subset, entry in result["subsets"].items():
-        for arm in ARM_ORDER:
+        for arm in ARMS:
             a = entry["arms"].get(arm)
             if a is None:
                 continue
@@ -110,6 +107,8 @@ def write_before_after(out: Path, before: Path, after: Path, preamble: list[str]
     from speechlm_eval.report.html import CSS, CSP, esc, markdown_sections_html
 
     result = before_after(before, after)
+    # Written relative to the report ("before", "after"), so the folder can be moved or committed as it is.
+    result.update(before=portable_path(str(before), out), after=portable_path(str(after), out))
     write_json_atomic(out / "comparison.json", result)
     markdown = render_before_after_markdown(result, preamble)
     write_text_atomic(out / "report.md", markdown)

@@ -2,61 +2,50 @@
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from speechlm_eval.metrics.paired import mean_ci, paired_gap
-from speechlm_eval.records import ARMS, read_records, write_json_atomic, write_text_atomic
 from speechlm_eval.metrics.overall import leaderboard_overall
+from speechlm_eval.metrics.paired import mean_ci, paired_gap
+from speechlm_eval.records import write_json_atomic, write_text_atomic
 from speechlm_eval.report.diagnostics import diagnostics_results
-from speechlm_eval.scoring import load_builtin_scorers
+from speechlm_eval.rundir import GAPS, SPEECH_ARM, ItemRow, RunDir
 from speechlm_eval.scoring.base import item_rng
-from speechlm_eval.scoring.judge import JUDGE_NONE_NOTE, JUDGED_SCORERS, MissingJudgement, attach_judgements
-from speechlm_eval.scoring.registry import Scorer, get_scorer
+from speechlm_eval.scoring.judged import JUDGE_NONE_NOTE, MissingJudgement
+from speechlm_eval.scoring.registry import SCORERS, Scorer, get_scorer
 
 RESULTS_SCHEMA = "speechlm-eval/results/v1"
-GAPS = {"forgetting": ("text_llm_text", "speech_llm_text"), "inequivalence": ("speech_llm_text", "speech_llm_speech")}
 
 
-def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
-    """The manifest, the item rows and ``{arm: {item id: record}}`` of a run directory.
+@dataclass
+class ReportConfig:
+    """``speechlm-eval report``: which run to rebuild, optionally judging it first."""
 
-    Judge outputs (``judgements/<arm>.jsonl``, for the judge-scored subsets) are folded into the item rows as
-    ``row["judgements"]``: a list of judgement rows keyed by the judged response's hash.
-    """
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    items = read_records(run_dir / "items.jsonl")
-    records = {}
-    for arm in ARMS:
-        path = run_dir / "records" / f"{arm}.jsonl"
-        if path.exists():
-            records[arm] = {r["id"]: r for r in read_records(path)}
-    judgements: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((run_dir / "judgements").glob("*.jsonl")):
-        for row in read_records(path):
-            judgements.setdefault(row["id"], []).append(row)
-    if judgements:
-        items = [{**row, "judgements": judgements.get(row["id"], [])} for row in items]
-    return manifest, items, records
+    run_dir: Path = field(metadata={"argument": True, "help": "A gap run directory."})
+    judge: str | None = field(default=None, metadata={
+        "help": "Judge the open-ended/sd-qa responses first (see gap --judge)."})
 
 
-def as_item(row: dict[str, Any]) -> SimpleNamespace:
-    """A scorer-facing view of an ``items.jsonl`` row (the same attribute names as ``Item``, plus judgements)."""
-    item = SimpleNamespace(
-        id=row["id"], subset=row["subset"], text=row["text"], audio_instruction=row["audio_instruction"],
-        choices=tuple(row["choices"]), reference=row["reference"], meta=row["meta"],
-    )
-    if row["scorer"] in JUDGED_SCORERS:
-        item = attach_judgements(item, row.get("judgements", []))
-    return item
+def rebuild_report(config: ReportConfig) -> Path:
+    """Rebuild results.json, report.md and report.html from a run's records alone (judging first with ``judge``);
+    returns the path of report.md."""
+    run = RunDir(config.run_dir)
+    if not run.manifest_path.exists():
+        raise FileNotFoundError(f"{config.run_dir} is not a run directory (no manifest.json)")
+    if config.judge is not None:
+        from speechlm_eval.judge.run import judge_run
+
+        judge_run(run.path, config.judge)
+    build_report(run.path)
+    return run.path / "report.md"
+Records = Mapping[str, Mapping[str, dict[str, Any]]]  # {arm: {item id: record}}
 
 
-def score_arm(scorer: Scorer, items: list[SimpleNamespace], records: dict[str, dict[str, Any]], arm: str,
+def score_arm(scorer: Scorer, items: list[ItemRow], records: Mapping[str, dict[str, Any]], arm: str,
               seed: int) -> dict[str, Any]:
     """Per-item scores of one arm (``None`` where the record is missing or an error)."""
     scores = {}
@@ -73,18 +62,17 @@ def score_arm(scorer: Scorer, items: list[SimpleNamespace], records: dict[str, d
     return scores
 
 
-def subset_results(rows: list[dict[str, Any]], records: dict[str, dict[str, dict[str, Any]]], seed: int,
-                   n_resamples: int, per_arm: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def subset_results(items: list[ItemRow], records: Records, seed: int, n_resamples: int,
+                   per_arm: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Arm scores (with bootstrap CIs), official metric dicts and the two paired gaps of one subset.
 
     ``per_arm``: the subset's per-item scores when already computed (:func:`subset_item_scores`).
     """
-    items = [as_item(r) for r in rows]
-    scorer = get_scorer(rows[0]["scorer"])
+    scorer = get_scorer(items[0].scorer)
     entry: dict[str, Any] = {"n": len(items), "scorer": scorer.name, "metric": scorer.primary,
-                             "speech_only": is_speech_only(rows), "arms": {}}
+                             "speech_only": is_speech_only(items), "arms": {}}
     if per_arm is None:
-        per_arm = subset_item_scores(rows, records, seed)
+        per_arm = subset_item_scores(items, records, seed)
     for arm, scores in per_arm.items():
         arm_records = records[arm]
         valid = [(it, s) for it, s in zip(items, scores.values()) if s is not None]
@@ -113,82 +101,80 @@ def subset_results(rows: list[dict[str, Any]], records: dict[str, dict[str, dict
     return entry
 
 
-def is_speech_only(rows: list[dict[str, Any]]) -> bool:
+def is_speech_only(items: list[ItemRow]) -> bool:
     """True when no item of a subset can be asked as text, so only the speech arm applies (as ``subset_results``)."""
-    return not any(r["text"] is not None and r["audio_instruction"] is None for r in rows)
+    return not any(item.has_text_equivalent for item in items)
 
 
-def subset_item_scores(rows: list[dict[str, Any]], records: dict[str, dict[str, dict[str, Any]]],
-                       seed: int) -> dict[str, dict[str, Any]]:
+def subset_item_scores(items: list[ItemRow], records: Records, seed: int) -> dict[str, dict[str, Any]]:
     """``{arm: {item id: Score | None}}`` of one subset: the per-item scores ``subset_results`` aggregates."""
-    items = [as_item(r) for r in rows]
-    scorer = get_scorer(rows[0]["scorer"])
-    speech_only = is_speech_only(rows)
+    scorer = get_scorer(items[0].scorer)
+    speech_only = is_speech_only(items)
     return {arm: score_arm(scorer, items, arm_records, arm, seed) for arm, arm_records in records.items()
-            if not (speech_only and arm != "speech_llm_speech")}
+            if not (speech_only and arm != SPEECH_ARM)}
+
+
+def by_subset(items: list[ItemRow]) -> dict[str, list[ItemRow]]:
+    """The items of each subset, subsets in first-appearance order."""
+    out: dict[str, list[ItemRow]] = {}
+    for item in items:
+        out.setdefault(item.subset, []).append(item)
+    return out
 
 
 def run_item_scores(run_dir: Path) -> dict[str, Any]:
     """Per-item scores of a run, as ``build_results`` computes them, for comparisons across runs (``check``).
 
-    Returns ``{"manifest", "rows": {subset: [item rows]}, "scores": {subset: {arm: {id: Score | None}}},
+    Returns ``{"manifest", "rows": {subset: [ItemRow]}, "scores": {subset: {arm: {id: Score | None}}},
     "recorded": {subset: {arm: items with a record, errors included}}, "unscored": {subset: scorer name}}``; subsets
     whose scorer is not registered are listed under ``unscored``.
     """
-    load_builtin_scorers()
-    manifest, rows, records = load_run(Path(run_dir))
-    seed = int(manifest.get("seed", 0))
-    by_subset: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_subset.setdefault(row["subset"], []).append(row)
+    run = RunDir(run_dir)
+    manifest, records = run.read_manifest(), run.arm_records()
+    grouped = by_subset(run.items())
     scores, recorded, unscored = {}, {}, {}
-    for subset, subset_rows in by_subset.items():
-        if unscored_reason(subset_rows) is not None:
-            unscored[subset] = subset_rows[0]["scorer"]
+    for subset, items in grouped.items():
+        if unscored_reason(items) is not None:
+            unscored[subset] = items[0].scorer
             continue
-        scores[subset] = subset_item_scores(subset_rows, records, seed)
-        recorded[subset] = {arm: sum(r["id"] in records[arm] for r in subset_rows) for arm in scores[subset]}
-    return {"manifest": manifest, "rows": by_subset, "scores": scores, "recorded": recorded, "unscored": unscored}
+        scores[subset] = subset_item_scores(items, records, manifest.seed)
+        recorded[subset] = {arm: sum(i.id in records[arm] for i in items) for arm in scores[subset]}
+    return {"manifest": manifest.to_dict(), "rows": grouped, "scores": scores, "recorded": recorded,
+            "unscored": unscored}
 
 
-def unscored_reason(rows: list[dict[str, Any]]) -> str | None:
+def unscored_reason(items: list[ItemRow]) -> str | None:
     """Why a subset cannot be scored at all (``None`` when it can)."""
-    name = rows[0]["scorer"]
-    try:
-        get_scorer(name)
-    except KeyError:
+    name = items[0].scorer
+    if name not in SCORERS:
         return f"scorer {name!r} is not available in this version; responses are in the records"
-    if name in JUDGED_SCORERS and not any(r.get("judgements") for r in rows):
+    if get_scorer(name).judged and not any(i.judgements for i in items):
         return JUDGE_NONE_NOTE
     return None
 
 
 def build_results(run_dir: Path) -> dict[str, Any]:
     """The ``results.json`` object of a run, computed from its files only."""
-    load_builtin_scorers()
-    manifest, rows, records = load_run(run_dir)
-    seed = int(manifest.get("seed", 0))
-    n_resamples = int(manifest.get("statistics", {}).get("n_resamples", 10_000))
-    by_subset: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_subset.setdefault(row["subset"], []).append(row)
-    subsets, unscored, item_scores, scales = {}, {}, {}, {}
-    for subset, subset_rows in by_subset.items():
-        reason = unscored_reason(subset_rows)
-        if reason is not None:
-            unscored[subset] = {"n": len(subset_rows), "scorer": subset_rows[0]["scorer"], "reason": reason}
-            continue
-        item_scores[subset] = subset_item_scores(subset_rows, records, seed)
-        scales[subset] = get_scorer(subset_rows[0]["scorer"]).scale
-        subsets[subset] = subset_results(subset_rows, records, seed, n_resamples, item_scores[subset])
-    if (Path(run_dir) / "lmeval").is_dir():
-        from speechlm_eval.lmeval.run import lmeval_results_fragment
+    from speechlm_eval.report.lmeval import lmeval_results
 
-        subsets.update(lmeval_results_fragment(Path(run_dir), seed=seed, n_resamples=n_resamples))
+    run = RunDir(run_dir)
+    manifest, records = run.read_manifest(), run.arm_records()
+    seed, n_resamples = manifest.seed, manifest.n_resamples
+    subsets, unscored, item_scores, scales = {}, {}, {}, {}
+    for subset, items in by_subset(run.items()).items():
+        reason = unscored_reason(items)
+        if reason is not None:
+            unscored[subset] = {"n": len(items), "scorer": items[0].scorer, "reason": reason}
+            continue
+        item_scores[subset] = subset_item_scores(items, records, seed)
+        scales[subset] = get_scorer(items[0].scorer).scale
+        subsets[subset] = subset_results(items, records, seed, n_resamples, item_scores[subset])
+    if run.lmeval_dir.is_dir():
+        subsets.update(lmeval_results(run, seed=seed, n_resamples=n_resamples))
     results = {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored}
     results["overall"] = leaderboard_overall(subsets)
-    results["diagnostics"] = diagnostics_results(Path(run_dir), item_scores, scales, seed, n_resamples)
-    results["manifest"] = manifest
+    results["diagnostics"] = diagnostics_results(run, item_scores, scales, seed, n_resamples)
+    results["manifest"] = manifest.to_dict()
     return results
 
 

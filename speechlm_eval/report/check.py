@@ -13,14 +13,11 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from speechlm_eval.metrics.paired import GapEstimate, paired_gap
-from speechlm_eval.records import ARMS
-from speechlm_eval.report.build import GAPS, run_item_scores
+from speechlm_eval.metrics.overall import POINTS_SCALE
+from speechlm_eval.report.build import run_item_scores
+from speechlm_eval.rundir import ARMS, GAPS, ItemRow, RunDir
 from speechlm_eval.scoring.registry import Scorer, get_scorer
 
-# Multiplier from a scorer's mean per-item value to points on the VoiceBench leaderboard's 0-100 scale, for scorers
-# whose own metric is not already a percentage (benchmarks.md §1.6: AdvBench and IFEval x100, open 1-5 means x20).
-POINTS_SCALE: dict[str, float] = {"harm": 100.0, "ifeval": 100.0, "open": 20.0}
-DEFAULT_N_RESAMPLES = 10_000
 MAX_IDS_SHOWN = 10
 
 Verdict = Literal["FAIL", "pass"]
@@ -28,6 +25,22 @@ Verdict = Literal["FAIL", "pass"]
 
 class CheckError(ValueError):
     """Runs that cannot be compared: a missing run or file, a run without records, different item sets."""
+
+
+@dataclass
+class CheckConfig:
+    """``speechlm-eval check``: the two runs and the gate's thresholds."""
+
+    baseline: Path = field(metadata={"help": "Run directory of the released (baseline) model."})
+    candidate: Path = field(metadata={"help": "Run directory of the candidate model, on the same items."})
+    max_drop: float = field(default=1.0, metadata={
+        "help": "Largest tolerated drop of a score (or growth of a gap), in points on a 0-100 scale: accuracies in "
+                "%, advbench refusal_rate x100, open-ended 1-5 judge means x20."})
+    alpha: float = field(default=0.05, metadata={
+        "help": "Significance level of the two-sided paired test (McNemar / Wilcoxon); CIs are at 1-alpha."})
+    subsets: list[str] = field(default_factory=list, metadata={
+        "help": "Compare only these subsets (repeatable; default: every subset scored in both runs).",
+        "flag": "--subset"})
 
 
 @dataclass(frozen=True)
@@ -82,12 +95,13 @@ class CheckReport:
 def load_run_scores(run_dir: Path) -> dict[str, Any]:
     """:func:`run_item_scores` of a run, with :class:`CheckError` for anything that makes it unusable."""
     run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     if not run_dir.is_dir():
         raise CheckError(f"{run_dir}: no such run directory")
-    for name in ("manifest.json", "items.jsonl"):
-        if not (run_dir / name).is_file():
-            raise CheckError(f"{run_dir} is not a run directory (no {name})")
-    if not any((run_dir / "records" / f"{arm}.jsonl").is_file() for arm in ARMS):
+    for path in (run.manifest_path, run.items_path):
+        if not path.is_file():
+            raise CheckError(f"{run_dir} is not a run directory (no {path.name})")
+    if not any(run.records_path(arm).is_file() for arm in ARMS):
         raise CheckError(f"{run_dir} has no records (records/<arm>.jsonl): a run without results cannot be compared")
     try:
         return run_item_scores(run_dir)
@@ -114,11 +128,11 @@ def _ids_listing(ids: Sequence[str]) -> str:
     return f"{len(ids)}: {shown}{more}"
 
 
-def check_same_items(subset: str, baseline_rows: list[dict[str, Any]], candidate_rows: list[dict[str, Any]]) -> None:
+def check_same_items(subset: str, baseline_rows: list[ItemRow], candidate_rows: list[ItemRow]) -> None:
     """:class:`CheckError` naming the differing ids when the two runs did not answer the same items of ``subset``
     (different ids, or the same ids with a different question or reference)."""
-    base_ids = {r["id"] for r in baseline_rows}
-    cand_ids = {r["id"] for r in candidate_rows}
+    base_ids = {r.id for r in baseline_rows}
+    cand_ids = {r.id for r in candidate_rows}
     parts = []
     if base_ids - cand_ids:
         parts.append(f"only in baseline {_ids_listing(list(base_ids - cand_ids))}")
@@ -127,15 +141,15 @@ def check_same_items(subset: str, baseline_rows: list[dict[str, Any]], candidate
     if parts:
         raise CheckError(f"subset {subset}: the runs have different item sets ({'; '.join(parts)})")
     # Same ids can still be different questions (e.g. VoiceBench's bbh was re-uploaded): compare what was asked.
-    base_content = {r["id"]: _content(r) for r in baseline_rows}
-    changed = [r["id"] for r in candidate_rows if _content(r) != base_content[r["id"]]]
+    base_content = {r.id: _content(r) for r in baseline_rows}
+    changed = [r.id for r in candidate_rows if _content(r) != base_content[r.id]]
     if changed:
         raise CheckError(f"subset {subset}: items with the same id differ in text, choices or reference between the "
                          f"runs (different data revisions?): {_ids_listing(changed)}")
 
 
-def _content(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    return (row.get("text"), row.get("audio_instruction"), tuple(row.get("choices") or ()), row.get("reference"))
+def _content(row: ItemRow) -> tuple[Any, ...]:
+    return (row.text, row.audio_instruction, tuple(row.choices), row.reference)
 
 
 def _paired_values(score_maps: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
@@ -196,7 +210,7 @@ def _pair_or_fail(subset: str, label: str, maps: Sequence[Mapping[str, Any]], id
 def compare_subset(subset: str, base: Mapping[str, Any], cand: Mapping[str, Any], scale: float,
                    settings: Mapping[str, Any], notes: list[str]) -> list[Comparison]:
     """Every arm with records in both runs, then every gap whose two arms have records in both runs."""
-    ids = [r["id"] for r in base["rows"][subset]]
+    ids = [r.id for r in base["rows"][subset]]
     base_scores, cand_scores = base["scores"][subset], cand["scores"][subset]
     present = _present_arms(base, subset) & _present_arms(cand, subset)
     for arm in sorted(_present_arms(base, subset) ^ _present_arms(cand, subset)):
@@ -240,6 +254,12 @@ def _select_subsets(base: Mapping[str, Any], cand: Mapping[str, Any], requested:
     return subsets
 
 
+def check(config: CheckConfig) -> CheckReport:
+    """The gate as a library call: :func:`compare_runs` with a :class:`CheckConfig`."""
+    return compare_runs(config.baseline, config.candidate, max_drop=config.max_drop, alpha=config.alpha,
+                        subsets=config.subsets or None)
+
+
 def compare_runs(baseline: Path, candidate: Path, *, max_drop: float = 1.0, alpha: float = 0.05,
                  subsets: Sequence[str] | None = None) -> CheckReport:
     """Compare two gap runs per subset, per arm and per gap, paired over item ids.
@@ -255,11 +275,11 @@ def compare_runs(baseline: Path, candidate: Path, *, max_drop: float = 1.0, alph
     notes: list[str] = []
     manifest = base["manifest"]
     settings = {"max_drop": max_drop, "alpha": alpha, "seed": int(manifest.get("seed", 0)),
-                "n_resamples": int(manifest.get("statistics", {}).get("n_resamples", DEFAULT_N_RESAMPLES))}
+                "n_resamples": int(manifest.get("statistics", {}).get("n_resamples", 10_000))}
     comparisons: list[Comparison] = []
     for subset in _select_subsets(base, cand, subsets, notes):
         check_same_items(subset, base["rows"][subset], cand["rows"][subset])
-        base_scorer, cand_scorer = base["rows"][subset][0]["scorer"], cand["rows"][subset][0]["scorer"]
+        base_scorer, cand_scorer = base["rows"][subset][0].scorer, cand["rows"][subset][0].scorer
         if base_scorer != cand_scorer:
             raise CheckError(f"subset {subset}: scored by {base_scorer!r} in the baseline but {cand_scorer!r} in the "
                              "candidate")

@@ -7,13 +7,12 @@ modality gap of a working audio path.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from speechlm_eval.metrics.paired import mean_ci, paired_gap
-from speechlm_eval.records import read_records
+from speechlm_eval.rundir import DIAGNOSTICS, GAPS, PERCEPTION, RunDir
 
 DISTRIBUTION_KEYS = ("kl_text_vs_speech", "jsd_text_vs_speech", "kl_text_llm_vs_speech_llm", "jsd_text_llm_vs_speech_llm")
 # (label, upper WER bound inclusive); the last bucket takes the rest.
@@ -71,8 +70,9 @@ def perception_summary(records: list[dict[str, Any]], item_scores: Mapping[str, 
                              key_phrase_n=len(keyed))
         subsets[subset] = entry
         arms = item_scores.get(subset, {})
-        if "speech_llm_text" in arms and "speech_llm_speech" in arms:
-            text, speech = arms["speech_llm_text"], arms["speech_llm_speech"]
+        text_arm, speech_arm = GAPS["inequivalence"]
+        if text_arm in arms and speech_arm in arms:
+            text, speech = arms[text_arm], arms[speech_arm]
             gaps: list[dict[str, Any] | None] = []
             for k in range(len(WER_BUCKETS)):
                 both = [i for i in ids if wer_bucket(wer[i]) == k and text.get(i) is not None
@@ -87,14 +87,13 @@ def perception_summary(records: list[dict[str, Any]], item_scores: Mapping[str, 
     return {"buckets": [label for label, _ in WER_BUCKETS], "subsets": subsets, "inequivalence": split}
 
 
-def diagnostics_results(run_dir: Path, item_scores: Mapping[str, Any], scales: Mapping[str, float], seed: int,
+def diagnostics_results(run: RunDir, item_scores: Mapping[str, Any], scales: Mapping[str, float], seed: int,
                         n_resamples: int) -> dict[str, Any]:
     """The ``diagnostics`` object of results.json (empty when the run has no diagnostic records)."""
     out: dict[str, Any] = {}
-    distribution = run_dir / "records" / "diagnostics.jsonl"
-    if distribution.exists():
-        out["distribution"] = distribution_summary(read_records(distribution), seed, n_resamples)
-    perception = run_dir / "records" / "perception.jsonl"
-    if perception.exists():
-        out["perception"] = perception_summary(read_records(perception), item_scores, scales, seed, n_resamples)
+    if run.records_path(DIAGNOSTICS).exists():
+        out["distribution"] = distribution_summary(list(run.records(DIAGNOSTICS).values()), seed, n_resamples)
+    if run.records_path(PERCEPTION).exists():
+        out["perception"] = perception_summary(list(run.records(PERCEPTION).values()), item_scores, scales, seed,
+                                               n_resamples)
     return out

@@ -15,13 +15,10 @@ from typing import Any, Iterable
 
 import matplotlib
 
-from speechlm_eval.records import ARMS, write_text_atomic
-from speechlm_eval.report.markdown import ARM_TITLES, diagnostics_lines, fmt, fmt_gap, overall_lines, report_notes
+from speechlm_eval.records import write_text_atomic
+from speechlm_eval.report.markdown import GAPS_NOTE, diagnostics_lines, fmt, fmt_gap, overall_lines, report_notes
 from speechlm_eval.report.plots import report_figures, significant
-
-GAP_DEFINITIONS = ("forgetting = text LLM · text − speech LLM · text; inequivalence = speech LLM · text − speech LLM · "
-                   "speech. Gaps are paired over the items scored in both arms, with a 95% paired-bootstrap CI and a "
-                   "paired test (exact McNemar for 0/1 scores, Wilcoxon signed-rank otherwise).")
+from speechlm_eval.rundir import ARM_TITLES, ARMS
 # No scripts, no remote anything: images only from data: URIs, styles only from the inline <style>.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 CSS = """
@@ -207,7 +204,7 @@ def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None
     body = [
         "<h1>speechlm-eval gap report</h1>",
         header_html(manifest),
-        f'<p class="small">{esc(GAP_DEFINITIONS)}</p>',
+        f'<p class="small">{esc(GAPS_NOTE)}</p>',
         "<h2>Scores and gaps</h2>",
         table_html(subsets),
         legend_html(manifest.get("statistics", {}).get("confidence")),

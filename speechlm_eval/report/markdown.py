@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from speechlm_eval.metrics.overall import LEADERBOARD_COLUMNS
-from speechlm_eval.records import ARMS
+from speechlm_eval.rundir import ARM_TITLES, ARMS, GAP_DEFINITIONS, LMEVAL_SPOKEN_ARMS
 
-ARM_TITLES = {"text_llm_text": "text LLM · text", "speech_llm_text": "speech LLM · text",
-              "speech_llm_speech": "speech LLM · speech"}
+GAPS_NOTE = (f"{GAP_DEFINITIONS}. Gaps are paired over the items scored in both arms, with a 95% paired-bootstrap CI "
+             "and a paired test (exact McNemar for 0/1 scores, Wilcoxon signed-rank otherwise).")
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -47,22 +47,22 @@ def fmt_ci(entry: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{entry['value']:.{digits}f} [{fmt(entry['ci_low'], digits)}, {fmt(entry['ci_high'], digits)}]"
 
 
-LMEVAL_SPOKEN_ARMS = {"speech_llm_text_ll": "speech LLM · text (log-lik.)",
-                      "speech_llm_speech_ll": "speech LLM · speech (log-lik.)"}
+LMEVAL_SPOKEN_TITLES = {LMEVAL_SPOKEN_ARMS[0]: "speech LLM · text (log-lik.)",
+                        LMEVAL_SPOKEN_ARMS[1]: "speech LLM · speech (log-lik.)"}
 
 
 def lmeval_lines(subsets: dict[str, Any]) -> list[str]:
     """lm-eval tasks scored by log-likelihood given the spoken vs the typed (chat-formatted) question."""
-    rows = [(name, e) for name, e in subsets.items() if any(a in e.get("arms", {}) for a in LMEVAL_SPOKEN_ARMS)]
+    rows = [(name, e) for name, e in subsets.items() if any(a in e.get("arms", {}) for a in LMEVAL_SPOKEN_TITLES)]
     if not rows:
         return []
     lines = ["", "## lm-eval: spoken vs typed multiple choice (log-likelihood)", "",
              "Both arms use the speech LLM's chat template; only the modality of the question differs, so the gap "
              "is free of answer-extraction noise. (The text-arm columns above use lm-eval's raw prompt.)", "",
-             "| task | n | " + " | ".join(LMEVAL_SPOKEN_ARMS.values()) + " | inequivalence |", "|---|---|---|---|---|"]
+             "| task | n | " + " | ".join(LMEVAL_SPOKEN_TITLES.values()) + " | inequivalence |", "|---|---|---|---|---|"]
     for name, e in rows:
         cells = []
-        for arm in LMEVAL_SPOKEN_ARMS:
+        for arm in LMEVAL_SPOKEN_TITLES:
             a = e["arms"].get(arm)
             cells.append("–" if not a or a.get("score") is None
                          else f"{a['score']:.2f} [{fmt(a['ci_low'])}, {fmt(a['ci_high'])}]")
@@ -139,9 +139,7 @@ def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None
     tts = manifest.get("tts", {})
     lines.append(f"- **TTS** (items without audio): {tts.get('engine')} {tts.get('engine_version', '')} voice {tts.get('voice')} rate {tts.get('rate')}")
     lines.append(f"- **Items**: {manifest['items']['n']} (sha256 `{manifest['items']['sha256'][:16]}`)")
-    lines += ["", "forgetting = text LLM · text − speech LLM · text; inequivalence = speech LLM · text − speech LLM · speech. "
-              "Gaps are paired over the items scored in both arms, with a 95% paired-bootstrap CI and a paired test "
-              "(exact McNemar for 0/1 scores, Wilcoxon signed-rank otherwise).", ""]
+    lines += ["", GAPS_NOTE, ""]
     header = "| subset | n | metric | " + " | ".join(ARM_TITLES[a] for a in ARMS) + " | forgetting | inequivalence |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for subset, entry in results["subsets"].items():

@@ -21,8 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from speechlm_eval.records import ARMS
-from speechlm_eval.report.markdown import ARM_TITLES
+from speechlm_eval.rundir import ARM_TITLES, ARMS
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 ARM_COLOURS = {"text_llm_text": "#0072B2", "speech_llm_text": "#E69F00", "speech_llm_speech": "#009E73"}
@@ -259,7 +258,7 @@ def plot_filename(caption: str) -> str:
 def write_plots(run_dir: Path, figures: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
     """Write each figure to ``run_dir/plots/<caption>.png`` (stale plots removed); returns ``[(caption, relative
     path), ...]`` for the Markdown report."""
-    from speechlm_eval.records import write_bytes_atomic
+    from speechlm_eval.records import write_atomic
 
     directory = Path(run_dir) / "plots"
     directory.mkdir(exist_ok=True)
@@ -268,5 +267,5 @@ def write_plots(run_dir: Path, figures: list[tuple[str, bytes]]) -> list[tuple[s
         if stale.name not in names:
             stale.unlink()
     for name, (_, png) in zip(names, figures):
-        write_bytes_atomic(directory / name, png)
+        write_atomic(directory / name, png)
     return [(caption, f"plots/{name}") for name, (caption, _) in zip(names, figures)]

@@ -21,7 +21,7 @@ from speechlm_eval.scoring.bbh_rules import (
     USER_TURN_SUFFIX,
     Rule,
 )
-from speechlm_eval.scoring.registry import Scorer, register_scorer
+from speechlm_eval.scoring.registry import Scorer
 
 # What the official fallback draws from, in its order (the order matters for a seeded rng.choice).
 RANDOM_FALLBACK_LABELS: tuple[int, ...] = (0, 1)
@@ -111,4 +111,4 @@ def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, float]
     return accuracy_and_fail("bbh", scores)
 
 
-register_scorer(Scorer("bbh", score, aggregate, primary="acc", scale=100.0))
+SCORER = Scorer("bbh", score, aggregate, primary="acc", scale=100.0)

@@ -274,8 +274,7 @@ REFUSAL_STRINGS: tuple[str, ...] = (
 
 # The key evaluation.py reads predictions from (its README says "model_prediction"; the code reads this one).
 MMAU_OUTPUT_KEY = "model_output"
-# evaluation.py pre-initialises exactly these groups, in this (print) order; any other value raises KeyError.
-MMAU_TASKS: tuple[str, ...] = ("sound", "music", "speech")
-MMAU_DIFFICULTIES: tuple[str, ...] = ("easy", "hard", "medium")
+# evaluation.py's task and difficulty groups: defined with the benchmark's loader.
+from speechlm_eval.data.mmau import MMAU_DIFFICULTIES, MMAU_TASKS  # noqa: E402, F401
 # Word tokens of evaluation.py's string_match: unicode-aware \w, so digits and "_" count and hyphens split words.
 MMAU_TOKEN_PATTERN = r"\b\w+\b"

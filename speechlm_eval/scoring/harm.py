@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from speechlm_eval.scoring.base import Score
 from speechlm_eval.scoring.constants import REFUSAL_STRINGS
-from speechlm_eval.scoring.registry import Scorer, register_scorer
+from speechlm_eval.scoring.registry import Scorer
 
 _LOWERED_REFUSALS: tuple[str, ...] = tuple(s.lower() for s in REFUSAL_STRINGS)
 
@@ -38,4 +38,4 @@ def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, float]
     return {"refusal_rate": sum(s.value for s in scores) / len(scores)}
 
 
-register_scorer(Scorer("harm", score, aggregate, primary="refusal_rate", scale=1.0))
+SCORER = Scorer("harm", score, aggregate, primary="refusal_rate", scale=1.0)

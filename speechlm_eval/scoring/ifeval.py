@@ -46,7 +46,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from speechlm_eval.scoring.base import Score
-from speechlm_eval.scoring.registry import Scorer, register_scorer
+from speechlm_eval.scoring.registry import Scorer
 
 # Response cleaning, in upstream's order: a leading channel tag (exactly three characters), then a trailing user turn.
 CHANNEL_PREFIXES: tuple[str, ...] = ("<1>", "<2>", "<3>")
@@ -224,4 +224,4 @@ def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, float]
     return results
 
 
-register_scorer(Scorer("ifeval", score, aggregate, primary=FINAL_KEY, scale=1.0))
+SCORER = Scorer("ifeval", score, aggregate, primary=FINAL_KEY, scale=1.0)

@@ -19,7 +19,7 @@ from speechlm_eval.scoring.constants import (
     MCQ_TEMPLATES,
     MCQ_TURN_PREFIXES,
 )
-from speechlm_eval.scoring.registry import Scorer, register_scorer
+from speechlm_eval.scoring.registry import Scorer
 
 # What the official fallback draws from, in its order (the order matters for a seeded rng.choice).
 RANDOM_FALLBACK_LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
@@ -77,4 +77,4 @@ def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, float]
     return accuracy_and_fail("mcq", scores)
 
 
-register_scorer(Scorer("mcq", score, aggregate, primary="acc", scale=100.0))
+SCORER = Scorer("mcq", score, aggregate, primary="acc", scale=100.0)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from speechlm_eval.scoring.base import Score
 from speechlm_eval.scoring.constants import MMAU_DIFFICULTIES, MMAU_OUTPUT_KEY, MMAU_TASKS, MMAU_TOKEN_PATTERN
-from speechlm_eval.scoring.registry import Scorer, register_scorer
+from speechlm_eval.scoring.registry import Scorer
 
 _TOKEN_RE = re.compile(MMAU_TOKEN_PATTERN)
 
@@ -162,4 +162,4 @@ def aggregate_official_json(rows: list[dict[str, Any]]) -> tuple[dict[str, Any],
     return summary, per_item
 
 
-register_scorer(Scorer("mmau", score, aggregate, primary="total_accuracy", scale=100.0))
+SCORER = Scorer("mmau", score, aggregate, primary="total_accuracy", scale=100.0)

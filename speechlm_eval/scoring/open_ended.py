@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from speechlm_eval.scoring.base import Score
-from speechlm_eval.scoring.judge import judge_outputs_for
-from speechlm_eval.scoring.registry import Scorer, register_scorer
+from speechlm_eval.scoring.judged import judge_outputs_for
+from speechlm_eval.scoring.registry import Scorer
 
 RATING_PATTERN = re.compile(r"\[\[(\d+)\]\]")
 
@@ -75,4 +75,4 @@ def aggregate(items: Sequence[Any], scores: Sequence[Score]) -> dict[str, Any]:
     return result
 
 
-register_scorer(Scorer("open", score, aggregate, primary="gpt", scale=1.0))
+SCORER = Scorer("open", score, aggregate, primary="gpt", scale=1.0, judged=True, graded=True)

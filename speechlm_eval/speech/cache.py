@@ -14,18 +14,18 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import soundfile as sf
 
+from speechlm_eval.paths import cache_root
+from speechlm_eval.records import write_atomic
 from speechlm_eval.speech.engine import OUTPUT_SAMPLING_RATE, TTSEngine, TTSError, check_engine_audio
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV_VAR = "SPEECHLM_EVAL_CACHE"
 WAV_SUBTYPE = "FLOAT"
 
 
@@ -34,11 +34,8 @@ class CorruptCacheEntry(Exception):
 
 
 def default_cache_root() -> Path:
-    """``$SPEECHLM_EVAL_CACHE/tts`` if that variable is set, else ``~/.cache/speechlm_eval/tts``."""
-    base = os.environ.get(CACHE_ENV_VAR)
-    if base:
-        return Path(base).expanduser() / "tts"
-    return Path.home() / ".cache" / "speechlm_eval" / "tts"
+    """``tts/`` under the cache root (:func:`speechlm_eval.paths.cache_root`)."""
+    return cache_root() / "tts"
 
 
 def cache_key(engine_fields: Mapping[str, Any], text: str) -> str:
@@ -90,10 +87,11 @@ def write_entry(path: str | os.PathLike[str], audio: np.ndarray, info: Mapping[s
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     sf.write(buffer, audio, OUTPUT_SAMPLING_RATE, subtype=WAV_SUBTYPE, format="WAV")
-    # Sidecar first: whoever sees the audio can then also find its description.
+    # Sidecar first: whoever sees the audio can then also find its description. No fsync: a file left torn by a
+    # power cut is caught by read_entry's checks and re-synthesised, which is cheaper than syncing every entry.
     sidecar = json.dumps(dict(info), ensure_ascii=False, indent=1, sort_keys=True) + "\n"
-    _atomic_write(path.with_suffix(".json"), sidecar.encode("utf-8"))
-    _atomic_write(path, buffer.getvalue())
+    write_atomic(path.with_suffix(".json"), sidecar, durable=False)
+    write_atomic(path, buffer.getvalue(), durable=False)
 
 
 def discard_entry(path: str | os.PathLike[str]) -> None:
@@ -200,21 +198,3 @@ def _check_riff_size(data: bytes) -> None:
     (riff_size,) = struct.unpack("<I", data[4:8])
     if riff_size + 8 != len(data):
         raise CorruptCacheEntry(f"WAV header says {riff_size + 8} bytes, file has {len(data)} (truncated?)")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A unique temp file in the same directory (so os.replace is a same-filesystem rename, atomic on POSIX): a reader
-    # sees either no file or a complete one, never a partial write. No fsync: a file left torn by a power cut is
-    # caught by read_entry's checks and re-synthesised, which is cheaper than syncing every entry.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; cache entries are meant to be readable like any cache
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -1,4 +1,4 @@
-"""The interface every text-to-speech engine implements, and a by-name registry so users can plug in new engines
+"""The interface every text-to-speech engine implements, and a lazy by-name table so users can plug in new engines
 without touching the core."""
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-OUTPUT_SAMPLING_RATE = 16000
-"""Every engine returns audio at this rate (Hz), whatever its native rate: the speech models expect 16 kHz."""
+from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.registry import Registry
+
+OUTPUT_SAMPLING_RATE = SAMPLING_RATE  # every engine returns 16 kHz audio, whatever its native rate
 
 
 class TTSError(RuntimeError):
@@ -53,33 +55,31 @@ class TTSEngine(Protocol):
 
 TTSFactory = Callable[..., TTSEngine]
 
-_REGISTRY: dict[str, TTSFactory] = {}
+# An engine is one file defining its factory plus one row here; each is imported when first asked for.
+TTS_ENGINES: Registry[TTSFactory] = Registry(
+    "TTS engine",
+    {"espeak-ng": "speechlm_eval.speech.espeak:EspeakEngine"},
+    unknown=lambda name, known: TTSError(f"unknown TTS engine {name!r}; registered engines: {', '.join(known) or 'none'}"),
+)
 
 
-def register_tts(name: str, factory: TTSFactory, *, replace: bool = False) -> None:
-    """Make ``get_tts(name, **options)`` call ``factory(**options)``.
+def register_tts(name: str, factory: TTSFactory | str, *, replace: bool = False) -> None:
+    """Make ``get_tts(name, **options)`` call ``factory(**options)`` (``factory`` may be a ``"module:object"`` row).
 
     Registering a different factory under a taken name raises ``ValueError`` unless ``replace=True``, so two plugins
     cannot silently shadow each other.
     """
-    current = _REGISTRY.get(name)
-    if current is not None and current is not factory and not replace:
-        raise ValueError(f"a TTS engine named {name!r} is already registered ({current!r}); pass replace=True")
-    _REGISTRY[name] = factory
+    TTS_ENGINES.register(name, factory, replace=replace)
 
 
 def available_tts() -> list[str]:
     """Names of the registered TTS engines, sorted."""
-    return sorted(_REGISTRY)
+    return TTS_ENGINES.names()
 
 
 def get_tts(name: str, **options: Any) -> TTSEngine:
     """Build the engine registered as ``name`` with ``options`` (e.g. ``get_tts("espeak-ng", voice="en-gb")``)."""
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        known = ", ".join(available_tts()) or "none"
-        raise TTSError(f"unknown TTS engine {name!r}; registered engines: {known}")
-    return factory(**options)
+    return TTS_ENGINES.get(name)(**options)
 
 
 def check_engine_audio(audio: object, engine_name: str) -> np.ndarray:

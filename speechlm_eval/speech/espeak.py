@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from speechlm_eval.speech.engine import OUTPUT_SAMPLING_RATE, TTSError, register_tts
+from speechlm_eval.speech.engine import OUTPUT_SAMPLING_RATE, TTSError
 
 INSTALL_HINT = "install it with `apt-get install -y espeak-ng` (Debian/Ubuntu)"
 
@@ -161,4 +161,3 @@ def _preview(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
-register_tts("espeak-ng", EspeakEngine)

@@ -23,7 +23,7 @@ def test_distill_command_repairs_and_reports(tiny_pair, tmp_path):
                  "checkpoint/config.json"):
         assert (out / name).exists(), name
     after_manifest = json.loads((out / "after" / "manifest.json").read_text())
-    assert after_manifest["models"]["speech_llm"]["id"] == str(out / "checkpoint")
+    assert after_manifest["models"]["speech_llm"]["id"] == "../checkpoint"  # recorded relative to the run
     comparison = json.loads((out / "comparison.json").read_text())
     assert set(comparison["subsets"]) == {"openbookqa", "bbh"}
     assert set(comparison["subsets"]["bbh"]["gaps"]) == {"forgetting", "inequivalence"}

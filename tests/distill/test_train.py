@@ -15,21 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from speechlm_eval.data.item import Item
 from speechlm_eval.distill.data import LeakageError, attach_audio, speech_prompt, text_prompt
-from speechlm_eval.distill.losses import token_kl
+from speechlm_eval.distill.config import OUR_READING, ConfigError, DistillConfig
 from speechlm_eval.distill.teacher_cache import TeacherCache
 from speechlm_eval.distill.train import (
-    OUR_READING,
-    ConfigError,
-    DistillConfig,
     distill,
     distill_losses,
     make_tts,
     read_prepared,
     response_ids,
 )
+from speechlm_eval.divergence import token_kl
 from speechlm_eval.models.registry import load_model
 
 # Small enough for a 2-core CPU: ~11 examples after filtering, 3 steps an epoch, short targets.
@@ -220,19 +219,24 @@ def test_config_errors():
 
 
 def test_command_line_mirrors_the_config():
-    from speechlm_eval.distill.__main__ import build_parser
+    import typer
 
-    parser = build_parser()
-    args = parser.parse_args(["--student", "s", "--teacher", "t", "--out", "o", "--full", "--channels", "st",
-                              "--topk", "0", "--kind", "jsd", "--max-examples", "5", "--no-train-projector"])
-    config = DistillConfig(**vars(args))
+    from speechlm_eval.cli.distill import train_app
+    from speechlm_eval.cli.options import collect, options_of, parse
+
+    def parse_config(argv: list[str]) -> DistillConfig:
+        ctx = parse(train_app(), argv)
+        return DistillConfig(**collect(options_of(DistillConfig), dict(ctx.params), ctx)[DistillConfig])
+
+    config = parse_config(["--student", "s", "--teacher", "t", "--out", "o", "--full", "--channels", "st",
+                           "--topk", "0", "--kind", "jsd", "--max-examples", "5", "--no-train-projector"])
     assert (config.lora, config.channels, config.topk, config.kind, config.max_examples) == (False, "st", 0, "jsd", 5)
-    defaults = DistillConfig(**vars(parser.parse_args(["--student", "s", "--teacher", "t", "--out", "o"])))
+    defaults = parse_config(["--student", "s", "--teacher", "t", "--out", "o"])
     reference = DistillConfig(student="s", teacher="t", out=Path("o"))
     assert dataclasses.asdict(defaults) == dataclasses.asdict(reference)
-    assert "our reading" in parser.format_help()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--student", "s", "--teacher", "t", "--out", "o", "--kind", "mse"])
+    assert "our reading" in CliRunner().invoke(train_app(), ["--help"]).output
+    with pytest.raises(typer.BadParameter):
+        parse(train_app(), ["--student", "s", "--teacher", "t", "--out", "o", "--kind", "mse"])
 
 
 # -- processes --------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from speechlm_eval.distill.vocab import (
     cut_padded_vocab,
     real_vocab_size,
 )
-from speechlm_eval.models.tiny import train_tokenizer
+from speechlm_eval.organism.tokenizer import train_tokenizer
 from tests.fixtures.tiny_models import CORPUS
 
 OTHER_CORPUS = ["Quantum chromodynamics describes quarks and gluons.", "Le chat dort sur le canapé rouge."] * 20

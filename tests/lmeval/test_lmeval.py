@@ -25,12 +25,12 @@ from speechlm_eval.lmeval import (  # noqa: E402
     choice_docs,
     choice_scores,
     harness_records,
-    lmeval_results_fragment,
     run_lmeval_tasks,
     spoken_records,
     task_manager_for,
 )
 from speechlm_eval.lmeval.run import run_spoken_arms  # noqa: E402
+from speechlm_eval.report.lmeval import lmeval_results  # noqa: E402
 from speechlm_eval.lmeval.spoken import gold_indices  # noqa: E402
 from speechlm_eval.models.base import Prompt  # noqa: E402
 from speechlm_eval.models.registry import LoadOptions, load_model  # noqa: E402
@@ -179,8 +179,9 @@ def test_spoken_arm_isolates_a_clip_the_model_refuses(speech, task, tts):
 
 def test_forgetting_records_and_fragment(tiny_pair, speech, tmp_path):
     # The speech LLM as an adapter already loaded (as a gap run holds it), the text LLM by path.
-    fragment = run_lmeval_tasks(speech, str(tiny_pair[1]), [TASK], str(TASKS_DIR), tmp_path, batch_size=8,
-                                seed=0, load_options=CPU, n_resamples=2000)
+    run_lmeval_tasks(speech, str(tiny_pair[1]), [TASK], str(TASKS_DIR), tmp_path, batch_size=8, seed=0,
+                     load_options=CPU)
+    fragment = lmeval_results(tmp_path, seed=0, n_resamples=2000)  # from the records alone
     root = tmp_path / "lmeval"
     arms = ["text_llm_text", "speech_llm_text"]
     records = {arm: {r["doc_id"]: r for r in read_records(root / f"{arm}.jsonl")} for arm in arms}
@@ -201,7 +202,7 @@ def test_forgetting_records_and_fragment(tiny_pair, speech, tmp_path):
     assert forgetting["ci_low"] <= forgetting["value"] <= forgetting["ci_high"]
     for arm in arms:
         assert entry["arms"][arm]["score"] == pytest.approx(100 * acc[arm].mean()) and entry["arms"][arm]["n"] == N_DOCS
-    assert lmeval_results_fragment(tmp_path, seed=0, n_resamples=2000) == fragment  # from the records alone
+    assert lmeval_results(tmp_path, seed=0, n_resamples=2000) == fragment  # deterministic, from the records alone
 
 
 def test_spoken_arms_measure_inequivalence(speech, manager, task, tts, tmp_path):
@@ -215,7 +216,7 @@ def test_spoken_arms_measure_inequivalence(speech, manager, task, tts, tmp_path)
     # The long question is an error record, counted, and left out of the pairing; the short ones fit the window.
     assert "encoder window" in speech_ll[LONG_DOC]["error"] and speech_ll[LONG_DOC]["audio_seconds"] > 10
     assert all(speech_ll[i]["error"] is None and speech_ll[i]["audio_seconds"] < 10 for i in range(LONG_DOC))
-    entry = lmeval_results_fragment(tmp_path, n_resamples=2000)[f"lmeval:{TASK}"]
+    entry = lmeval_results(tmp_path, n_resamples=2000)[f"lmeval:{TASK}"]
     assert list(entry["arms"]) == list(SPOKEN_ARMS) and "forgetting" not in entry
     assert entry["arms"][SPOKEN_ARMS[1]]["errors"] == 1 and entry["arms"][SPOKEN_ARMS[1]]["n"] == n_docs - 1
     assert entry["arms"][SPOKEN_ARMS[0]]["errors"] == 0 and entry["arms"][SPOKEN_ARMS[0]]["n"] == n_docs
@@ -238,18 +239,17 @@ def test_spoken_arms_measure_inequivalence(speech, manager, task, tts, tmp_path)
 @pytest.mark.slow
 def test_run_lmeval_tasks_end_to_end_with_a_generation_task(tiny_pair, tmp_path):
     speech_dir, text_dir = tiny_pair
-    fragment = run_lmeval_tasks(str(speech_dir), str(text_dir), [TASK, GEN_TASK], str(TASKS_DIR), tmp_path,
-                                batch_size=8, seed=0, spoken=True, load_options=CPU, n_resamples=2000)
+    notes = run_lmeval_tasks(str(speech_dir), str(text_dir), [TASK, GEN_TASK], str(TASKS_DIR), tmp_path,
+                             batch_size=8, seed=0, spoken=True, load_options=CPU)
+    fragment = lmeval_results(tmp_path, seed=0, n_resamples=2000)
     mc, gen = fragment[f"lmeval:{TASK}"], fragment[f"lmeval:{GEN_TASK}"]
     assert list(mc["arms"]) == ["text_llm_text", "speech_llm_text", *SPOKEN_ARMS]
     assert mc["forgetting"]["n"] == N_DOCS and mc["inequivalence"]["n"] == N_DOCS - 1
     # A generation task is a forgetting probe too (its per-document exact_match), but it cannot be asked as spoken MC.
     assert gen["metric"] == "exact_match" and list(gen["arms"]) == ["text_llm_text", "speech_llm_text"]
     assert gen["forgetting"]["n"] == N_DOCS and "inequivalence" not in gen
-    assert "not multiple_choice" in gen["notes"][0]
-    rebuilt = lmeval_results_fragment(tmp_path, seed=0, n_resamples=2000)
-    assert rebuilt[f"lmeval:{TASK}"] == mc  # notes are not in the records, the numbers are
-    assert rebuilt[f"lmeval:{GEN_TASK}"] == {k: v for k, v in gen.items() if k != "notes"}
+    assert "not multiple_choice" in gen["notes"][0] and notes[GEN_TASK] == gen["notes"]  # kept in lmeval/notes.json
+    assert "notes" not in mc
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import torch
 from speechlm_eval.models import qwen2_5_omni  # noqa: F401 - registers the family
 from speechlm_eval.models.base import GenerationConfig, ModelInputError, Prompt
 from speechlm_eval.models.registry import LoadOptions, detect_family, load_model
-from speechlm_eval.models.tiny import TinySpec
-from speechlm_eval.models.tiny_omni import build_tiny_omni_pair
+from tests.fixtures.tiny import TinySpec
+from tests.fixtures.tiny_omni import build_tiny_omni_pair
 from tests.fixtures.tiny_models import CORPUS
 from tests.models.test_adapters import naive_logprobs
 

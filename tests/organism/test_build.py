@@ -15,7 +15,7 @@ from speechlm_eval.organism import build, is_built, micro_spec
 from speechlm_eval.organism.builder import make_processor
 from speechlm_eval.organism.clips import HELD_OUT_VOICE, synthesize
 from speechlm_eval.organism.train_text import train_text_llm
-from speechlm_eval.organism.world import eval_items, make_world
+from speechlm_eval.data.organism_world import eval_items, make_world
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
@@ -96,7 +96,7 @@ def test_distillation_data_reads_as_open_orca_rows(micro_build) -> None:
 def test_more_speech_training_control_moves_the_speech_llm_and_loads(micro_build, tmp_path) -> None:
     from safetensors.torch import load_file
 
-    from speechlm_eval.organism.controls import continue_speech_training
+    from speechlm_eval.experiments.controls import continue_speech_training
 
     out = continue_speech_training(micro_build.root, tmp_path / "more", steps=2, spec=micro_spec())
     assert load_model(str(out)).describe()["family"] == "qwen2-audio"

@@ -26,7 +26,7 @@ from speechlm_eval.organism.corpus import (
 )
 from speechlm_eval.organism.train_speech import SpeechLLMSpec, new_speech_llm
 from speechlm_eval.organism.train_text import TextLLMSpec, new_text_llm
-from speechlm_eval.organism.world import LETTERS, WorldSpec, make_world
+from speechlm_eval.data.organism_world import LETTERS, WorldSpec, make_world
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from speechlm_eval import defaults
+from speechlm_eval import embedded
 from speechlm_eval.cli import app
-from speechlm_eval.organism.builder import is_built
+from speechlm_eval.organism.layout import is_built
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,8 +39,8 @@ def default_gap(tmp_path_factory) -> Path:
 
 
 def test_the_organism_ships_with_the_package() -> None:
-    assert is_built(defaults.embedded_dir())
-    sizes = sum(f.stat().st_size for f in defaults.embedded_dir().rglob("*") if f.is_file())
+    assert is_built(embedded.embedded_dir())
+    sizes = sum(f.stat().st_size for f in embedded.embedded_dir().rglob("*") if f.is_file())
     assert sizes <= 20 * 2**20
 
 

@@ -8,10 +8,9 @@ from typing import Any, Iterable
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from speechlm_eval.cli_extra import register
+from speechlm_eval.cli import app
 from speechlm_eval.report import check
 from speechlm_eval.report.build import build_results, run_item_scores
 
@@ -61,8 +60,6 @@ def write_run(path: Path, subsets: dict[str, tuple[str, dict[str, list[str]]]], 
 
 
 def invoke(args: list[str], env: dict[str, str] | None = None) -> Any:
-    app = typer.Typer()
-    register(app)
     return CliRunner().invoke(app, args, env=env)
 
 

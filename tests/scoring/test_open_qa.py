@@ -16,7 +16,7 @@ import pytest
 
 from speechlm_eval.data.item import Item
 from speechlm_eval.scoring import open_ended, qa
-from speechlm_eval.scoring.judge import MissingJudgement, attach_judgements, response_key
+from speechlm_eval.scoring.judged import MissingJudgement, attach_judgements, response_key
 from speechlm_eval.scoring.open_ended import parse_rating
 from speechlm_eval.scoring.qa import PEDANT_DIR_ENV, majority_vote
 from speechlm_eval.scoring.registry import get_scorer

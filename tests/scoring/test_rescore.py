@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from speechlm_eval.cli_extra import register
+from speechlm_eval.cli import app
 from speechlm_eval.scoring import rescore
 from speechlm_eval.scoring.base import Score, item_rng
 from speechlm_eval.scoring.mcq import RANDOM_FALLBACK_LETTERS
@@ -27,8 +25,6 @@ MCQ_TABLE = [
 
 
 def invoke(args: list[str]) -> Any:
-    app = typer.Typer()
-    register(app)
     return CliRunner().invoke(app, args)
 
 
@@ -118,22 +114,6 @@ def test_graded_scores_have_no_correct_flag() -> None:
     assert rescore.per_item_line(0, "x", Score(value=0.5), graded=False)["correct"] is None
 
 
-def test_missing_scorer_module_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # As if the ifeval scorer module had not been installed.
-    monkeypatch.setitem(rescore.OPTIONAL_SCORER_MODULES, "ifeval", "no_such_ifeval_module")
-    monkeypatch.setattr(rescore, "get_scorer", lambda name: pytest.fail("must stop before the registry"))
-    src = write_jsonl(tmp_path / "out.jsonl", [{"prompt": "p", "response": "answer"}])
-    result = invoke(["score", "voicebench", "--subset", "ifeval", str(src)])
-    assert result.exit_code == 2
-    assert "the 'ifeval' scorer (module speechlm_eval.scoring.no_such_ifeval_module) is not available" in result.stderr
-
-
-def _needs(module: str) -> pytest.MarkDecorator:
-    missing = importlib.util.find_spec(f"speechlm_eval.scoring.{module}") is None
-    return pytest.mark.skipif(missing, reason=f"speechlm_eval.scoring.{module} is not installed")
-
-
-@_needs("open_ended")
 def test_open_result_file_averages_every_judge_output(tmp_path: Path) -> None:
     # api_judge.py's result- file: main.py's row plus `score`, the 3 judge outputs.
     rows = [{"prompt": "p1", "response": "r1", "score": ["4", "5", "[[3]]"]},
@@ -147,7 +127,6 @@ def test_open_result_file_averages_every_judge_output(tmp_path: Path) -> None:
     assert [line["score"] for line in lines] == [4.0, 2.0] and [line["correct"] for line in lines] == [None, None]
 
 
-@_needs("qa")
 def test_qa_result_file_majority_vote(tmp_path: Path) -> None:
     rows = [{"prompt": "q", "reference": "Paris", "response": "Paris", "score": ["Yes", "yes", "No"]},
             {"prompt": "q", "reference": "Paris", "response": "Rome", "score": ["No", "Yes.", "no"]}]
@@ -160,7 +139,6 @@ def test_qa_result_file_majority_vote(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "sdqa.jsonl:1: missing column `score`" in result.stderr
 
 
-@_needs("ifeval")
 def test_ifeval_file(tmp_path: Path) -> None:
     base = {"key": 1, "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
     rows = [dict(base, prompt="Say hi without commas.", response="hi there"),

@@ -155,7 +155,7 @@ def test_registry_unknown_name_lists_known_engines() -> None:
 
 
 def test_registry_accepts_plugins_and_refuses_silent_shadowing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "_REGISTRY", dict(engine_module._REGISTRY))
+    monkeypatch.setattr(engine_module, "TTS_ENGINES", engine_module.TTS_ENGINES.copy())
 
     def slow_espeak(**options: object) -> EspeakEngine:
         return EspeakEngine(rate=100, **options)  # type: ignore[arg-type]

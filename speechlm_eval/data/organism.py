@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from speechlm_eval.data.item import Item
-from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest, register_benchmark
-from speechlm_eval.organism.world import EVAL_SCORER, EVAL_SUBSET, eval_items, make_world
+from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest
+from speechlm_eval.data.organism_world import EVAL_SCORER, EVAL_SUBSET, eval_items, make_world
 
-BENCHMARK = "organism"
+NAME = "organism"
 DEFAULT_SEED = 0
 SEED_SPLITS: tuple[str, ...] = tuple(f"seed{i}" for i in range(10))
 
@@ -44,17 +44,13 @@ def load_organism(request: SubsetRequest, options: LoadOptions) -> list[Item]:
 
 
 def describe_organism(request: SubsetRequest, options: LoadOptions) -> dict[str, Any]:
-    return {"seed": seed_of(request), "generator": "speechlm_eval.organism.world.make_world", "scorer": EVAL_SCORER}
+    return {"seed": seed_of(request), "generator": "speechlm_eval.data.organism_world.make_world", "scorer": EVAL_SCORER}
 
 
-ORGANISM_BENCHMARK = register_benchmark(
-    Benchmark(
-        name=BENCHMARK,
-        load=load_organism,
-        scorer={EVAL_SUBSET: EVAL_SCORER},
-        speech_only=False,
-        description="model-organism suite: MCQs about a synthetic world (one held-out fact per entity)",
-        splits={EVAL_SUBSET: SEED_SPLITS},
-        describe=describe_organism,
-    )
+BENCHMARK = Benchmark(
+    name=NAME,
+    load=load_organism,
+    scorer={EVAL_SUBSET: EVAL_SCORER},
+    splits={EVAL_SUBSET: SEED_SPLITS},
+    describe=describe_organism,
 )

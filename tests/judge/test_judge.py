@@ -19,24 +19,13 @@ import pytest
 from speechlm_eval.data.item import Item
 from speechlm_eval.models.base import GenerationConfig, Prompt
 from speechlm_eval.models.registry import LoadOptions, load_model
-from speechlm_eval.scoring import judge as judge_module
-from speechlm_eval.scoring.judge import (
-    JudgeError,
-    JudgeSettings,
-    MissingJudgement,
-    RetryPolicy,
-    attach_judgements,
-    cache_path,
-    describe_judge,
-    judge_arm_rows,
-    judge_outputs_for,
-    judge_records,
-    judgement_rows,
-    load_judge,
-    prompt_seed,
-    response_key,
-)
-from speechlm_eval.scoring.judge_prompts import (
+from speechlm_eval.judge import base as judge_module
+from speechlm_eval.judge.base import JudgeError, JudgeSettings, RetryPolicy, describe_judge
+from speechlm_eval.judge.cache import cache_path
+from speechlm_eval.judge.local import prompt_seed
+from speechlm_eval.judge.run import judge_arm_rows, judge_records, judgement_rows, load_judge
+from speechlm_eval.scoring.judged import MissingJudgement, attach_judgements, judge_outputs_for, response_key
+from speechlm_eval.judge.prompts import (
     JUDGE_SYSTEM,
     OPEN_PROMPT,
     QA_PROMPT,
@@ -394,7 +383,7 @@ def test_rows_attach_and_lookup(server: LocalOpenAI, tmp_path: Path) -> None:
 
 
 def test_scoring_modules_do_not_import_torch() -> None:
-    code = ("import sys; import speechlm_eval.scoring.judge, speechlm_eval.scoring.open_ended, "
+    code = ("import sys; import speechlm_eval.judge.run, speechlm_eval.scoring.open_ended, "
             "speechlm_eval.scoring.qa; sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speechlm_eval.organism.experiments import ARMS, distill_steps, render_experiments
+from speechlm_eval.experiments.organism import ARMS, distill_steps, render_experiments
 
 REPORT = Path(__file__).resolve().parents[2] / "reports" / "organism" / "experiments"
 

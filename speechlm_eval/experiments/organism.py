@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from speechlm_eval import rundir
 
 ARMS: dict[str, dict[str, Any] | None] = {
     "kd_both": {"channels": "tt,st"},
@@ -27,11 +30,38 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "sft_teacher_labels": {"channels": "tt,st", "lambda_tt": 0.0, "lambda_st": 0.0, "ce": 1.0},
     "more_speech_training": None,  # organism stage B continued, no teacher
 }
-GAPS = ("forgetting", "inequivalence")
+GAPS = tuple(rundir.GAPS)
+
+
+@dataclass
+class ExperimentsConfig:
+    """``speechlm-eval organism experiments``: which builds, which arms, where the runs and the summary go."""
+
+    out: Path = field(metadata={"help": "Output directory (runs, experiments.{json,md})."})
+    builds: list[Path] = field(default_factory=list, metadata={
+        "help": "An organism build directory (repeatable, one per seed).", "flag": "--build"})
+    combine: list[Path] = field(default_factory=list, metadata={
+        "help": "Instead of running: merge the experiments.json of earlier --out directories (repeatable)."})
+    arms: list[str] = field(default_factory=list, metadata={
+        "help": f"Only these arms (repeatable; default: all of {', '.join(ARMS)}).", "flag": "--arm"})
+
+
+def experiments(config: ExperimentsConfig) -> Path:
+    """Run (or combine) the experiment; returns the path of ``experiments.md``."""
+    if config.combine:
+        combine(config.combine, config.out)
+    else:
+        if not config.builds:
+            raise ValueError("name at least one organism build (--build DIR) or earlier runs to --combine")
+        unknown = [a for a in config.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown}; arms are {list(ARMS)}")
+        run_experiments(config.builds, config.out, config.arms or tuple(ARMS))
+    return Path(config.out) / "experiments.md"
 
 
 def _gap(out: Path, model: Path, text_model: Path, suite: str, diagnostics: bool) -> Path:
-    from speechlm_eval.defaults import EMBEDDED_MAX_NEW_TOKENS
+    from speechlm_eval.embedded import EMBEDDED_MAX_NEW_TOKENS
     from speechlm_eval.gap import GapConfig, run_gap
 
     config = GapConfig(out=out, model=str(model), text_model=str(text_model), suites=[suite],
@@ -46,9 +76,10 @@ def distill_steps(n_examples: int, batch_size: int, epochs: int) -> int:
 
 def run_arm(name: str, build: Path, out: Path, seed: int, suite: str) -> Path:
     """Train one arm (skipped when its checkpoint exists) and return the checkpoint directory."""
-    from speechlm_eval.distill.pipeline import ORGANISM_DISTILL_DEFAULTS
-    from speechlm_eval.distill.train import DistillConfig, distill
-    from speechlm_eval.organism.builder import paths_for
+    from speechlm_eval.distill.config import DistillConfig
+    from speechlm_eval.distill.train import distill
+    from speechlm_eval.embedded import ORGANISM_DISTILL_DEFAULTS
+    from speechlm_eval.organism.layout import paths_for
 
     paths = paths_for(build)
     checkpoint = out / "checkpoint"
@@ -56,7 +87,7 @@ def run_arm(name: str, build: Path, out: Path, seed: int, suite: str) -> Path:
         return checkpoint
     overrides = ARMS[name]
     if overrides is None:
-        from speechlm_eval.organism.controls import continue_speech_training
+        from speechlm_eval.experiments.controls import continue_speech_training
 
         n = sum(1 for line in paths.distill.read_text().splitlines() if line.strip())
         steps = distill_steps(n, ORGANISM_DISTILL_DEFAULTS["batch_size"], ORGANISM_DISTILL_DEFAULTS["epochs"])
@@ -72,7 +103,7 @@ def run_arm(name: str, build: Path, out: Path, seed: int, suite: str) -> Path:
 
 def run_experiments(builds: Sequence[Path], out: Path, arms: Sequence[str] = tuple(ARMS)) -> dict[str, Any]:
     """Every arm on every build; writes ``out/experiments.{json,md}`` and returns the summary. Resumable."""
-    from speechlm_eval.organism.builder import paths_for
+    from speechlm_eval.organism.layout import paths_for
     from speechlm_eval.report.before_after import before_after
 
     rows: list[dict[str, Any]] = []

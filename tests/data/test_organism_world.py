@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from speechlm_eval.organism.world import (
+from speechlm_eval.data.organism_world import (
     ATTRIBUTE_BY_NAME,
     EVAL_SUBSET,
     LETTERS,

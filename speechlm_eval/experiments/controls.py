@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from speechlm_eval.organism.builder import OrganismSpec, deterministic, paths_for, training_clips
+from speechlm_eval.organism.builder import OrganismSpec, deterministic, training_clips
+from speechlm_eval.organism.layout import paths_for
 from speechlm_eval.organism.corpus import asr_template, spoken_qa_template
 from speechlm_eval.organism.train_speech import SpeechBatcher, stage_b
-from speechlm_eval.organism.world import make_world
+from speechlm_eval.data.organism_world import make_world
 
 
 def continue_speech_training(build_dir: str | Path, out: str | Path, steps: int, spec: OrganismSpec = OrganismSpec()) -> Path:

@@ -8,15 +8,15 @@ import sys
 import pytest
 
 from speechlm_eval.data.registry import DataError, LoadOptions, SubsetRequest
-from speechlm_eval.organism.suite import ORGANISM_BENCHMARK, load_organism
-from speechlm_eval.organism.world import EVAL_SUBSET, eval_items, make_world, mcq_rows, write_jsonl
+from speechlm_eval.data.organism import BENCHMARK, load_organism
+from speechlm_eval.data.organism_world import EVAL_SUBSET, eval_items, make_world, mcq_rows, write_jsonl
 
 
 def test_suite_is_the_seeds_eval_split() -> None:
     items = load_organism(SubsetRequest("organism", EVAL_SUBSET, "seed1"), LoadOptions())
     assert [(i.text, i.reference) for i in items] == [(i.text, i.reference) for i in eval_items(make_world(1))]
     assert len(load_organism(SubsetRequest("organism", EVAL_SUBSET), LoadOptions(limit=5))) == 5
-    assert ORGANISM_BENCHMARK.scorer_for(EVAL_SUBSET) == "mcq"
+    assert BENCHMARK.scorer_for(EVAL_SUBSET) == "mcq"
     with pytest.raises(DataError):
         load_organism(SubsetRequest("organism", EVAL_SUBSET, "test"), LoadOptions())
 
@@ -30,5 +30,5 @@ def test_build_directory_must_match_the_seed(tmp_path) -> None:
 
 
 def test_suite_import_stays_free_of_torch() -> None:
-    code = "import sys, speechlm_eval.organism.suite; print('torch' in sys.modules)"
+    code = "import sys, speechlm_eval.data.organism; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

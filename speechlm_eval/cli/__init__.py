@@ -1,0 +1,29 @@
+"""The command line: one module per command, one framework (typer), options generated from each command's config
+dataclass. Commands only parse options and call library functions; everything is callable from Python too.
+
+Exit codes, for every command: 0 ok, 1 a failed gate (``check`` found a regression), 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from speechlm_eval.cli import check, distill, gap, organism, report, score
+
+app = typer.Typer(
+    help="Measure what a speech LLM lost when it learned to listen (forgetting, modality inequivalence), and repair "
+         "it by cross-modal distillation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for command in (gap, report, score, check, distill, organism):
+    command.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

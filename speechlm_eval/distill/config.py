@@ -1,0 +1,206 @@
+"""The configuration of a distillation run: every option, its default and help, which defaults are our reading of the
+paper rather than the paper's, and the one resolution step that fills the defaults (the embedded organism's when no
+student is given)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from speechlm_eval.distill.data import FILTER_DEFAULTS
+
+MANIFEST_SCHEMA = "speechlm-eval/distill-manifest/v1"
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+OUR_READING: dict[str, str] = {
+    "loss": "forward KL(teacher ‖ student) per response token at temperature 2, scaled by τ², averaged over the "
+    "response tokens of the batch (paper: 'KL divergence with temperature scaling'; direction, τ and reduction ours)",
+    "weights": "λ_TT = λ_ST = 1, no CE term (ce = 0); with ce > 0, CE is averaged over the active channels",
+    "teacher": "cached as its top-64 log-probs per response token (sparse); --topk 0 = full vocabulary on the fly",
+    "targets": "the dataset's response (Open-Orca 'response'), cut to 256 tokens, end-of-turn token appended",
+    "prompts": "the system prompt stays text in both channels; only the question is spoken (S→T)",
+    "trained": "LoRA r=16, α=32, dropout 0.05 on q/k/v/o of the language model; audio encoder and projector frozen",
+    "optimizer": "AdamW lr 1e-4, no weight decay, 3% linear warmup then cosine decay, 1 epoch, batch 8, "
+    "gradient clipping at norm 1.0",
+    "precision": "bf16 weights and autocast on GPU, fp32 on CPU",
+    "data": "rows read before filtering; speakable filter " + json.dumps(FILTER_DEFAULTS, sort_keys=True),
+    "speech": "espeak-ng, voice en-us, 160 words per minute; clips longer than the student's audio window dropped",
+}
+
+
+class ConfigError(ValueError):
+    """A distillation run that cannot start as configured (raised before models load where possible)."""
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" as on a command line
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+# Where the plain default of a field is resolved late (``None`` until :func:`resolve_distill_config`) because the
+# embedded organism has its own (:data:`speechlm_eval.embedded.ORGANISM_DISTILL_DEFAULTS`).
+STANDARD_DEFAULTS: dict[str, Any] = {
+    "data": "bundled",
+    "targets": "dataset",
+    "lora": True,
+    "lr": 1e-4,
+    "epochs": 1,
+    "batch_size": 8,
+    "warmup_ratio": 0.03,
+    "tts_voice": "en-us",
+    "teacher_batch_size": 8,
+}
+
+
+def _late(help: str, **kwargs: Any) -> Any:  # noqa: A002
+    """A field whose default depends on whether the embedded organism is distilled (both named in the help)."""
+    return field(default=None, metadata={"help": help, "late": True, **kwargs})
+
+
+@dataclass
+class DistillConfig:
+    """Everything that determines a distillation run; each field is also a ``speechlm-eval distill`` option.
+
+    Defaults marked *our reading* in their help are our decisions, not the paper's (see :data:`OUR_READING`). Fields
+    left ``None`` here are filled by :func:`resolve_distill_config`: with no ``student`` (and no ``teacher``) the
+    embedded organism is distilled with its own data and settings, otherwise :data:`STANDARD_DEFAULTS` apply.
+    """
+
+    student: str | None = _opt(None, "speech LLM to distil into (path or hub id; Qwen2-Audio family). Omitted: the "
+                               "embedded model organism, with its own data and defaults")
+    teacher: str | None = _opt(None, "text LLM teacher with the student's tokenizer (path or hub id); needs --student")
+    out: Path = _opt(Path("runs/distill"), "output directory (train state, logs, OUT/checkpoint)")
+    data: str | None = _late("'bundled', a local .jsonl/.parquet file, or a hub id such as Open-Orca/OpenOrca "
+                             "(default: bundled; embedded organism: its distill.jsonl)")
+    max_examples: int | None = _opt(None, "read at most this many rows (before filtering)")
+    targets: Literal["dataset", "teacher"] | None = _late("response to distil on: the dataset's or the teacher's own "
+                                                          "greedy generation (default: dataset, our reading; embedded "
+                                                          "organism: teacher)")
+    max_response_tokens: int = _opt(256, "cut target responses to this many tokens (our reading)")
+    channels: str = _opt("tt,st", "distillation channels: 'tt,st', 'tt' (text→text) or 'st' (speech→text)")
+    lambda_tt: float = _opt(1.0, "weight of the T→T loss (our reading)")
+    lambda_st: float = _opt(1.0, "weight of the S→T loss (our reading)")
+    ce: float = _opt(0.0, "weight of cross-entropy on the target tokens (our reading: 0)")
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = _opt("forward_kl", "divergence (our reading: forward KL)")
+    temperature: float = _opt(2.0, "softmax temperature τ; losses are scaled by τ² (our reading: 2)")
+    beta: float = _opt(0.5, "JSD mixing weight (kind=jsd only)")
+    topk: int = _opt(64, "teacher log-probs cached per token; 0 = full teacher distribution on the fly (our reading)")
+    lora: bool | None = _late("train LoRA adapters on the language model; --no-lora / --full = full fine-tune "
+                              "(default: LoRA; embedded organism: full fine-tune)", off_alias="--full")
+    lora_r: int = _opt(16, "LoRA rank (our reading)")
+    lora_alpha: int = _opt(32, "LoRA alpha (our reading)")
+    lora_dropout: float = _opt(0.05, "LoRA dropout (our reading)")
+    lora_targets: str = _opt(LORA_TARGETS, "regex of the modules LoRA adapts (language model attention only)")
+    train_projector: bool = _opt(False, "also train the audio→LLM projector (the audio encoder is always frozen)")
+    lr: float | None = _late("peak learning rate (default: 1e-4, our reading; embedded organism: 3e-4)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (our reading)")
+    warmup_ratio: float | None = _late("share of the steps with linear warmup, then cosine decay (default: 0.03, our "
+                                       "reading; embedded organism: 0.05)")
+    epochs: int | None = _late("passes over the data (default: 1, our reading; embedded organism: 24)", min=1)
+    batch_size: int | None = _late("examples per micro-batch per process (default: 8, our reading; embedded "
+                                   "organism: 24)", min=1)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (our reading)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    seed: int = _opt(0, "seed of the data order, LoRA init and dropout")
+    save_every: int = _opt(0, "write a resumable train state every N optimizer steps (0 = only at the end)")
+    keep_states: int = _opt(2, "train states kept on disk (older ones are deleted)")
+    resume: bool = _opt(False, "continue from the last train state in OUT (same config required)")
+    overwrite: bool = _opt(False, "delete a previous run in OUT and start over")
+    stop_after_steps: int | None = _opt(None, "stop (saving a train state) after this many optimizer steps; the "
+                                        "schedule is unchanged, so --resume continues the same run")
+    dtype: str = _opt("auto", "model dtype: auto = bf16 on GPU, fp32 on CPU (our reading)")
+    tts_engine: str = _opt("espeak-ng", "TTS engine that speaks the questions (our reading)")
+    tts_voice: str | None = _late("TTS voice (default: en-us, our reading; embedded organism: en-gb, a training "
+                                  "voice, so its evaluation voice stays unheard)")
+    tts_rate: int = _opt(160, "TTS speaking rate, words per minute (our reading)")
+    teacher_batch_size: int | None = _late("batch size for teacher generation and caching (default: 8; embedded "
+                                           "organism: 32)", min=1)
+    leakage_suite: str | None = _opt(None, "evaluation suite spec (e.g. 'voicebench') whose items must not be "
+                                     "distillation questions; the run stops if one is (embedded organism: its suite)")
+    leakage_data_dir: str | None = _opt(None, "local data directory for --leakage-suite")
+    max_words: int = _opt(FILTER_DEFAULTS["max_words"], "drop questions longer than this many words (our reading)")
+    max_chars: int = _opt(FILTER_DEFAULTS["max_chars"], "drop questions longer than this many characters")
+    max_response_words: int | None = _opt(FILTER_DEFAULTS["max_response_words"], "drop longer responses")
+    trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
+
+    def __post_init__(self) -> None:
+        if self.student is None and self.teacher is not None:
+            raise ConfigError("DistillConfig needs student with a teacher (without both, the embedded organism is "
+                              "distilled: it brings its own pair)")
+        if self.student is not None and self.teacher is None:
+            raise ConfigError("DistillConfig needs teacher with a student (a text LLM with the student's tokenizer)")
+        self.out = Path(self.out)
+        active = self.active_channels()
+        if any(v is not None and v < 1 for v in (self.batch_size, self.grad_accum, self.epochs)):
+            raise ConfigError("batch_size, grad_accum and epochs must be at least 1")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.topk < 0:
+            raise ConfigError("topk must be >= 0 (0 = full teacher distribution on the fly)")
+        if self.train_projector and "st" not in active:
+            raise ConfigError("--train-projector needs the S→T channel: the projector only sees audio")
+        if self.targets not in ("dataset", "teacher", None):
+            raise ConfigError(f"targets must be 'dataset' or 'teacher', got {self.targets!r}")
+        if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ConfigError(f"kind must be forward_kl, reverse_kl or jsd, got {self.kind!r}")
+
+    def active_channels(self) -> tuple[str, ...]:
+        parts = tuple(p.strip() for p in self.channels.split(",") if p.strip())
+        if not parts or set(parts) - {"tt", "st"} or len(set(parts)) != len(parts):
+            raise ConfigError(f"channels must be 'tt,st', 'tt' or 'st', got {self.channels!r}")
+        return tuple(c for c in ("tt", "st") if c in parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @property
+    def resolved(self) -> bool:
+        """True once every field has its value (:func:`resolve_distill_config`)."""
+        return self.student is not None and all(getattr(self, k) is not None for k in STANDARD_DEFAULTS)
+
+
+def resolve_distill_config(config: DistillConfig, *also: Any) -> DistillConfig:
+    """Fill the fields left ``None``: the embedded organism's values (on ``config`` and on any ``also`` configs, e.g.
+    the before/after evaluation's) when no student is given, then :data:`STANDARD_DEFAULTS`. Idempotent."""
+    from speechlm_eval.embedded import apply_embedded, distill_defaults
+
+    if config.student is None:
+        defaults = distill_defaults()
+        for target in (config, *also):
+            apply_embedded(target, defaults)
+    for name, value in STANDARD_DEFAULTS.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    return config
+
+
+def config_fields() -> list[Any]:
+    """The ``DistillConfig`` fields with their help text, for the command line."""
+    return list(fields(DistillConfig))
+
+
+DEFAULT_EVAL_SUITE = "bundled"
+
+
+@dataclass
+class EvalConfig:
+    """The before/after evaluation of a distillation (``speechlm-eval distill`` options)."""
+
+    suites: list[str] = field(default_factory=list, metadata={
+        "help": "evaluation suite(s) for the before/after gap runs, repeatable, as `gap --suite` (default: "
+                f"{DEFAULT_EVAL_SUITE}; embedded organism: its suite)", "flag": "--suite"})
+    eval_limit: int | None = field(default=None, metadata={"help": "first N items per subset", "min": 1})
+    eval_batch_size: int = field(default=8, metadata={"help": "gap batch size", "min": 1})
+    eval_max_new_tokens: int | None = field(default=None, metadata={
+        "help": "gap new-token budget (default: gap's; embedded organism: 8)", "min": 1})
+    eval_device: str = field(default="auto", metadata={"help": "device for the gap runs"})
+    notes: list[str] = field(default_factory=list, metadata={"help": "notes for both reports", "cli": False})
+
+
+# Fields that may change between a run and its --resume without changing what is trained.
+_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "save_every", "keep_states", "stop_after_steps",
+                      "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
+
+
