@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from speechlm_eval.backbone import shared_vocabulary
 from speechlm_eval.data.item import KEY_PHRASE, Item
 from speechlm_eval.distributed import process_state, shard
 from speechlm_eval.divergence import token_jsd, token_kl
@@ -87,12 +88,18 @@ def run_distribution_diagnostics(
     *,
     batch_size: int = 8,
     max_tokens: int = 256,
+    system: str | None = None,
 ) -> None:
-    """KL/JSD per item on its fixed response; skipped where the response is missing or the audio fails."""
+    """KL/JSD per item on its fixed response; skipped where the response is missing or the audio fails.
+
+    Text LLM vs speech LLM is compared over the tokens both vocabularies share (:func:`shared_vocabulary`), each
+    side's distribution renormalised over that support when the vocabularies differ (audio tokens, reassigned special
+    ids); a record says why when the comparison cannot be made (``kl_text_llm_vs_speech_llm_skipped``).
+    """
     reference_arm = TEXT_LLM_TEXT if text_llm is not None else SPEECH_LLM_TEXT
     run = RunDir(run_dir)
     responses = run.records(reference_arm)
-    same_vocab = text_llm is not None and speech_llm.tokenizer.get_vocab() == text_llm.tokenizer.get_vocab()  # type: ignore[attr-defined]
+    shared = shared_vocabulary(speech_llm.tokenizer, text_llm.tokenizer) if text_llm is not None else None  # type: ignore[attr-defined]
     done = run.completed_ids(DIAGNOSTICS)
     path, todo = _my_share(run_dir, DIAGNOSTICS, [
         i for i in items if i.has_text_equivalent and i.id not in done
@@ -103,7 +110,7 @@ def run_distribution_diagnostics(
             records, ready, audio_prompts = [], [], []
             for item in batch:
                 try:
-                    audio_prompts.append(Prompt(audio=audio_source(item)))
+                    audio_prompts.append(Prompt(audio=audio_source(item), system=system))
                     ready.append(item)
                 except Exception as error:  # noqa: BLE001 - the item's own error record
                     records.append(error_record(DIAGNOSTICS, item, error))
@@ -115,38 +122,73 @@ def run_distribution_diagnostics(
                 targets = [targets[k] for k in keep]
                 audio_prompts = [audio_prompts[k] for k in keep]
             if ready:
-                text_prompts = [Prompt(text=i.text) for i in ready]
+                text_prompts = [Prompt(text=i.text, system=system) for i in ready]
                 try:
                     records += _divergence_records(ready, text_prompts, audio_prompts, targets, speech_llm,
-                                                   text_llm if same_vocab else None, reference_arm)
+                                                   text_llm, shared, reference_arm)
                 except Exception:  # noqa: BLE001 - e.g. a clip over the window: retry one by one
                     for item, tp, ap, tg in zip(ready, text_prompts, audio_prompts, targets):
                         try:
                             records += _divergence_records([item], [tp], [ap], [tg], speech_llm,
-                                                           text_llm if same_vocab else None, reference_arm)
+                                                           text_llm, shared, reference_arm)
                         except Exception as item_error:  # noqa: BLE001
                             records.append(error_record(DIAGNOSTICS, item, item_error))
             writer.write_many(records)
 
 
-def _divergence_records(items, text_prompts, audio_prompts, targets, speech_llm, text_llm, reference_arm):
-    vocab = _common_vocab(speech_llm, *([text_llm] if text_llm is not None else []))
+def _divergence_records(items, text_prompts, audio_prompts, targets, speech_llm, text_llm, shared, reference_arm):
+    vocab = _common_vocab(speech_llm)
     given_text, _, mask = speech_llm.continuation_logits(text_prompts, targets)
     given_speech, _, _ = speech_llm.continuation_logits(audio_prompts, targets)
     kl_st, jsd_st = token_divergences(given_text[..., :vocab], given_speech[..., :vocab], mask)
     kl_tl = jsd_tl = [None] * len(items)
-    if text_llm is not None:
+    skipped: list[str | None] = [None] * len(items)
+    if text_llm is not None and shared.identical:
+        vocab = _common_vocab(speech_llm, text_llm)
         teacher, _, _ = text_llm.continuation_logits(text_prompts, targets)
         kl_tl, jsd_tl = token_divergences(teacher[..., :vocab], given_text[..., :vocab], mask)
-    return [
-        {
+    elif text_llm is not None:
+        kl_tl, jsd_tl, skipped = _shared_support_divergences(text_llm, text_prompts, targets, given_text, mask, shared)
+    records = []
+    for k, item in enumerate(items):
+        record = {
             "id": item.id, "subset": item.subset, "arm": DIAGNOSTICS, "error": None,
             "response_from": reference_arm, "n_tokens": int(mask[k].sum()),
             "kl_text_vs_speech": kl_st[k], "jsd_text_vs_speech": jsd_st[k],
             "kl_text_llm_vs_speech_llm": kl_tl[k], "jsd_text_llm_vs_speech_llm": jsd_tl[k],
         }
-        for k, item in enumerate(items)
-    ]
+        if text_llm is not None and not shared.identical:
+            record["text_llm_support"] = "shared vocabulary, renormalised"
+        if skipped[k]:
+            record["kl_text_llm_vs_speech_llm_skipped"] = skipped[k]
+        records.append(record)
+    return records
+
+
+def _shared_support_divergences(text_llm, text_prompts, targets, given_text, mask, shared):
+    """Text LLM vs speech LLM over the shared vocabulary: the response's tokens mapped to the text LLM's ids by
+    string, both distributions restricted to the shared ids and renormalised there (a log-softmax over the subset).
+
+    An item whose response holds a token the text LLM does not have cannot be teacher-forced token for token on both
+    sides; it gets no value and the reason instead."""
+    to_text = dict(zip(shared.speech_ids, shared.text_ids))
+    n = len(targets)
+    kl, jsd, skipped = [None] * n, [None] * n, [None] * n
+    mappable = [k for k, t in enumerate(targets) if all(i in to_text for i in t)]
+    for k in set(range(n)) - set(mappable):
+        skipped[k] = "the response holds tokens the text LLM's vocabulary lacks"
+    if not mappable:
+        return kl, jsd, skipped
+    teacher, _, teacher_mask = text_llm.continuation_logits([text_prompts[k] for k in mappable],
+                                                           [[to_text[i] for i in targets[k]] for k in mappable])
+    device = given_text.device
+    speech_ids = torch.tensor(shared.speech_ids, device=device)
+    text_ids = torch.tensor(shared.text_ids, device=teacher.device)
+    student = given_text[mappable][..., speech_ids]
+    kl_m, jsd_m = token_divergences(teacher[..., text_ids].to(device), student, mask[mappable])
+    for j, k in enumerate(mappable):
+        kl[k], jsd[k] = kl_m[j], jsd_m[j]
+    return kl, jsd, skipped
 
 
 def run_perception_probe(
@@ -158,6 +200,7 @@ def run_perception_probe(
     instruction: str = PROBE_INSTRUCTION,
     batch_size: int = 8,
     max_new_tokens: int = 128,
+    system: str | None = None,
 ) -> None:
     """Transcripts + WER of each item's audio against the text that was spoken (items with a text equivalent)."""
     done = RunDir(run_dir).completed_ids(PERCEPTION)
@@ -168,7 +211,7 @@ def run_perception_probe(
             records, ready, prompts = [], [], []
             for item in batch:
                 try:
-                    prompts.append(Prompt(audio=audio_source(item), text=instruction))
+                    prompts.append(Prompt(audio=audio_source(item), text=instruction, system=system))
                     ready.append(item)
                 except Exception as error:  # noqa: BLE001
                     records.append(error_record(PERCEPTION, item, error))

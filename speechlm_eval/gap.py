@@ -7,13 +7,14 @@ weights are loaded; per-item problems become error records and the run goes on.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from speechlm_eval.data.item import Item
 from speechlm_eval.embedded import apply_embedded, gap_defaults
-from speechlm_eval.models.base import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from speechlm_eval.models.base import CHECKPOINT_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from speechlm_eval.rundir import (
     ARM_BY_NAME,
     ARMS,
@@ -31,7 +32,7 @@ DEFAULT_SUITE = "bundled"
 NO_TEXT_MODEL_NOTE = (
     "No --text-model given: the text_llm_text arm was not run and forgetting is not measured. The speech "
     "LLM's own text path is not a reference for forgetting; pass its text backbone (e.g. "
-    "Qwen/Qwen2-7B-Instruct for Qwen2-Audio) to measure it."
+    "Qwen/Qwen2.5-7B-Instruct for Qwen2.5-Omni; `speechlm-eval families` names them) to measure it."
 )
 
 
@@ -100,6 +101,16 @@ class GapConfig:
                                        "indexed when all named tasks are found there).")
     probe_instruction: str | None = _opt(None, "Instruction sent with the audio for the perception probe (default: "
                                          "'Transcribe the speech in the audio exactly.').")
+    system_prompt: str | None = _opt(None, "System turn of every prompt, the same for both models: TEXT, or 'none' "
+                                     "(no system message; each chat template's own default applies). Default: the "
+                                     "speech LLM's chat-template default, sent explicitly to both models.")
+    gen_kwargs: str | None = _opt(None, "Extra generation arguments as k=v,k2=v2 (lm-eval's syntax; values parsed as "
+                                  "JSON where they can be), e.g. repetition_penalty=1.1. Nothing from a checkpoint's "
+                                  "generation_config.json applies unless asked: greedy means greedy.")
+    preset: Literal["none", "voicebench"] = _opt("none", "voicebench: decode as VoiceBench's wrapper for the "
+                                                 "family does (its length budget, the checkpoint's generation config; "
+                                                 "clips longer than the encoder window truncated and flagged per "
+                                                 "record instead of refused).")
     n_resamples: int = _opt(10_000, "Bootstrap resamples of every confidence interval.", min=1)
     notes: list[str] = _opt([], "Notes written into the manifest and the report.", cli=False)
 
@@ -147,7 +158,50 @@ def item_row(item: Item) -> ItemRow:
 
 
 def generation_config(config: GapConfig) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=int(config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS), seed=config.seed)
+    extra = {**preset_generation(config.preset), **parse_gen_kwargs(config.gen_kwargs)}
+    return GenerationConfig(max_new_tokens=int(config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS), seed=config.seed,
+                            extra=tuple(sorted(extra.items())))
+
+
+# VoiceBench's wrappers pass no decoding settings but a length: the checkpoint's generation config decides the rest,
+# and Qwen2-Audio's caps prompt plus answer at 2048 tokens (``max_length``, not ``max_new_tokens``).
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "voicebench": {"max_length": 2048, CHECKPOINT_DEFAULTS: True},
+}
+
+
+def preset_generation(preset: str) -> dict[str, Any]:
+    try:
+        return dict(PRESETS[preset])
+    except KeyError:
+        raise ConfigError(f"unknown --preset {preset!r}; presets are {', '.join(PRESETS)}") from None
+
+
+def parse_gen_kwargs(spec: str | None) -> dict[str, Any]:
+    """``k=v,k2=v2`` (lm-eval's ``--gen_kwargs``) as a dict; each value JSON-parsed when it parses (numbers, bools)."""
+    out: dict[str, Any] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--gen-kwargs: {part!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def system_prompt_for(config: GapConfig, speech_llm: Any) -> tuple[str | None, dict[str, Any]]:
+    """The system turn every prompt carries, and its manifest entry (policy, text, where it came from)."""
+    if config.system_prompt is None:
+        default = getattr(speech_llm, "default_system_prompt", lambda: None)()
+        return default, {"policy": "speech LLM's template default, sent to both models", "text": default}
+    if config.system_prompt.strip().lower() == "none":
+        return None, {"policy": "none: no system message (each chat template's own default applies)", "text": None}
+    return config.system_prompt, {"policy": "--system-prompt, sent to both models", "text": config.system_prompt}
 
 
 def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
@@ -169,7 +223,9 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
         "seed": config.seed,
         "diagnostics": config.diagnostics,
         "probe_instruction": config.probe_instruction,
-    } | ({"lm_eval_tasks": list(config.lm_eval_tasks)} if config.lm_eval_tasks else {})
+    } | ({"lm_eval_tasks": list(config.lm_eval_tasks)} if config.lm_eval_tasks else {}) | (
+        {"system_prompt": config.system_prompt} if config.system_prompt is not None else {}) | (
+        {"preset": config.preset} if config.preset != "none" else {})
 
 
 def run_gap(config: GapConfig, *, console: Any = None) -> Path:
@@ -194,6 +250,7 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
 
     models = load_models(config)
     audio_source, tts = make_audio_source(config)
+    system, system_entry = system_prompt_for(config, models["speech_llm"])
     manifest = Manifest(
         request=identity,
         models={name: describe_portably(m, run.path) for name, m in models.items() if m is not None},
@@ -208,6 +265,7 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         statistics={"n_resamples": config.n_resamples, "confidence": 0.95},
         packages=package_versions(),
         notes=list(config.notes),
+        extra=pair_entries(config, models, system_entry),
     )
     if state.is_main_process:
         run.write_items(rows)
@@ -215,13 +273,13 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     state.wait_for_everyone()
 
     order = [i.id for i in items]
-    run_arms(config, items, models, audio_source, console)
+    run_arms(config, items, models, audio_source, console, system)
     state.wait_for_everyone()
     if state.is_main_process:
         run.merge(config.arms, order)
     state.wait_for_everyone()
     if config.diagnostics:
-        run_diagnostics(config, items, models, audio_source)
+        run_diagnostics(config, items, models, audio_source, system)
         state.wait_for_everyone()
     if state.is_main_process:
         from speechlm_eval.judge.run import judge_run
@@ -240,6 +298,26 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     return run.path
 
 
+def pair_entries(config: GapConfig, models: dict[str, Any], system_entry: dict[str, Any]) -> dict[str, Any]:
+    """Manifest entries about the pair: the system-prompt policy, each arm's effective decoding settings, and whether
+    the text LLM is the speech LLM's backbone or a proxy."""
+    from speechlm_eval.rundir import ARM_BY_NAME
+
+    generation = generation_config(config)
+    effective = {}
+    for arm in config.arms:
+        model = models[ARM_BY_NAME[arm].model]
+        settings = getattr(model, "generation_settings", None)
+        effective[arm] = settings(generation) if settings else generation.to_dict()
+    entries: dict[str, Any] = {"system_prompt": system_entry, "generation_effective": effective}
+    if models["text_llm"] is not None and hasattr(models["speech_llm"], "language_model") \
+            and hasattr(models["text_llm"], "language_model"):
+        from speechlm_eval.backbone import backbone_identity
+
+        entries["text_llm_reference"] = backbone_identity(models["speech_llm"], models["text_llm"])
+    return entries
+
+
 def describe_portably(model: Any, run_dir: Path) -> dict[str, Any]:
     """A model's manifest identity with its local path written as :func:`portable_path` writes it."""
     description = dict(model.describe())
@@ -248,16 +326,17 @@ def describe_portably(model: Any, run_dir: Path) -> dict[str, Any]:
     return description
 
 
-def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], audio_source: Any) -> None:
+def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], audio_source: Any,
+                    system: str | None = None) -> None:
     """Judge-free diagnostics after the arms: per-token KL/JSD and the perception (transcription) probe."""
     from speechlm_eval.diagnostics import PROBE_INSTRUCTION, run_distribution_diagnostics, run_perception_probe
 
     out = Path(config.out)
     run_distribution_diagnostics(out, items, models["speech_llm"], models["text_llm"], audio_source,
-                                 batch_size=config.batch_size)
+                                 batch_size=config.batch_size, system=system)
     run_perception_probe(out, [i for i in items if i.has_text_equivalent], models["speech_llm"], audio_source,
                          instruction=config.probe_instruction or PROBE_INSTRUCTION, batch_size=config.batch_size,
-                         max_new_tokens=min(256, 4 * int(config.max_new_tokens or 64)))
+                         max_new_tokens=min(256, 4 * int(config.max_new_tokens or 64)), system=system)
 
 
 def load_models(config: GapConfig) -> dict[str, Any]:
@@ -302,13 +381,14 @@ def make_audio_source(config: GapConfig):
 
 
 def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], audio_source: Any,
-             console: Any) -> None:
+             console: Any, system: str | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from speechlm_eval.distributed import process_state
     from speechlm_eval.runner import arms_for, run_arm
 
-    plans = arms_for(items, models["speech_llm"], models["text_llm"], config.arms)
+    plans = arms_for(items, models["speech_llm"], models["text_llm"], config.arms, system=system,
+                     truncate_audio=config.preset == "voicebench")
     state = process_state()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

@@ -7,11 +7,13 @@ Runs resume after a kill, and shard over processes under torchrun / accelerate l
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.data.item import Item
 from speechlm_eval.distributed import process_state, shard
 from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
@@ -30,10 +32,12 @@ class ArmPlan:
     model: SpeechLM
     items: list[Item]
     with_audio: bool
+    system: str | None = None  # the system turn every prompt of the run carries (None: the template's default)
+    truncate_audio: bool = False  # cut clips to the encoder window (flagged in the record) instead of refusing them
 
 
 def arms_for(items: Sequence[Item], speech_llm: SpeechLM, text_llm: SpeechLM | None,
-             arms: Sequence[str] = ARMS) -> list[ArmPlan]:
+             arms: Sequence[str] = ARMS, system: str | None = None, truncate_audio: bool = False) -> list[ArmPlan]:
     """The arm plans for these items. Items without a text equivalent (MMAU) only get the speech arm."""
     texty = [i for i in items if i.has_text_equivalent]
     models = {"speech_llm": speech_llm, "text_llm": text_llm}
@@ -44,17 +48,19 @@ def arms_for(items: Sequence[Item], speech_llm: SpeechLM, text_llm: SpeechLM | N
         arm = ARM_BY_NAME[name]
         if models[arm.model] is not None:
             # Audio arms take every item; text arms only those with a text equivalent (not MMAU).
-            plans.append(ArmPlan(name, models[arm.model], list(items) if arm.audio else texty, with_audio=arm.audio))
+            plans.append(ArmPlan(name, models[arm.model], list(items) if arm.audio else texty, with_audio=arm.audio,
+                                 system=system, truncate_audio=truncate_audio and arm.audio))
     return plans
 
 
-def build_prompt(item: Item, with_audio: bool, audio_source: AudioSource) -> Prompt:
-    """The prompt an arm sends: the text alone, or the audio (+ the item's instruction for audio-understanding items)."""
+def build_prompt(item: Item, with_audio: bool, audio_source: AudioSource, system: str | None = None) -> Prompt:
+    """The prompt an arm sends: the text alone, or the audio (+ the item's instruction for audio-understanding items),
+    with the run's system turn."""
     if not with_audio:
         if item.text is None:
             raise ValueError(f"item {item.id} has no text prompt")
-        return Prompt(text=item.text)
-    return Prompt(audio=audio_source(item), text=item.audio_instruction)
+        return Prompt(text=item.text, system=system)
+    return Prompt(audio=audio_source(item), text=item.audio_instruction, system=system)
 
 
 @dataclass
@@ -101,15 +107,30 @@ def run_arm(
 
 
 def sorted_for_batching(items: Sequence[Item], plan: ArmPlan) -> list[Item]:
-    """Longest prompts first (padding waste is smallest when similar lengths share a batch; OOM shows up at once)."""
-    def length(item: Item) -> int:
+    """Longest prompts first (padding waste is smallest when similar lengths share a batch; OOM shows up at once).
+
+    Text arms sort by tokenised prompt length; the speech arm by audio length, known from a decoded clip or, for
+    audio still to be synthesised or decoded, estimated from the text spoken (TTS duration grows with it), then by
+    the instruction's length."""
+    def length(item: Item) -> tuple[float, int]:
         text = item.audio_instruction if plan.with_audio else item.text
         try:
-            return plan.model.prompt_length(Prompt(text=text or "", audio=None))
+            tokens = plan.model.prompt_length(Prompt(text=text or "", audio=None))
         except Exception:  # noqa: BLE001 - a prompt that cannot even be tokenised fails later with its own record
-            return 0
+            tokens = 0
+        return (audio_length(item) if plan.with_audio else 0.0, tokens)
 
-    return sorted(items, key=lambda it: -length(it))  # sorted() is stable: ties keep item order
+    return sorted(items, key=lambda it: tuple(-v for v in length(it)))  # stable: ties keep item order
+
+
+def audio_length(item: Item) -> float:
+    """Seconds of a decoded clip, else the characters TTS will speak (same order), else 0 (a file not yet read)."""
+    audio = item.audio
+    if audio is not None and audio.array is not None and audio.sampling_rate:
+        return len(audio.array) / audio.sampling_rate
+    if audio is None:
+        return float(len(item.text_to_speak() or ""))
+    return 0.0
 
 
 def batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
@@ -123,9 +144,15 @@ def answer_batch(plan: ArmPlan, batch: Sequence[Item], generation: GenerationCon
     a failing batch is retried item by item so only the culprit gets an error record."""
     records: list[dict[str, Any]] = []
     ready: list[tuple[Item, Prompt]] = []
+    truncated: dict[str, float] = {}
     for item in batch:
         try:
-            ready.append((item, build_prompt(item, plan.with_audio, audio_source)))
+            prompt = build_prompt(item, plan.with_audio, audio_source, plan.system)
+            if plan.truncate_audio:
+                prompt, seconds = truncate_to_window(prompt, plan.model.max_audio_seconds)
+                if seconds is not None:
+                    truncated[item.id] = seconds
+            ready.append((item, prompt))
         except Exception as error:  # noqa: BLE001 - any per-item input problem becomes that item's error record
             records.append(error_record(plan.name, item, error))
     if not ready:
@@ -143,7 +170,21 @@ def answer_batch(plan: ArmPlan, batch: Sequence[Item], generation: GenerationCon
                     records.append(answer_record(plan.name, item, out))
                 except Exception as error:  # noqa: BLE001
                     records.append(error_record(plan.name, item, error))
+    for record in records:
+        if record["id"] in truncated and record.get("error") is None:
+            record["audio_truncated_from_s"] = round(truncated[record["id"]], 3)
     return records
+
+
+def truncate_to_window(prompt: Prompt, max_seconds: float | None) -> tuple[Prompt, float | None]:
+    """The prompt with its clip cut to the encoder window (as VoiceBench's feature extractors silently do), and the
+    clip's original length in seconds when it was cut."""
+    if prompt.audio is None or max_seconds is None:
+        return prompt, None
+    limit = int(max_seconds * SAMPLING_RATE)
+    if len(prompt.audio) <= limit:
+        return prompt, None
+    return dataclasses.replace(prompt, audio=prompt.audio[:limit]), len(prompt.audio) / SAMPLING_RATE
 
 
 def answer_record(arm: str, item: Item, out: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from speechlm_eval.cli import check, distill, gap, organism, report, score
+from speechlm_eval.cli import check, distill, families, gap, organism, report, score
 
 app = typer.Typer(
     help="Measure what a speech LLM lost when it learned to listen (forgetting, modality inequivalence), and repair "
@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in (gap, report, score, check, distill, organism):
+for command in (gap, report, score, check, distill, organism, families):
     command.register(app)
 
 

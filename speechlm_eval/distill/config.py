@@ -12,7 +12,6 @@ from typing import Any, Literal
 from speechlm_eval.distill.data import FILTER_DEFAULTS
 
 MANIFEST_SCHEMA = "speechlm-eval/distill-manifest/v1"
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 OUR_READING: dict[str, str] = {
     "loss": "forward KL(teacher ‖ student) per response token at temperature 2, scaled by τ², averaged over the "
@@ -91,7 +90,8 @@ class DistillConfig:
     lora_r: int = _opt(16, "LoRA rank (our reading)")
     lora_alpha: int = _opt(32, "LoRA alpha (our reading)")
     lora_dropout: float = _opt(0.05, "LoRA dropout (our reading)")
-    lora_targets: str = _opt(LORA_TARGETS, "regex of the modules LoRA adapts (language model attention only)")
+    lora_targets: str | None = _opt(None, "regex of the modules LoRA adapts (default: the family's, its language "
+                                    "model's attention projections)")
     train_projector: bool = _opt(False, "also train the audio→LLM projector (the audio encoder is always frozen)")
     lr: float | None = _late("peak learning rate (default: 1e-4, our reading; embedded organism: 3e-4)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (our reading)")

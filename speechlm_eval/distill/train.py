@@ -44,6 +44,7 @@ from speechlm_eval.distill.data import (
 )
 from speechlm_eval.distill.losses import ce_loss, kd_loss
 from speechlm_eval.distill.teacher_cache import TeacherCache, build_teacher_cache
+from speechlm_eval.models.base import TrainableSpeechLM
 from speechlm_eval.distill.vocab import check_vocab_compatible, cut_padded_vocab, real_vocab_size
 
 def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Path:
@@ -111,7 +112,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
 
     # -- Trainable parameters: LoRA on the language model (or everything but the audio encoder), optimizer, schedule.
     set_seed(config.seed)  # the LoRA init must not depend on which process prepared the data
-    model = make_trainable(student.model, config)
+    model = make_trainable(student, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     plan = [epoch_plan(examples, epoch, config, accelerator.process_index, accelerator.num_processes)
@@ -135,7 +136,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
 
     # -- The loop: one optimizer step = grad_accum micro-batches; each micro-batch runs the active channels. --------
     model.train()
-    frozen_in_eval_mode(accelerator.unwrap_model(model), config)
+    frozen_in_eval_mode(student, config)  # student.model is the prepared (wrapped) model
     stopped_early = False
     progress = Progress(TextColumn("[bold]distill[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not accelerator.is_main_process)
@@ -289,8 +290,9 @@ def load_student(config: DistillConfig, accelerator: Any) -> Any:
     options = LoadOptions(device=str(accelerator.device), dtype=model_dtype(config, accelerator),
                           trust_remote_code=config.trust_remote_code)
     student = load_model(config.student, options)
-    if not student.accepts_audio or not hasattr(student, "processor"):
-        raise ConfigError(f"the student {config.student!r} is not a speech LLM (Qwen2-Audio family) this recipe trains")
+    if not student.accepts_audio or not isinstance(student, TrainableSpeechLM):
+        raise ConfigError(f"the student {config.student!r} ({student.describe().get('family')}) is not a speech LLM "
+                          "this recipe can train (it needs the TrainableSpeechLM interface)")
     return student
 
 
@@ -316,40 +318,49 @@ def make_tts(config: DistillConfig) -> Any:
     return CachedTTS(get_tts(config.tts_engine, voice=config.tts_voice, rate=config.tts_rate))
 
 
-def make_trainable(model: torch.nn.Module, config: DistillConfig) -> torch.nn.Module:
+def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
     """Freeze what is not trained: LoRA on the language model (default) or a full fine-tune of it.
 
-    The audio encoder is always frozen; the projector trains only with ``train_projector``.
+    The audio encoder is always frozen; the projector trains only with ``train_projector``. The modules are found
+    through the model's interface (:class:`~speechlm_eval.models.base.TrainableSpeechLM`), whatever the family
+    calls them.
     """
+    model = student.model
     model.requires_grad_(False)
+    projector = student.projector() if config.train_projector else None
+    if config.train_projector and projector is None:
+        raise ConfigError(f"--train-projector: the {student.family} family has no audio projector")
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.lora_targets, bias="none")
+                          target_modules=lora_targets(student, config), bias="none")
         model = get_peft_model(model, lora)
     else:
-        inner = model.model
-        inner.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-    if config.train_projector:
-        base = model.get_base_model() if config.lora else model
-        base.model.multi_modal_projector.requires_grad_(True)
+        student.language_model().requires_grad_(True)
+        student.lm_head().requires_grad_(True)
+    if projector is not None:
+        projector.requires_grad_(True)  # the same module object inside the LoRA wrapper
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
-        raise ConfigError(f"nothing to train: --lora-targets {config.lora_targets!r} matched no module")
+        raise ConfigError(f"nothing to train: --lora-targets {lora_targets(student, config)!r} matched no module")
     return model
 
 
-def frozen_in_eval_mode(model: torch.nn.Module, config: DistillConfig) -> None:
+def lora_targets(student: Any, config: DistillConfig) -> str:
+    """The regex LoRA adapts: ``--lora-targets``, else the family's own (its language model's attention)."""
+    return config.lora_targets or student.lora_targets
+
+
+def frozen_in_eval_mode(student: Any, config: DistillConfig) -> None:
     """Put the frozen audio encoder (and the projector unless trained) in eval mode: no dropout in what is fixed."""
-    base = model.get_base_model() if config.lora else model
-    base.model.audio_tower.eval()
-    if not config.train_projector:
-        base.model.multi_modal_projector.eval()
+    student.audio_encoder().eval()
+    projector = student.projector()
+    if projector is not None and not config.train_projector:
+        projector.eval()
 
 
 def prepare_data(config: DistillConfig, student: Any, teacher: Any | None, tts: Any,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -31,20 +31,34 @@ class Prompt:
 
 
 DEFAULT_MAX_NEW_TOKENS = 512
+# A key of ``GenerationConfig.extra``: let the checkpoint's generation_config.json fill every setting left unset (what
+# VoiceBench's wrappers do by passing no sampling arguments); off by default, so greedy means greedy.
+CHECKPOINT_DEFAULTS = "checkpoint_defaults"
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding settings; greedy by default. Written to the run manifest."""
+    """Decoding settings; greedy by default. Written to the run manifest.
+
+    Nothing else applies: a checkpoint's ``generation_config.json`` leftovers (``repetition_penalty``,
+    ``no_repeat_ngram_size``, sampling, ...) are ignored unless asked for here. ``extra`` holds further transformers
+    generation arguments (``--gen-kwargs k=v,...``, or a preset's), passed as given; ``max_length`` there caps prompt
+    plus answer, as VoiceBench's Qwen2-Audio wrapper does.
+    """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        extra = out.pop("extra")
+        if extra:
+            out["extra"] = dict(extra)
+        return out
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,9 @@ class Family:
     load: "Callable[[str, LoadOptions], SpeechLM]"
     model_types: tuple[str, ...] = ()
     accepts_audio: bool = True
+    capabilities: tuple[str, ...] = ("generate", "log-probs")
+    backbone: str | None = None  # the public text checkpoint its language model is, for the forgetting reference
+    notes: str = ""
 
 
 @runtime_checkable
@@ -128,4 +145,38 @@ class SpeechLM(Protocol):
 
     def describe(self) -> dict:
         """JSON-safe identity for the manifest: family, id/path, revision, dtype, device, parameter count."""
+        ...
+
+
+@runtime_checkable
+class TrainableSpeechLM(SpeechLM, Protocol):
+    """What distillation (and the diagnostics comparing two models) need beyond :class:`SpeechLM`, so no caller
+    reaches into a family's module tree.
+
+    Attributes:
+        model: the whole ``torch.nn.Module`` that is trained and saved.
+        tokenizer: the model's tokenizer (its vocabulary decides which ids two models share).
+        processor: what is saved beside the weights so that ``load_model`` reads the checkpoint back.
+        lora_targets: regex of the language model's modules LoRA adapts.
+    """
+
+    model: Any
+    tokenizer: Any
+    processor: Any
+    lora_targets: str
+
+    def language_model(self) -> Any:
+        """The decoder that turns embeddings into hidden states (trained by distillation)."""
+        ...
+
+    def audio_encoder(self) -> Any:
+        """The audio encoder (always frozen by distillation)."""
+        ...
+
+    def projector(self) -> Any:
+        """The audio-to-LLM projector, or ``None`` when the family has none."""
+        ...
+
+    def lm_head(self) -> Any:
+        """The output embedding (vocabulary projection)."""
         ...

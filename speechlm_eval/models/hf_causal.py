@@ -51,6 +51,12 @@ class CausalLMModel(HFAdapter):
     def describe(self) -> dict:
         return self.describe_with(prompt_format=self.prompt_format)
 
+    def language_model(self) -> torch.nn.Module:
+        return self.model.get_decoder()
+
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
 
 def load(name_or_path: str, options: LoadOptions) -> CausalLMModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,4 +75,5 @@ def load(name_or_path: str, options: LoadOptions) -> CausalLMModel:
     return CausalLMModel(name_or_path, model, tokenizer, revision=options.revision)
 
 
-FAMILY = Family(name="hf-causal", load=load, model_types=(), accepts_audio=False)
+FAMILY = Family(name="hf-causal", load=load, model_types=(), accepts_audio=False,
+                notes="any transformers causal LM: a text LLM (the forgetting reference or the distillation teacher)")

@@ -6,15 +6,16 @@ that is the same for every decoder-only model lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from speechlm_eval.audio_format import SAMPLING_RATE
-from speechlm_eval.models.base import Generation, GenerationConfig
+from speechlm_eval.models.base import CHECKPOINT_DEFAULTS, Generation, GenerationConfig
 
 def resolve_device(device: str) -> torch.device:
     """"auto" = this process's device under accelerate/torchrun, else CUDA when present, else CPU."""
@@ -74,6 +75,41 @@ def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list
     return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
 
 
+def effective_generation_config(config: GenerationConfig, eos_token_ids: Sequence[int], pad_token_id: int | None):
+    """The transformers ``GenerationConfig`` a generate call runs with: exactly ``config`` (greedy unless it samples),
+    the end-of-answer and padding ids, and ``config.extra``; nothing from the checkpoint's own generation config."""
+    from transformers import GenerationConfig as TransformersGenerationConfig
+
+    kwargs: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
+                              "eos_token_id": list(eos_token_ids), "pad_token_id": pad_token_id}
+    if config.do_sample:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p)
+    kwargs.update({k: v for k, v in config.extra if k != CHECKPOINT_DEFAULTS})
+    if "max_length" in kwargs:
+        kwargs.pop("max_new_tokens")  # a total-length cap (VoiceBench's) replaces the new-token budget
+    return TransformersGenerationConfig(**kwargs)
+
+
+@contextlib.contextmanager
+def only_token_ids_from_checkpoint(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block the model's own generation config holds only its special token ids.
+
+    transformers fills every generation setting the caller leaves unset from ``model.generation_config`` (the
+    checkpoint's ``generation_config.json``), so a leftover ``repetition_penalty: 1.5`` would silently apply to a
+    "greedy" run; blanking it keeps decoding to what :func:`effective_generation_config` says.
+    """
+    from transformers import GenerationConfig as TransformersGenerationConfig
+
+    original = model.generation_config
+    keep = {k: getattr(original, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                      "decoder_start_token_id")}
+    model.generation_config = TransformersGenerationConfig(**{k: v for k, v in keep.items() if v is not None})
+    try:
+        yield
+    finally:
+        model.generation_config = original
+
+
 @torch.inference_mode()
 def generate_batch(
     model: torch.nn.Module,
@@ -85,16 +121,12 @@ def generate_batch(
     """Run ``model.generate`` on left-padded ``inputs`` and decode only the new tokens (VoiceBench's decoding)."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    kwargs: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample}
     if config.do_sample:
-        kwargs.update(temperature=config.temperature, top_p=config.top_p)
         torch.manual_seed(config.seed)
-    else:
-        # Explicit, so a checkpoint's generation_config (which may ask for sampling) cannot change greedy decoding.
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    output = model.generate(
-        **inputs, **kwargs, eos_token_id=list(eos_token_ids), pad_token_id=tokenizer.pad_token_id
-    )
+    generation = effective_generation_config(config, eos_token_ids, tokenizer.pad_token_id)
+    keep_checkpoint = dict(config.extra).get(CHECKPOINT_DEFAULTS, False)
+    with contextlib.nullcontext() if keep_checkpoint else only_token_ids_from_checkpoint(model):
+        output = model.generate(**inputs, generation_config=generation)
     prompt_width = inputs["input_ids"].shape[1]
     n_prompt = inputs["attention_mask"].sum(dim=1).tolist()
     results = []
@@ -219,6 +251,32 @@ class HFAdapter:
 
     def generate(self, prompts: Sequence[Any], config: GenerationConfig) -> list[Generation]:
         return generate_batch(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids)
+
+    def default_system_prompt(self) -> str | None:
+        """The system text this model's prompts carry when none is given (its chat template's default, or the one
+        its family sends), read off two renderings: with a marker system turn and with none."""
+        from speechlm_eval.models.base import Prompt
+
+        user, system = "\x00user-marker\x00", "\x00system-marker\x00"
+        plain = self.chat_text(Prompt(text=user))  # type: ignore[attr-defined]
+        marked = self.chat_text(Prompt(text=user, system=system))  # type: ignore[attr-defined]
+        head, found, tail = marked.partition(system)
+        if not found or not plain.startswith(head):
+            return None
+        between = tail.partition(user)[0]  # the template's text from the end of the system turn to the user text
+        rest = plain[len(head):]
+        end = rest.find(between + user)
+        return rest[:end] if end > 0 else None
+
+    def generation_settings(self, config: GenerationConfig) -> dict[str, Any]:
+        """What a generate call with ``config`` really runs with (for the manifest): the settings that differ from
+        transformers' defaults, plus whether the checkpoint's own generation config fills the rest."""
+        settings = effective_generation_config(config, self._eos_ids, self.tokenizer.pad_token_id).to_diff_dict()
+        settings.pop("transformers_version", None)
+        settings["checkpoint_defaults"] = dict(config.extra).get(CHECKPOINT_DEFAULTS, False)
+        if settings["checkpoint_defaults"]:
+            settings["checkpoint_generation_config"] = self.model.generation_config.to_diff_dict()
+        return settings
 
     def continuation_logprobs(self, prompts: Sequence[Any], continuations: Sequence[str]) -> list[np.ndarray]:
         return continuation_logprobs_batch(self.model, self.tokenizer, self.encode(prompts), continuations)

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from speechlm_eval.audio_format import SAMPLING_RATE
-from speechlm_eval.models.base import Family, LoadOptions, ModelLoadError, Prompt
-from speechlm_eval.models.hf_runtime import HFAdapter, check_clip, eos_token_ids, resolve_device, resolve_dtype
+from speechlm_eval.models import audio_text
+from speechlm_eval.models.audio_text import AudioTextModel, AudioTextSpec, audio_text_family, load_audio_text
+from speechlm_eval.models.base import LoadOptions, ModelLoadError, Prompt
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # Required by Qwen2.5-Omni for speech output (model card); recorded for reference, not used for text output.
@@ -35,13 +36,7 @@ AUDIO_TOKEN = "<|AUDIO|>"
 
 def conversation(prompt: Prompt) -> list[dict[str, Any]]:
     """The chat messages for one prompt: the system turn (VoiceBench's unless ``prompt.system``), then the user turn."""
-    content: list[dict[str, str]] = []
-    if prompt.audio is not None:
-        content.append({"type": "audio", "audio_url": "in-memory"})
-    if prompt.text is not None:
-        content.append({"type": "text", "text": prompt.text})
-    system = DEFAULT_SYSTEM_PROMPT if prompt.system is None else prompt.system
-    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    return audio_text.conversation(prompt, SPEC)
 
 
 def audio_tokens_from_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -75,82 +70,50 @@ class ThinkerInputFiles:
         self.feature_extractor.save_pretrained(directory)
         (directory / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
 
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
+        """The checkpoint's chat template rendered as ``Qwen2_5OmniProcessor.apply_chat_template`` renders it."""
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
 
-class Qwen25OmniModel(HFAdapter):
-    """A Qwen2.5-Omni thinker behind the :class:`~speechlm_eval.models.base.SpeechLM` interface (text output)."""
 
-    family = "qwen2.5-omni"
-    accepts_audio = True
+def encode_audio(adapter: AudioTextModel, texts: list[str], audios: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Inputs as ``Qwen2_5OmniProcessor`` builds them for text and audio: Whisper features padded to the window,
+    one ``<|AUDIO|>`` per audio token.
 
-    def __init__(
-        self,
-        name: str,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        feature_extractor: Any,
-        chat_template: str,
-        revision: str | None = None,
-    ) -> None:
-        self.name = name
-        self.model = model
-        self.tokenizer = tokenizer
-        self.tokenizer.padding_side = "left"
-        self.feature_extractor = feature_extractor
-        self.chat_template = chat_template
-        self.processor = ThinkerInputFiles(tokenizer, feature_extractor, chat_template)
-        self.revision = revision
-        self.max_audio_seconds: float | None = feature_extractor.n_samples / feature_extractor.sampling_rate
-        self._eos_ids = eos_token_ids(model, tokenizer)
+    Returns ``input_ids``/``attention_mask`` ``(batch, len)`` and ``input_features`` ``(batch, mel_bins,
+    window_frames)`` float32 with ``feature_attention_mask`` ``(batch, window_frames)``.
+    """
+    extractor = adapter.processor.feature_extractor
+    features = extractor(
+        audios,
+        sampling_rate=SAMPLING_RATE,
+        padding="max_length",  # the processor's only mode: every clip fills the window, masked
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    frame_mask = features["attention_mask"]
+    counts = audio_tokens_from_frames(frame_mask.sum(-1)).tolist()
+    # One placeholder per prompt (the audio comes first in the turn), expanded to one token per audio token.
+    texts = [t.replace(AUDIO_TOKEN, AUDIO_TOKEN * n, 1) for t, n in zip(texts, counts)]
+    encoded = dict(adapter.tokenizer(texts, return_tensors="pt", padding=True))
+    encoded.update(input_features=features["input_features"], feature_attention_mask=frame_mask)
+    return encoded
 
-    def chat_text(self, prompt: Prompt) -> str:
-        return self.tokenizer.apply_chat_template(
-            conversation(prompt), chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-        )
 
-    def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        """Left-padded model inputs; all prompts of a batch must agree on having audio (the runner batches per arm).
+def _audio_tokens(n_samples: int, processor: Any) -> int:
+    return audio_token_count(n_samples, processor.feature_extractor.hop_length)
 
-        Returns ``input_ids``/``attention_mask`` ``(batch, len)`` and, for audio, ``input_features``
-        ``(batch, mel_bins, window_frames)`` float32 with ``feature_attention_mask`` ``(batch, window_frames)``.
-        """
-        texts = [self.chat_text(p) for p in prompts]
-        with_audio = [p.audio is not None for p in prompts]
-        if any(with_audio) and not all(with_audio):
-            raise ValueError("a batch must be all-audio or all-text prompts")
-        if not any(with_audio):
-            return dict(self.tokenizer(texts, return_tensors="pt", padding=True))
-        for prompt in prompts:
-            self.check_audio(prompt.audio)
-        features = self.feature_extractor(
-            [np.asarray(p.audio, dtype=np.float32) for p in prompts],
-            sampling_rate=SAMPLING_RATE,
-            padding="max_length",  # the processor's only mode: every clip fills the window, masked
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        frame_mask = features["attention_mask"]
-        counts = audio_tokens_from_frames(frame_mask.sum(-1)).tolist()
-        # One placeholder per prompt (the audio comes first in the turn), expanded to one token per audio token.
-        texts = [t.replace(AUDIO_TOKEN, AUDIO_TOKEN * n, 1) for t, n in zip(texts, counts)]
-        encoded = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
-        encoded.update(input_features=features["input_features"], feature_attention_mask=frame_mask)
-        return encoded
 
-    def check_audio(self, audio: np.ndarray | None) -> None:
-        """Refuse clips the feature extractor would silently truncate to its window, and clips with no audio token."""
-        if audio is not None:
-            check_clip(audio, max_seconds=self.max_audio_seconds, min_tokens=1,
-                       n_audio_tokens=audio_token_count(len(audio), self.feature_extractor.hop_length))
-
-    def prompt_length(self, prompt: Prompt) -> int:
-        n = len(self.tokenizer(self.chat_text(prompt))["input_ids"])
-        if prompt.audio is not None:
-            # The placeholder becomes one token per audio token: ~25 per second of audio (not of the window).
-            n += audio_token_count(len(prompt.audio), self.feature_extractor.hop_length) - 1
-        return n
-
-    def describe(self) -> dict:
-        return self.describe_with(max_audio_seconds=self.max_audio_seconds, default_system_prompt=DEFAULT_SYSTEM_PROMPT)
+SPEC = AudioTextSpec(
+    family="qwen2.5-omni",
+    model_types=("qwen2_5_omni", "qwen2_5_omni_thinker"),
+    model_class="Qwen2_5OmniThinkerForConditionalGeneration",
+    system_prompt=DEFAULT_SYSTEM_PROMPT,
+    audio_tokens=_audio_tokens,
+    min_audio_tokens=1,
+    encode=encode_audio,
+    extras={"backbone": "Qwen/Qwen2.5-7B (3B: Qwen/Qwen2.5-3B); -Instruct is the matching chat model",
+            "notes": "the thinker only (text output); its language model is initialised from Qwen2.5"},
+)
 
 
 def thinker_config(name_or_path: str, options: LoadOptions):
@@ -180,24 +143,18 @@ def read_chat_template(name_or_path: str, tokenizer: Any, options: LoadOptions) 
     return template
 
 
-def load(name_or_path: str, options: LoadOptions) -> Qwen25OmniModel:
+def load(name_or_path: str, options: LoadOptions) -> AudioTextModel:
     """Load only the thinker: no talker/token2wav is built, and a full checkpoint's weights for them are skipped."""
-    from transformers import AutoFeatureExtractor, AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers import AutoFeatureExtractor, AutoTokenizer
 
-    device = resolve_device(options.device)
     common = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
     feature_extractor = AutoFeatureExtractor.from_pretrained(name_or_path, **common)
-    # transformers' weight mapping for the thinker strips the full checkpoint's "thinker." prefix.
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-        name_or_path,
-        config=thinker_config(name_or_path, options),
-        dtype=resolve_dtype(options.dtype, device),
-        **common,
-    )
-    model.to(device).eval()
     chat_template = read_chat_template(name_or_path, tokenizer, options)
-    return Qwen25OmniModel(name_or_path, model, tokenizer, feature_extractor, chat_template, revision=options.revision)
+    # transformers' weight mapping for the thinker strips the full checkpoint's "thinker." prefix.
+    return load_audio_text(name_or_path, options, SPEC, processor=ThinkerInputFiles(tokenizer, feature_extractor,
+                                                                                     chat_template),
+                           tokenizer=tokenizer, config=thinker_config(name_or_path, options))
 
 
-FAMILY = Family(name="qwen2.5-omni", load=load, model_types=("qwen2_5_omni", "qwen2_5_omni_thinker"), accepts_audio=True)
+FAMILY = audio_text_family(SPEC, load)

@@ -5,13 +5,15 @@ Qwen2 text config built around it needs."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int):
-    """Train a byte-level BPE with Qwen2's pre-tokeniser on ``corpus`` and wrap it as a ``Qwen2Tokenizer``."""
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS):
+    """Train a byte-level BPE with Qwen2's pre-tokeniser on ``corpus`` and wrap it as a ``Qwen2Tokenizer``.
+
+    ``special_tokens``: the first is the unknown/padding token; they take the first ids, in this order."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -27,7 +29,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -40,7 +42,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
         unk_token="<|endoftext|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=list(special_tokens[1:]),
     )
     tokenizer.padding_side = "left"
     return tokenizer

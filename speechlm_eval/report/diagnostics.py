@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from collections import Counter
+
 import numpy as np
 
 from speechlm_eval.metrics.paired import mean_ci, paired_gap
@@ -34,6 +36,12 @@ def distribution_summary(records: list[dict[str, Any]], seed: int, n_resamples: 
         ok = [r for r in rows if r.get("error") is None]
         entry: dict[str, Any] = {"n": len(ok), "errors": len(rows) - len(ok),
                                  "response_from": ok[0]["response_from"] if ok else None}
+        supports = sorted({r["text_llm_support"] for r in ok if r.get("text_llm_support")})
+        if supports:
+            entry["text_llm_support"] = supports[0]
+        skipped = Counter(r["kl_text_llm_vs_speech_llm_skipped"] for r in ok if r.get("kl_text_llm_vs_speech_llm_skipped"))
+        if skipped:
+            entry["text_llm_skipped"] = dict(sorted(skipped.items()))
         for key in DISTRIBUTION_KEYS:
             values = np.array([r[key] for r in ok if r.get(key) is not None and np.isfinite(r[key])], dtype=float)
             if values.size:

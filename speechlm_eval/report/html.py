@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import matplotlib
 
 from speechlm_eval.records import write_text_atomic
-from speechlm_eval.report.markdown import GAPS_NOTE, diagnostics_lines, fmt, fmt_gap, overall_lines, report_notes
+from speechlm_eval.report.markdown import GAPS_NOTE, PROXY_NOTE, diagnostics_lines, fmt, fmt_gap, overall_lines, report_notes
 from speechlm_eval.report.plots import report_figures, significant
 from speechlm_eval.rundir import ARM_TITLES, ARMS
 # No scripts, no remote anything: images only from data: URIs, styles only from the inline <style>.
@@ -105,9 +105,18 @@ def header_html(manifest: dict[str, Any]) -> str:
     for role, title in (("speech_llm", "Speech LLM"), ("text_llm", "Text LLM")):
         if role in models:
             rows.append((title, _model_line(models[role])))
+    reference = manifest.get("text_llm_reference")
+    if reference:
+        rows.append(("Text LLM is the speech LLM's", f"<strong>{esc(reference['label'])}</strong>: "
+                     f"{esc(reference['reason'])}"))
+    system = manifest.get("system_prompt")
+    if system:
+        text = "none" if system.get("text") is None else f"<code>{esc(system['text'])}</code>"
+        rows.append(("System prompt (both models)", f"{text} ({esc(system.get('policy'))})"))
     gen = manifest.get("generation", {})
-    decoding = (f"{'sampling' if gen.get('do_sample') else 'greedy'}, max_new_tokens={esc(gen.get('max_new_tokens'))}, "
-                f"seed {esc(manifest.get('seed'))}")
+    extra = "".join(f", {esc(k)}={esc(v)}" for k, v in sorted(gen.get("extra", {}).items()))
+    decoding = (f"{'sampling' if gen.get('do_sample') else 'greedy'}, max_new_tokens={esc(gen.get('max_new_tokens'))}"
+                f"{extra}, seed {esc(manifest.get('seed'))}")
     if gen.get("do_sample"):
         decoding += f", temperature {esc(gen.get('temperature'))}, top_p {esc(gen.get('top_p'))}"
     rows.append(("Decoding", decoding))
@@ -123,11 +132,11 @@ def header_html(manifest: dict[str, Any]) -> str:
     return '<dl class="meta">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
 
 
-def table_html(subsets: dict[str, dict[str, Any]]) -> str:
+def table_html(subsets: dict[str, dict[str, Any]], proxy: bool = False) -> str:
     """The gap table of ``report.md``, with gap cells coloured by sign and significance."""
     head = ('<tr><th class="name">subset</th><th>n</th><th class="name">metric</th>'
             + "".join(f"<th>{esc(ARM_TITLES[a])}</th>" for a in ARMS)
-            + "<th>forgetting</th><th>inequivalence</th></tr>")
+            + f"<th>{'forgetting vs proxy' if proxy else 'forgetting'}</th><th>inequivalence</th></tr>")
     rows = []
     for subset, entry in subsets.items():
         cells = [f'<td class="name subset">{esc(subset)}</td><td>{esc(entry.get("n"))}</td>'
@@ -201,12 +210,14 @@ def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None
     manifest = results.get("manifest", {})
     subsets = results.get("subsets", {})
     notes = "".join(f"<li>{note_html(n)}</li>" for n in report_notes(results))
+    proxy = (manifest.get("text_llm_reference") or {}).get("label") == "proxy"
     body = [
         "<h1>speechlm-eval gap report</h1>",
         header_html(manifest),
         f'<p class="small">{esc(GAPS_NOTE)}</p>',
+        *([f"<p><strong>{note_html(PROXY_NOTE.replace('**', ''))}</strong></p>"] if proxy else []),
         "<h2>Scores and gaps</h2>",
-        table_html(subsets),
+        table_html(subsets, proxy),
         legend_html(manifest.get("statistics", {}).get("confidence")),
         "<h2>Plots</h2>",
         figures_html(report_figures(results) if figures is None else figures) or "<p>No scored subsets to plot.</p>",

@@ -7,6 +7,8 @@ from typing import Any
 from speechlm_eval.metrics.overall import LEADERBOARD_COLUMNS
 from speechlm_eval.rundir import ARM_TITLES, ARMS, GAP_DEFINITIONS, LMEVAL_SPOKEN_ARMS
 
+PROXY_NOTE = ("**The text LLM is a proxy, not this speech LLM's backbone**: the forgetting column is the distance to "
+              "another model, not what the speech LLM lost when it learned to listen.")
 GAPS_NOTE = (f"{GAP_DEFINITIONS}. Gaps are paired over the items scored in both arms, with a 95% paired-bootstrap CI "
              "and a paired test (exact McNemar for 0/1 scores, Wilcoxon signed-rank otherwise).")
 
@@ -100,9 +102,18 @@ def diagnostics_lines(diagnostics: dict[str, Any]) -> list[str]:
                   "given the typed query.", "",
                   "| subset | n | KL text‖speech | JSD text, speech | KL text LLM‖speech LLM | JSD text LLM, speech LLM |",
                   "|---|---|---|---|---|---|"]
+        notes = []
         for subset, e in distribution.items():
             lines.append(f"| {subset} | {e['n']} | {fmt_ci(e['kl_text_vs_speech'])} | {fmt_ci(e['jsd_text_vs_speech'])}"
                          f" | {fmt_ci(e['kl_text_llm_vs_speech_llm'])} | {fmt_ci(e['jsd_text_llm_vs_speech_llm'])} |")
+            if e.get("text_llm_support"):
+                notes.append(f"{subset}: text LLM vs speech LLM over the {e['text_llm_support']} (the two tokenizers "
+                             "differ: audio tokens or reassigned ids are left out).")
+            for reason, n in (e.get("text_llm_skipped") or {}).items():
+                notes.append(f"{subset}: text LLM vs speech LLM not computed for {n} item(s): {reason}.")
+            if e.get("kl_text_llm_vs_speech_llm") is None and not e.get("text_llm_skipped"):
+                notes.append(f"{subset}: text LLM vs speech LLM not computed: no text LLM in this run.")
+        lines += ["", *notes] if notes else []
     perception = diagnostics.get("perception")
     if perception:
         buckets = perception["buckets"]
@@ -134,13 +145,24 @@ def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None
         if role in models:
             m = models[role]
             lines.append(f"- **{title}**: `{m['id']}` ({m['family']}, {m.get('dtype')}, revision {m.get('commit') or m.get('revision') or 'local'})")
+    reference = manifest.get("text_llm_reference")
+    if reference:
+        lines.append(f"- **Text LLM is the speech LLM's {reference['label']}**: {reference['reason']}")
+    system = manifest.get("system_prompt")
+    if system:
+        shown = "none" if system.get("text") is None else f"`{system['text']}`"
+        lines.append(f"- **System prompt** (both models): {shown} ({system.get('policy')})")
     gen = manifest.get("generation", {})
-    lines.append(f"- **Decoding**: {'sampling' if gen.get('do_sample') else 'greedy'}, max_new_tokens={gen.get('max_new_tokens')}, seed {manifest.get('seed')}")
+    extra = "".join(f", {k}={v}" for k, v in sorted(gen.get("extra", {}).items()))
+    lines.append(f"- **Decoding**: {'sampling' if gen.get('do_sample') else 'greedy'}, max_new_tokens={gen.get('max_new_tokens')}{extra}, seed {manifest.get('seed')}")
     tts = manifest.get("tts", {})
     lines.append(f"- **TTS** (items without audio): {tts.get('engine')} {tts.get('engine_version', '')} voice {tts.get('voice')} rate {tts.get('rate')}")
     lines.append(f"- **Items**: {manifest['items']['n']} (sha256 `{manifest['items']['sha256'][:16]}`)")
     lines += ["", GAPS_NOTE, ""]
-    header = "| subset | n | metric | " + " | ".join(ARM_TITLES[a] for a in ARMS) + " | forgetting | inequivalence |"
+    if reference and reference.get("label") == "proxy":
+        lines += [PROXY_NOTE, ""]
+    forgetting = "forgetting vs proxy" if reference and reference.get("label") == "proxy" else "forgetting"
+    header = "| subset | n | metric | " + " | ".join(ARM_TITLES[a] for a in ARMS) + f" | {forgetting} | inequivalence |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for subset, entry in results["subsets"].items():
         cells = []

@@ -1,0 +1,230 @@
+"""The generic audio-text adapter: any transformers speech LLM whose processor renders a chat with audio content
+parts (``AutoProcessor`` + its chat template) and whose model class generates text from the processor's inputs.
+
+A family file only says what differs (:class:`AudioTextSpec`): the model class, how an audio part is written in the
+conversation, whether the family's reference prompt sends a system turn, how many audio tokens a clip becomes, and
+where its language model, audio encoder and projector live when their names are not the common ones. Encoding,
+generation, log-probs, teacher-forced logits and the manifest identity are shared (:class:`~.hf_runtime.HFAdapter`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.models.base import Family, LoadOptions, ModelInputError, Prompt
+from speechlm_eval.models.hf_runtime import HFAdapter, check_clip, eos_token_ids, resolve_device, resolve_dtype
+
+# Module names transformers' composite models use, tried in order when a spec does not name its own.
+LANGUAGE_MODEL_NAMES = ("language_model",)
+AUDIO_ENCODER_NAMES = ("audio_tower", "audio_encoder", "encoder", "audio_model")
+PROJECTOR_NAMES = ("multi_modal_projector", "audio_projector", "projector", "embed_audio", "audio_adapter")
+# LoRA on the language model's attention projections, whatever prefix the family's module tree puts before them.
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+def audio_part() -> dict[str, Any]:
+    """The content part a chat template reads as "an audio goes here" (the array itself is passed separately)."""
+    return {"type": "audio", "audio_url": "in-memory"}
+
+
+@dataclass(frozen=True)
+class AudioTextSpec:
+    """What one audio-text family does differently.
+
+    Attributes:
+        family: registry name (``"qwen2-audio"``).
+        model_types: ``config.json`` ``model_type`` values this family claims.
+        model_class: the transformers class that loads the checkpoint (a name in ``transformers``).
+        system_prompt: the system turn the family's reference prompt sends explicitly when the caller gives none
+            (``None``: send none, the chat template's own default applies).
+        audio_tokens: audio tokens a clip of ``n_samples`` becomes, given the processor (for the too-short check and
+            for sorting batches); ``None``: not known, no check.
+        min_audio_tokens: the fewest audio tokens the model can take (shorter clips become error records).
+        audio_first: whether the audio part precedes the text part in a turn (VoiceBench orders them so).
+        encode: replaces the generic ``processor(text=..., audio=...)`` call for families whose processor needs
+            another path; ``(adapter, texts, audios) -> model inputs``.
+        language_model / audio_encoder / projector: where those modules live, for families whose names differ from
+            the common ones (``None``: found by name).
+        lora_targets: regex of the modules LoRA adapts.
+        extras: facts for the manifest and ``speechlm-eval families`` (e.g. the public text backbone).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    model_class: str
+    system_prompt: str | None = None
+    audio_tokens: Callable[[int, Any], int] | None = None
+    min_audio_tokens: int = 1
+    audio_first: bool = True
+    encode: Callable[["AudioTextModel", list[str], list[np.ndarray]], Mapping[str, torch.Tensor]] | None = None
+    language_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    audio_encoder: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    projector: Callable[[torch.nn.Module], torch.nn.Module | None] | None = None
+    lora_targets: str = DEFAULT_LORA_TARGETS
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+def find_module(model: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module | None:
+    """The first submodule (breadth-first) whose attribute name is one of ``names``, in ``names`` order."""
+    frontier: list[torch.nn.Module] = [model]
+    while frontier:
+        for name in names:
+            for module in frontier:
+                child = getattr(module, "_modules", {}).get(name)
+                if isinstance(child, torch.nn.Module):
+                    return child
+        frontier = [child for module in frontier for child in module.children()]
+    return None
+
+
+def conversation(prompt: Prompt, spec: AudioTextSpec) -> list[dict[str, Any]]:
+    """The chat messages for one prompt: a system turn per the family (or the prompt's own), then one user turn
+    holding the audio part and the text part in the family's order."""
+    content: list[dict[str, Any]] = []
+    if prompt.audio is not None:
+        content.append(audio_part())
+    if prompt.text is not None:
+        text = {"type": "text", "text": prompt.text}
+        content.insert(len(content) if spec.audio_first else 0, text)
+    system = prompt.system if prompt.system is not None else spec.system_prompt
+    messages: list[dict[str, Any]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def window_seconds(processor: Any) -> float | None:
+    """The longest clip the feature extractor keeps whole (its padded window), ``None`` when it has no fixed one."""
+    extractor = getattr(processor, "feature_extractor", None)
+    n_samples = getattr(extractor, "n_samples", None)
+    rate = getattr(extractor, "sampling_rate", None) or SAMPLING_RATE
+    return n_samples / rate if n_samples else None
+
+
+class AudioTextModel(HFAdapter):
+    """A loaded audio-text checkpoint behind the :class:`~speechlm_eval.models.base.SpeechLM` interface.
+
+    It is also a :class:`~speechlm_eval.models.base.TrainableSpeechLM`: distillation reaches the language model,
+    audio encoder and projector through :meth:`language_model`, :meth:`audio_encoder` and :meth:`projector`.
+    """
+
+    accepts_audio = True
+
+    def __init__(self, name: str, model: torch.nn.Module, processor: Any, spec: AudioTextSpec,
+                 revision: str | None = None, tokenizer: Any = None) -> None:
+        self.name = name
+        self.model = model
+        self.processor = processor
+        self.spec = spec
+        self.family = spec.family
+        self.tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.revision = revision
+        self.max_audio_seconds: float | None = window_seconds(processor)
+        self._eos_ids = eos_token_ids(model, self.tokenizer)
+
+    # -- prompts
+    def conversation(self, prompt: Prompt) -> list[dict[str, Any]]:
+        return conversation(prompt, self.spec)
+
+    def chat_text(self, prompt: Prompt) -> str:
+        return self.processor.apply_chat_template(self.conversation(prompt), add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def encode(self, prompts: Sequence[Prompt]) -> Mapping[str, torch.Tensor]:
+        """Left-padded model inputs; all prompts of a batch must agree on having audio (the runner batches per arm)."""
+        texts = [self.chat_text(p) for p in prompts]
+        with_audio = [p.audio is not None for p in prompts]
+        if any(with_audio) and not all(with_audio):
+            raise ValueError("a batch must be all-audio or all-text prompts")
+        if not any(with_audio):
+            return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        for prompt in prompts:
+            self.check_audio(prompt.audio)
+        audios = [np.asarray(p.audio, dtype=np.float32) for p in prompts]
+        if self.spec.encode is not None:
+            return self.spec.encode(self, texts, audios)
+        encoded = self.processor(text=texts, audio=audios, sampling_rate=SAMPLING_RATE, return_tensors="pt",
+                                 padding=True)
+        return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+    def audio_token_count(self, n_samples: int) -> int | None:
+        return self.spec.audio_tokens(n_samples, self.processor) if self.spec.audio_tokens else None
+
+    def check_audio(self, audio: np.ndarray | None) -> None:
+        """Refuse clips the encoder would silently truncate to its window, and clips too short to encode."""
+        if audio is None:
+            return
+        n_tokens = self.audio_token_count(len(audio))
+        check_clip(audio, max_seconds=self.max_audio_seconds, min_tokens=self.spec.min_audio_tokens,
+                   n_audio_tokens=self.spec.min_audio_tokens if n_tokens is None else n_tokens)
+
+    def prompt_length(self, prompt: Prompt) -> int:
+        n = len(self.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"])
+        if prompt.audio is not None:
+            # The placeholder becomes one token per audio token: ~25 per second of audio (not of the window).
+            count = self.audio_token_count(len(prompt.audio))
+            n += (count - 1) if count is not None else int(25 * len(prompt.audio) / SAMPLING_RATE)
+        return n
+
+    # -- what distillation and the diagnostics need (TrainableSpeechLM)
+    def language_model(self) -> torch.nn.Module:
+        found = self.spec.language_model(self.model) if self.spec.language_model else find_module(
+            self.model, LANGUAGE_MODEL_NAMES)
+        if found is None:
+            raise ModelInputError(f"{self.family}: cannot find the language model in {type(self.model).__name__}")
+        return found
+
+    def audio_encoder(self) -> torch.nn.Module:
+        found = self.spec.audio_encoder(self.model) if self.spec.audio_encoder else find_module(
+            self.model, AUDIO_ENCODER_NAMES)
+        if found is None:
+            raise ModelInputError(f"{self.family}: cannot find the audio encoder in {type(self.model).__name__}")
+        return found
+
+    def projector(self) -> torch.nn.Module | None:
+        return self.spec.projector(self.model) if self.spec.projector else find_module(self.model, PROJECTOR_NAMES)
+
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def lora_targets(self) -> str:
+        return self.spec.lora_targets
+
+    def describe(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"max_audio_seconds": self.max_audio_seconds}
+        if self.spec.system_prompt is not None:
+            extra["default_system_prompt"] = self.spec.system_prompt
+        return self.describe_with(**extra)
+
+
+def load_audio_text(name_or_path: str, options: LoadOptions, spec: AudioTextSpec, *,
+                    processor: Any = None, tokenizer: Any = None, config: Any = None) -> AudioTextModel:
+    """Load a checkpoint of ``spec``'s family: its processor (``AutoProcessor`` unless given) and model class."""
+    import transformers
+
+    device = resolve_device(options.device)
+    common = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
+    if processor is None:
+        processor = transformers.AutoProcessor.from_pretrained(name_or_path, **common)
+    model_class = getattr(transformers, spec.model_class)
+    extra = {"config": config} if config is not None else {}
+    model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(options.dtype, device), **common, **extra)
+    model.to(device).eval()
+    return AudioTextModel(name_or_path, model, processor, spec, revision=options.revision, tokenizer=tokenizer)
+
+
+def audio_text_family(spec: AudioTextSpec, loader: Callable[[str, LoadOptions], AudioTextModel] | None = None
+                      ) -> Family:
+    """The registry entry of an audio-text family (``loader`` replaces the generic one where a family needs to)."""
+    return Family(name=spec.family, load=loader or (lambda path, options: load_audio_text(path, options, spec)),
+                  model_types=spec.model_types, accepts_audio=True,
+                  capabilities=("generate", "log-probs", "transcription probe", "distill"),
+                  backbone=spec.extras.get("backbone"), notes=str(spec.extras.get("notes", "")))
