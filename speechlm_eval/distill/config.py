@@ -104,7 +104,9 @@ class DistillConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (our reading)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     seed: int = _opt(0, "seed of the data order, LoRA init and dropout")
-    save_every: int = _opt(0, "write a resumable train state every N optimizer steps (0 = only at the end)")
+    save_every: int = _opt(0, "write a resumable train state every N optimizer steps (0: by time only)")
+    save_every_minutes: float = _opt(10.0, "write a resumable train state at least this often (0: by step only), so a "
+                                     "killed run loses at most this much training")
     keep_states: int = _opt(2, "train states kept on disk (older ones are deleted)")
     resume: bool = _opt(False, "continue from the last train state in OUT (same config required)")
     overwrite: bool = _opt(False, "delete a previous run in OUT and start over")
@@ -124,6 +126,8 @@ class DistillConfig:
     max_chars: int = _opt(FILTER_DEFAULTS["max_chars"], "drop questions longer than this many characters")
     max_response_words: int | None = _opt(FILTER_DEFAULTS["max_response_words"], "drop longer responses")
     trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
+    merge: bool = _opt(True, "with LoRA, also write the merged model to OUT/checkpoint (the adapter is always saved "
+                       "to OUT/adapter); --no-merge keeps only the adapter")
 
     def __post_init__(self) -> None:
         if self.student is None and self.teacher is not None:
@@ -200,7 +204,8 @@ class EvalConfig:
 
 
 # Fields that may change between a run and its --resume without changing what is trained.
-_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "save_every", "keep_states", "stop_after_steps",
+_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "save_every", "save_every_minutes", "keep_states", "stop_after_steps",
+                      "merge",
                       "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
 
 

@@ -2,7 +2,7 @@
 report.
 
 The before run is reused when it exists (``OUT/before``), the distillation resumes from its last train state, and the
-after run scores ``OUT/checkpoint`` on the same suite with the same teacher as the text LLM.
+after run scores ``OUT/checkpoint`` (or, with ``--no-merge``, ``OUT/adapter``) on the same suite with the same teacher as the text LLM.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def distill_and_compare(config: DistillConfig, evaluation: EvalConfig | None = N
         for name in ("comparison.json", "report.md", "report.html"):
             (out / name).unlink(missing_ok=True)
     before = _gap(out / "before", config.student, config.teacher, evaluation, config.seed)
-    checkpoint = out / "checkpoint"
-    if (checkpoint / "config.json").exists() and (out / "manifest.json").exists() and not config.overwrite:
+    checkpoint = out / ("adapter" if config.lora and not config.merge else "checkpoint")
+    finished = (checkpoint / "config.json").exists() or (checkpoint / "adapter_config.json").exists()
+    if finished and (out / "manifest.json").exists() and not config.overwrite:
         pass  # a finished distillation: reuse it
     else:
         if (out / "manifest.json").exists() and not config.overwrite:

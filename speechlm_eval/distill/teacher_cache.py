@@ -265,6 +265,7 @@ def build_teacher_cache(
     vocab_size: int | None = None,
     chunk_size: int = 128,
     extra: Mapping[str, Any] | None = None,
+    support: Any = None,
 ) -> TeacherCache | None:
     """Run the teacher once over (prompt, target) pairs and store its top-k log-probs per target token.
 
@@ -273,7 +274,9 @@ def build_teacher_cache(
     ``prompts``: :class:`~speechlm_eval.models.base.Prompt` s; ``targets``: strings or token-id lists, as
     ``continuation_logits`` takes them. Examples already cached are skipped (resume); a shard is written every
     ``examples_per_shard`` examples and at the end. ``vocab_size`` defaults to ``len(teacher_model.tokenizer)``;
-    ``extra`` is recorded in (and checked against) ``meta.json``, see :class:`TeacherCache`.
+    with a ``support`` (:class:`~speechlm_eval.distill.vocab.KDSupport`) the top-k is taken over the support and
+    its ids are positions in it. ``extra`` is recorded in (and checked against) ``meta.json``, see
+    :class:`TeacherCache`.
     Returns the cache, or ``None`` when ``k == 0`` (no cache: full teacher logits on the fly).
     """
     if k == 0:
@@ -283,6 +286,9 @@ def build_teacher_cache(
     if len(set(example_ids)) != len(example_ids):
         raise ValueError("example ids must be unique")
     vocab = vocab_size if vocab_size is not None else real_vocab_size(teacher_model.tokenizer)
+    if support is not None:
+        vocab = support.size
+        extra = {**dict(extra or {}), "support": support.describe()}
     cache = TeacherCache(
         cache_dir, teacher=teacher_fingerprint(teacher_model), k=k, vocab_size=vocab, dtype=dtype, extra=extra
     )
@@ -301,7 +307,9 @@ def build_teacher_cache(
                 empty = torch.zeros((0, k))
                 pending.append((empty, empty.long(), torch.zeros(0)))
             else:
-                tokens = cut_padded_vocab(logits[row, -n:], vocab)  # (n, V): right-aligned real tokens
+                # (n, V): right-aligned real tokens, over the KD support (the teacher's real vocabulary by default)
+                tokens = support.teacher_logits(logits[row, -n:]) if support is not None \
+                    else cut_padded_vocab(logits[row, -n:], vocab)
                 top = topk_from_logits(tokens, k, chunk_size)
                 pending.append((top.logprobs, top.indices, top.rest_logprob))
             pending_ids.append(example_ids[i])

@@ -45,7 +45,7 @@ from speechlm_eval.distill.data import (
 from speechlm_eval.distill.losses import ce_loss, kd_loss
 from speechlm_eval.distill.teacher_cache import TeacherCache, build_teacher_cache
 from speechlm_eval.models.base import TrainableSpeechLM
-from speechlm_eval.distill.vocab import check_vocab_compatible, cut_padded_vocab, real_vocab_size
+from speechlm_eval.distill.vocab import KDSupport, kd_support
 
 def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Path:
     """Run (or resume) a distillation; returns ``OUT/checkpoint`` (the merged student + processor).
@@ -76,9 +76,9 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     student = load_student(config, accelerator)
     student_identity = student.describe()  # before wrapping: the manifest names the checkpoint distilled from
     teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
-    # The student may have extra ids after the teacher's (audio placeholders): distil over the teacher's ids.
-    check_vocab_compatible(teacher_tokenizer, student.tokenizer, allow_extra_student_tokens=True)
-    vocab_size = real_vocab_size(teacher_tokenizer)
+    # The ids KD compares: the teacher's whole vocabulary when the student only adds tokens after it (audio
+    # placeholders), else the token strings both share (ids that mean different things are masked out).
+    support = kd_support(teacher_tokenizer, student.tokenizer)
     teacher = None
 
     # -- Data: read, keep what can be spoken, speak it, pick the targets (main process first; others read its files).
@@ -90,6 +90,11 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     accelerator.wait_for_everyone()
     examples, data_counts = read_prepared(out)
     target_ids = {e.id: response_ids(student.tokenizer, e.response, config.max_response_tokens) for e in examples}
+    teacher_ids = {i: support.teacher_targets(t, student.tokenizer, teacher_tokenizer) for i, t in target_ids.items()}
+    unmappable = [e.id for e in examples if teacher_ids[e.id] is None]
+    if unmappable:  # a response token the teacher's vocabulary lacks: that example cannot be distilled token by token
+        examples = [e for e in examples if teacher_ids[e.id] is not None]
+        data_counts = {**data_counts, "dropped_outside_kd_support": len(unmappable)}
 
     # -- Teacher distributions: a top-k cache built once (main process), or the full teacher on the fly. ------------
     cache = None
@@ -97,9 +102,9 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
         if accelerator.is_main_process and not cache_complete(out / "teacher_cache", examples):
             teacher = teacher or load_teacher(config, accelerator)
             build_teacher_cache(  # skips examples a killed earlier build already cached
-                teacher, [text_prompt(e) for e in examples], [target_ids[e.id] for e in examples],
+                teacher, [text_prompt(e) for e in examples], [teacher_ids[e.id] for e in examples],
                 [e.id for e in examples], out / "teacher_cache", k=config.topk, batch_size=config.teacher_batch_size,
-                vocab_size=vocab_size,
+                support=support,
                 # A cache built for other targets must be refused, not silently reused.
                 extra={"targets": config.targets, "max_response_tokens": config.max_response_tokens,
                        "data": config.data},
@@ -127,7 +132,9 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     done_step, examples_seen = 0, 0
     if config.resume and (state_dir := latest_train_state(out)) is not None:
         done_step, examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
+    run_facts = {"kd_support": support.describe(), "lora_targets": lora_targets(student, config) if config.lora else None}
     write_manifest(config, student_identity, data_counts, len(examples), total_steps, channels, finished=False,
+                   extra=run_facts,
                    accelerator=accelerator)
     by_id = {e.id: e for e in examples}
     log_path = out / "train_log.jsonl"
@@ -138,6 +145,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     model.train()
     frozen_in_eval_mode(student, config)  # student.model is the prepared (wrapped) model
     stopped_early = False
+    last_save = time.time()
     progress = Progress(TextColumn("[bold]distill[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not accelerator.is_main_process)
     log_file = open(log_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
@@ -153,12 +161,20 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
                 batch = [by_id[j] for j in batch_ids]
                 if "st" in channels:
                     batch = attach_audio(batch, tts)  # the spoken questions, read back from the TTS cache
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
-                with sync:
-                    losses = distill_losses(student, teacher, cache, batch, [target_ids[e.id] for e in batch],
-                                            config, channels, vocab_size)
-                    accelerator.backward(losses["loss"] / len(micro_batches))
+                targets = [target_ids[e.id] for e in batch]
+                teacher_dist, teacher_mask = teacher_distribution(teacher, cache, batch, targets, support,
+                                                                  accelerator.device, [teacher_ids[e.id] for e in batch])
+                parts = []
+                for c, channel in enumerate(channels):
+                    # One backward per channel: only one channel's activations are alive at a time. Gradients are
+                    # all-reduced once, on the last channel of the step's last micro-batch.
+                    last = i == len(micro_batches) - 1 and c == len(channels) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        part = channel_loss(student, teacher_dist, teacher_mask, batch, targets, channel, config,
+                                            support, len(channels))
+                        accelerator.backward(part["loss"] / len(micro_batches))
+                    parts.append({k: v.detach() for k, v in part.items()})
+                losses = merge_parts(parts)
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro_batches)
                 examples_seen += len(batch_ids) * accelerator.num_processes
@@ -178,7 +194,9 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
                 f"{k}={record[k]:.4f}" for k in ("loss_tt", "loss_st", "ce") if k in record))
             last = step == total_steps
             stopped_early = config.stop_after_steps is not None and step >= config.stop_after_steps and not last
-            if last or stopped_early or (config.save_every and step % config.save_every == 0):
+            if last or stopped_early or (config.save_every and step % config.save_every == 0) \
+                    or save_is_due(last_save, config.save_every_minutes, accelerator):
+                last_save = time.time()
                 save_train_state(out, step, epoch, examples_seen, plan, accelerator, model, optimizer, scheduler,
                                  config)
             if stopped_early:
@@ -188,11 +206,12 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
         accelerator.wait_for_everyone()
         return latest_train_state(out) or out
 
-    # -- Finish: merge LoRA into the weights and save a student that ``load_model`` (and ``gap``) reads. -----------
-    checkpoint = out / "checkpoint"
+    # -- Finish: the adapter (LoRA) and/or the merged student, which ``load_model`` (and ``gap``) reads. ----------
+    checkpoint = out / ("adapter" if config.lora and not config.merge else "checkpoint")
     if accelerator.is_main_process:
-        save_student(accelerator.unwrap_model(model), student.processor, checkpoint, config)
+        checkpoint = save_student(accelerator.unwrap_model(model), student.processor, out, config)
         write_manifest(config, student_identity, data_counts, len(examples), total_steps, channels, finished=True,
+                       extra=run_facts,
                        accelerator=accelerator, seconds=time.time() - started)
     accelerator.wait_for_everyone()
     return checkpoint
@@ -200,6 +219,39 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One step's losses
+
+
+def teacher_distribution(teacher: Any | None, cache: TeacherCache | None, batch: Sequence[DistillExample],
+                         targets: Sequence[Sequence[int]], support: KDSupport, device: Any,
+                         teacher_targets: Sequence[Sequence[int]] | None = None) -> tuple[Any, torch.Tensor]:
+    """The teacher's distributions over the KD support for a micro-batch, and its response mask ``(batch, longest)``:
+    read from the top-k cache, or computed on the fly (the teacher reads the text question)."""
+    if cache is not None:
+        teacher_dist = cache.read([e.id for e in batch], length=max(len(t) for t in targets), device=device)
+        return teacher_dist, teacher_dist.mask
+    with torch.no_grad():
+        logits, _, mask = teacher.continuation_logits([text_prompt(e) for e in batch], teacher_targets or targets)
+    return support.teacher_logits(logits), mask
+
+
+def channel_loss(student: Any, teacher_dist: Any, teacher_mask: torch.Tensor, batch: Sequence[DistillExample],
+                 targets: Sequence[Sequence[int]], channel: str, config: DistillConfig, support: KDSupport,
+                 n_channels: int) -> dict[str, torch.Tensor]:
+    """One channel's weighted loss on a micro-batch: the student reads (``tt``) or hears (``st``) the question and
+    is teacher-forced on the targets; ``λ_c·KD_c + (ce / n_channels)·CE_c`` (so the sum over channels is the paper's
+    weighted sum with CE averaged over channels). Returns ``{"loss", "loss_<channel>", "ce_<channel>"?}``."""
+    prompts = [text_prompt(e) for e in batch] if channel == "tt" else [speech_prompt(e) for e in batch]
+    logits, target_grid, mask = student.continuation_logits(prompts, targets)
+    if mask.shape != teacher_mask.shape or not torch.equal(mask.cpu(), teacher_mask.cpu()):
+        raise RuntimeError(f"{channel}: student and teacher response masks differ; targets are misaligned")
+    logits = support.student_logits(logits)
+    kd = kd_loss(logits, teacher_dist, mask, kind=config.kind, temperature=config.temperature, beta=config.beta)
+    weight = {"tt": config.lambda_tt, "st": config.lambda_st}[channel]
+    out = {"loss": weight * kd, f"loss_{channel}": kd}
+    if config.ce:
+        out[f"ce_{channel}"] = ce_loss(logits, support.support_targets(target_grid), mask)
+        out["loss"] = out["loss"] + config.ce / n_channels * out[f"ce_{channel}"]
+    return out
 
 
 def distill_losses(
@@ -210,47 +262,37 @@ def distill_losses(
     targets: Sequence[Sequence[int]],
     config: DistillConfig,
     channels: Sequence[str],
-    vocab_size: int,
+    support: KDSupport,
+    teacher_targets: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The weighted loss of one micro-batch and its parts.
+    """The weighted loss of one micro-batch and its parts, all channels at once (the training loop instead runs one
+    backward per channel, :func:`channel_loss`, so only one channel's activations are alive at a time).
 
     The teacher reads the text question; the student reads it (``tt``) and/or hears it (``st``). All three are
-    teacher-forced on the same target token ids, so ``continuation_logits`` returns them right-aligned to one
-    ``(batch, longest)`` grid and the masks agree.
+    teacher-forced on the same target tokens (``teacher_targets``: those tokens in the teacher's ids, default the
+    same ids), so ``continuation_logits`` returns them right-aligned to one ``(batch, longest)`` grid and the masks
+    agree. Both sides are compared over the KD ``support``.
 
     Returns:
         ``{"loss": λ_TT·L_TT + λ_ST·L_ST + ce·CE, "loss_tt": …, "loss_st": …, "ce": …}`` (scalars; inactive
         channels absent, ``ce`` only when its weight is non-zero).
     """
-    if cache is not None:
-        device = next(student.model.parameters()).device
-        teacher_dist = cache.read([e.id for e in batch], length=max(len(t) for t in targets), device=device)
-        teacher_mask = teacher_dist.mask
-    else:
-        with torch.no_grad():
-            logits, _, teacher_mask = teacher.continuation_logits([text_prompt(e) for e in batch], targets)
-        teacher_dist = cut_padded_vocab(logits, vocab_size)
+    device = next(student.model.parameters()).device
+    teacher_dist, teacher_mask = teacher_distribution(teacher, cache, batch, targets, support, device, teacher_targets)
+    parts = [channel_loss(student, teacher_dist, teacher_mask, batch, targets, c, config, support, len(channels))
+             for c in channels]
+    return merge_parts(parts)
 
-    prompts = {"tt": [text_prompt(e) for e in batch], "st": [speech_prompt(e) for e in batch] if "st" in channels
-               else None}
-    weights = {"tt": config.lambda_tt, "st": config.lambda_st}
-    parts: dict[str, torch.Tensor] = {}
-    total = torch.zeros((), device=teacher_mask.device)
-    ce_terms = []
-    for channel in channels:
-        logits, target_grid, mask = student.continuation_logits(prompts[channel], targets)
-        if mask.shape != teacher_mask.shape or not torch.equal(mask.cpu(), teacher_mask.cpu()):
-            raise RuntimeError(f"{channel}: student and teacher response masks differ; targets are misaligned")
-        logits = cut_padded_vocab(logits, vocab_size)
-        parts[f"loss_{channel}"] = kd_loss(logits, teacher_dist, mask, kind=config.kind,
-                                           temperature=config.temperature, beta=config.beta)
-        total = total + weights[channel] * parts[f"loss_{channel}"]
-        if config.ce:
-            ce_terms.append(ce_loss(logits, target_grid, mask))
-    if ce_terms:
-        parts["ce"] = torch.stack(ce_terms).mean()
-        total = total + config.ce * parts["ce"]
-    return {"loss": total, **parts}
+
+def merge_parts(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Channel results summed into ``loss``, their KD terms kept, their CE terms averaged into ``ce``."""
+    out: dict[str, torch.Tensor] = {"loss": sum(p["loss"] for p in parts)}  # type: ignore[dict-item]
+    for part in parts:
+        out.update({k: v for k, v in part.items() if k.startswith("loss_")})
+    ce = [v for part in parts for k, v in part.items() if k.startswith("ce_")]
+    if ce:
+        out["ce"] = torch.stack(ce).mean()
+    return out
 
 
 def response_ids(tokenizer: Any, response: str, max_tokens: int) -> list[int]:
@@ -455,6 +497,7 @@ def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
         except RunDirError as error:
             raise ConfigError(str(error)) from None
         out.mkdir(parents=True, exist_ok=True)
+        remove_interrupted_writes(out)
         if not manifest.exists():
             # Written first, so a run killed before training still owns OUT (its data and cache are reused on resume).
             _write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": config.to_dict(), "our_reading": OUR_READING,
@@ -464,7 +507,7 @@ def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
 
 def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data_counts: dict[str, Any],
                    n_examples: int, total_steps: int, channels: Sequence[str], *, finished: bool, accelerator: Any,
-                   seconds: float | None = None) -> None:
+                   seconds: float | None = None, extra: dict[str, Any] | None = None) -> None:
     if not accelerator.is_main_process:
         return
     from speechlm_eval.rundir import package_versions
@@ -482,6 +525,7 @@ def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data
         "finished": finished,
         "seconds": seconds,
         "versions": package_versions(),
+        **(extra or {}),
     }
     _write_json(config.out / "manifest.json", manifest)
 
@@ -491,19 +535,48 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def save_rng_state(directory: Path, rank: int) -> None:
+    """This process's RNG states, as JSON (Python's, NumPy's) and safetensors (torch's): nothing that unpickles."""
+    from safetensors.torch import save_file
+
+    version, internal, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    _write_json(directory / f"rng-rank{rank}.json", {
+        "python": [version, list(internal), gauss],
+        "numpy": {"kind": kind, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+    })
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, directory / f"rng-rank{rank}.safetensors")
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(directory: Path, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    state = json.loads((directory / f"rng-rank{rank}.json").read_text())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    tensors = load_file(directory / f"rng-rank{rank}.safetensors")
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1) if f"cuda{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def load_tensors_only(path: Path) -> Any:
+    """An optimizer or scheduler state saved with ``torch.save``, read with ``weights_only=True`` (tensors and plain
+    Python values only: a crafted file in an output folder cannot run code)."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConfigError(f"{path} holds more than tensors and plain values; refusing to load it ({error})") from None
 
 
 def save_train_state(out: Path, step: int, epoch: int, examples_seen: int, plan: list, accelerator: Any,
@@ -521,7 +594,7 @@ def save_train_state(out: Path, step: int, epoch: int, examples_seen: int, plan:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    save_rng_state(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
@@ -537,6 +610,31 @@ def save_train_state(out: Path, step: int, epoch: int, examples_seen: int, plan:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_is_due(last_save: float, minutes: float, accelerator: Any) -> bool:
+    """True when ``minutes`` have passed since the last train state on the main process (every process agrees: the
+    main process's clock decides, broadcast to the others)."""
+    if not minutes:
+        return False
+    due = torch.tensor([1 if time.time() - last_save >= 60 * minutes else 0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        due = broadcast(due, from_process=0)
+    return bool(due.item())
+
+
+def remove_interrupted_writes(out: Path) -> None:
+    """What a kill between a temp write and its rename leaves: ``.tmp-step-*`` train states, a ``.checkpoint.tmp``
+    folder, ``.*.tmp`` files (resume never reads them; left alone they pile up)."""
+    from speechlm_eval.records import remove_stale_temps
+
+    for leftover in [*(out / "train_state").glob(".tmp-step-*"), *out.glob(".*.tmp")]:
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    for folder in (out, out / "data", out / "teacher_cache"):
+        if folder.is_dir():
+            remove_stale_temps(folder)
 
 
 def latest_train_state(out: Path) -> Path | None:
@@ -562,9 +660,9 @@ def load_train_state(state_dir: Path, accelerator: Any, model: torch.nn.Module, 
     if missing:
         raise ConfigError(f"{state_dir} lacks trained tensors such as {sorted(missing)[:3]}")
     unwrapped.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(state_dir / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
+    optimizer.load_state_dict(load_tensors_only(state_dir / "optimizer.pt"))
+    scheduler.load_state_dict(load_tensors_only(state_dir / "scheduler.pt"))
+    load_rng_state(state_dir, accelerator.process_index)
     return int(state["step"]), int(state["examples_seen"])
 
 
@@ -584,18 +682,36 @@ def truncate_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def save_student(model: torch.nn.Module, processor: Any, checkpoint: Path, config: DistillConfig) -> None:
-    """Merge LoRA into the weights and write the full student + processor (hub layout), replacing atomically."""
+def save_student(model: torch.nn.Module, processor: Any, out: Path, config: DistillConfig) -> Path:
+    """Write what a user keeps, each folder replaced atomically, and return the one ``gap`` should score:
+
+    - with LoRA, ``OUT/adapter`` (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with peft onto the
+      original student, and by ``load_model``), then, unless ``--no-merge``, ``OUT/checkpoint``: the merged student;
+    - with a full fine-tune, ``OUT/checkpoint``. Both carry the processor and the distillation config.
+    """
+    record = {"config": config.to_dict(), "our_reading": OUR_READING}
     if config.lora:
+        adapter = out / "adapter"
+        _replace_folder(adapter, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
+                                              _write_json(tmp / "speechlm_eval_distill.json", record)))
+        if not config.merge:
+            return adapter
         model = model.merge_and_unload()
     model.eval()
-    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
+    checkpoint = out / "checkpoint"
+    _replace_folder(checkpoint, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
+                                             _write_json(tmp / "speechlm_eval_distill.json", record)))
+    return checkpoint
+
+
+def _replace_folder(final: Path, write: Any) -> None:
+    """``write(tmp)`` into a temp folder beside ``final``, then swap it in (a kill leaves the old folder or a temp)."""
+    tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    _write_json(tmp / "speechlm_eval_distill.json", {"config": config.to_dict(), "our_reading": OUR_READING})
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    os.replace(tmp, checkpoint)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def _write_json(path: Path, obj: Any) -> None:

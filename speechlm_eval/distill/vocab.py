@@ -7,8 +7,10 @@ tokens; Qwen2-Audio: 156,032), whose extra rows carry untrained logits that take
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -77,3 +79,83 @@ def cut_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
 def align_logits(teacher_logits: Tensor, student_logits: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
     """Cut both to the shared real vocabulary: ``(B, T, V_t)``, ``(B, T, V_s)`` → two ``(B, T, vocab_size)`` views."""
     return cut_padded_vocab(teacher_logits, vocab_size), cut_padded_vocab(student_logits, vocab_size)
+
+
+@dataclass(frozen=True)
+class KDSupport:
+    """The token ids KD compares, in the teacher's and the student's id spaces, aligned by token string.
+
+    When the two tokenizers agree id for id on the teacher's vocabulary (the organism; a speech LLM that only appends
+    audio tokens after the teacher's ids) the support is the first ``size`` ids of both and no index is needed
+    (``teacher_ids``/``student_ids`` None). Otherwise (released pairs such as Qwen2.5-Omni vs Qwen2.5-Instruct, where
+    ids 151646-151648 are audio tokens in one and other specials in the other) the support is every token string both
+    have, the rest is masked out of the KD loss on both sides, and each side's distribution is renormalised over the
+    support (the teacher's top-k and the student's log-softmax are both taken over it).
+    """
+
+    size: int
+    teacher_ids: Tensor | None = None
+    student_ids: Tensor | None = None
+    masked_teacher: tuple[str, ...] = ()
+    masked_student: tuple[str, ...] = ()
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.teacher_ids is None
+
+    def teacher_logits(self, logits: Tensor) -> Tensor:
+        """``(..., V_teacher)`` → ``(..., size)``: the teacher's logits over the support."""
+        return cut_padded_vocab(logits, self.size) if self.is_prefix else logits[..., self.teacher_ids.to(logits.device)]
+
+    def student_logits(self, logits: Tensor) -> Tensor:
+        """``(..., V_student)`` → ``(..., size)``: the student's logits over the support, in the teacher's order."""
+        return cut_padded_vocab(logits, self.size) if self.is_prefix else logits[..., self.student_ids.to(logits.device)]
+
+    def support_targets(self, student_targets: Tensor) -> Tensor:
+        """Student target ids ``(B, T)`` as positions in the support (for cross-entropy over it); ids outside it
+        (never the case for targets the data step kept) map to 0, masked by the caller's response mask anyway."""
+        if self.is_prefix:
+            return student_targets
+        lookup = torch.zeros(int(self.student_ids.max()) + 1, dtype=torch.long, device=student_targets.device)
+        lookup[self.student_ids.to(student_targets.device)] = torch.arange(self.size, device=student_targets.device)
+        return lookup[student_targets.clamp(max=lookup.numel() - 1)]
+
+    def teacher_targets(self, student_target_ids: list[int], student_tokenizer: Any, teacher_tokenizer: Any
+                        ) -> list[int] | None:
+        """The student's target ids in the teacher's id space (``None`` when one is outside the support)."""
+        if self.is_prefix:
+            return list(student_target_ids) if all(i < self.size for i in student_target_ids) else None
+        teacher_vocab = teacher_tokenizer.get_vocab()
+        tokens = student_tokenizer.convert_ids_to_tokens(list(student_target_ids))
+        ids = [teacher_vocab.get(t) for t in tokens]
+        return None if any(i is None for i in ids) else ids  # type: ignore[return-value]
+
+    def describe(self, shown: int = 10) -> dict[str, Any]:
+        """For the manifest: the support's size and how many (and which) tokens each side has outside it."""
+        return {"size": self.size, "aligned": "id prefix" if self.is_prefix else "by token string",
+                "masked_teacher": len(self.masked_teacher), "masked_student": len(self.masked_student),
+                "masked_teacher_tokens": list(self.masked_teacher[:shown]),
+                "masked_student_tokens": list(self.masked_student[:shown])}
+
+
+def kd_support(teacher_tokenizer: Any, student_tokenizer: Any) -> KDSupport:
+    """The ids KD compares: the teacher's whole vocabulary when the student agrees with it id for id (extra student
+    tokens after it allowed), else every token string both tokenizers have."""
+    teacher, student = _id_to_token(teacher_tokenizer), _id_to_token(student_tokenizer)
+    size = real_vocab_size(teacher_tokenizer)
+    if all(student.get(i) == t for i, t in teacher.items()):
+        extra = tuple(t for i, t in sorted(student.items()) if i not in teacher)
+        return KDSupport(size=size, masked_student=extra)
+    student_vocab = {t: i for i, t in student.items()}
+    pairs = [(i, student_vocab[t]) for i, t in sorted(teacher.items()) if t in student_vocab]
+    if not pairs:
+        raise VocabMismatchError("teacher and student tokenizers share no token: KD is impossible")
+    kept_teacher = {i for i, _ in pairs}
+    kept_student = {j for _, j in pairs}
+    return KDSupport(
+        size=len(pairs),
+        teacher_ids=torch.tensor([i for i, _ in pairs], dtype=torch.long),
+        student_ids=torch.tensor([j for _, j in pairs], dtype=torch.long),
+        masked_teacher=tuple(t for i, t in sorted(teacher.items()) if i not in kept_teacher),
+        masked_student=tuple(t for i, t in sorted(student.items()) if i not in kept_student),
+    )

@@ -180,10 +180,49 @@ def continuation_logits(
             mask[i, longest - len(c):] = True
     if longest == 0:
         return torch.zeros((len(cont_ids), 0, 0), device=device), input_ids[:, :0].to(device), mask
-    # Only the positions that predict continuation tokens are needed; models that ignore ``logits_to_keep``
-    # (Qwen2-Audio) return every position, hence the slice.
-    logits = model(**batch, logits_to_keep=longest + 1).logits[:, -(longest + 1) : -1]
+    # Only the positions that predict continuation tokens are needed: the head projects just those (models that
+    # ignore ``logits_to_keep``, Qwen2-Audio and the Omni thinkers, would otherwise build logits for every position:
+    # at a 152k vocabulary that, not the model, is the memory peak of a long prompt).
+    with head_on_last_positions(model, longest + 1):
+        logits = model(**batch, logits_to_keep=longest + 1).logits[:, -(longest + 1) : -1]
     return logits, input_ids[:, -longest:].to(device), mask
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The vocabulary projection of a (possibly DDP- or PEFT-wrapped) model, ``None`` when it has none."""
+    inner = model
+    for _ in range(4):  # DistributedDataParallel -> PeftModel -> LoraModel -> the transformers model
+        if hasattr(inner, "get_output_embeddings"):
+            try:
+                head = inner.get_output_embeddings()
+            except (AttributeError, NotImplementedError):
+                head = None
+            if isinstance(head, torch.nn.Module):
+                return head
+        inner = getattr(inner, "module", None) or getattr(inner, "base_model", None) or getattr(inner, "model", None)
+        if inner is None:
+            break
+    return None
+
+
+@contextlib.contextmanager
+def head_on_last_positions(model: torch.nn.Module, keep: int) -> Iterator[None]:
+    """Within the block the output head sees only the last ``keep`` positions of its input ``(batch, len, hidden)``
+    (a forward pre-hook: the same head, weights and autograd graph, on fewer rows)."""
+    head = output_head(model)
+    if head is None:
+        yield
+        return
+
+    def last_positions(_module: torch.nn.Module, args: tuple) -> tuple:
+        hidden, *rest = args
+        return (hidden[:, -keep:], *rest) if hidden.dim() == 3 and hidden.shape[1] > keep else args
+
+    handle = head.register_forward_pre_hook(last_positions)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.inference_mode()

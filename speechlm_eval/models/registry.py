@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from speechlm_eval.models.base import Family, LoadOptions, ModelLoadError, SpeechLM
@@ -59,6 +60,32 @@ def read_model_type(name_or_path: str, options: LoadOptions) -> str:
 
 
 def load_model(name_or_path: str, options: LoadOptions = LoadOptions(), family: str | None = None) -> SpeechLM:
-    """Load a checkpoint through its family's loader (``family`` forces one)."""
+    """Load a checkpoint through its family's loader (``family`` forces one).
+
+    A PEFT adapter folder (``adapter_config.json``, as ``distill`` writes to ``OUT/adapter``) loads its base model
+    (``base_model_name_or_path``) through the base's family, applies the adapter and merges it for evaluation.
+    """
+    adapter_config = Path(name_or_path).expanduser() / "adapter_config.json"
+    if adapter_config.is_file():
+        return load_adapter(name_or_path, json.loads(adapter_config.read_text()), options, family)
     chosen = get_family(family) if family else detect_family(name_or_path, options)
     return chosen.load(name_or_path, options)
+
+
+def load_adapter(path: str, adapter_config: dict, options: LoadOptions, family: str | None) -> SpeechLM:
+    """The base model with the LoRA adapter at ``path`` merged in; its manifest identity names both."""
+    from peft import PeftModel
+
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{path}: adapter_config.json names no base model (base_model_name_or_path)")
+    model = load_model(base, options, family)
+    model.model = PeftModel.from_pretrained(model.model, path).merge_and_unload().eval()  # type: ignore[attr-defined]
+    describe = model.describe
+
+    def describe_adapter() -> dict:
+        return {**describe(), "id": path, "adapter_of": base}
+
+    model.name = path  # type: ignore[misc]
+    model.describe = describe_adapter  # type: ignore[method-assign]
+    return model

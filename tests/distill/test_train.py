@@ -21,6 +21,7 @@ from speechlm_eval.data.item import Item
 from speechlm_eval.distill.data import LeakageError, attach_audio, speech_prompt, text_prompt
 from speechlm_eval.distill.config import OUR_READING, ConfigError, DistillConfig
 from speechlm_eval.distill.teacher_cache import TeacherCache
+from speechlm_eval.distill.vocab import KDSupport
 from speechlm_eval.distill.train import (
     distill,
     distill_losses,
@@ -84,8 +85,9 @@ def test_distillation_lowers_the_kd_loss_on_a_fixed_batch(trained, tiny_pair):
     cache = TeacherCache.open(config.out / "teacher_cache")
     batch, targets = fixed_batch(config, before)
     with torch.no_grad():
-        loss_before = distill_losses(before, None, cache, batch, targets, config, ("tt", "st"), len(before.tokenizer))
-        loss_after = distill_losses(after, None, cache, batch, targets, config, ("tt", "st"), len(after.tokenizer))
+        support = KDSupport(size=len(before.tokenizer))  # one tokenizer: the whole vocabulary, id for id
+        loss_before = distill_losses(before, None, cache, batch, targets, config, ("tt", "st"), support)
+        loss_after = distill_losses(after, None, cache, batch, targets, config, ("tt", "st"), support)
     for channel in ("loss_tt", "loss_st"):
         print(channel, float(loss_before[channel]), float(loss_after[channel]))
         assert loss_after[channel] < 0.9 * loss_before[channel], (channel, loss_before, loss_after)
@@ -288,5 +290,6 @@ def test_two_processes_under_torchrun_complete(tiny_pair, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["finished"]
     assert [r["examples_seen"] for r in rows][:2] == [4, 8]  # 2 processes × batch 2 per step
-    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in (out / "train_state").glob("step-*/*")}
+    saved = {p.name for p in (out / "train_state").glob("step-*/*")}
+    assert {"rng-rank0.json", "rng-rank1.json", "rng-rank0.safetensors", "rng-rank1.safetensors"} <= saved
     assert load_model(str(out / "checkpoint")).accepts_audio
