@@ -17,7 +17,8 @@ OUR_READING: dict[str, str] = {
     "loss": "forward KL(teacher ‖ student) per response token at temperature 2, scaled by τ², averaged over the "
     "response tokens of the batch (paper: 'KL divergence with temperature scaling'; direction, τ and reduction ours)",
     "weights": "λ_TT = λ_ST = 1, no CE term (ce = 0); with ce > 0, CE is averaged over the active channels",
-    "teacher": "cached as its top-64 log-probs per response token (sparse); --topk 0 = full vocabulary on the fly",
+    "teacher": "cached as its top-64 log-probs per response token, its exact tempered tail mass and 64 ids sampled "
+    "from the tail (forward KL; other divergences: one rest class); --topk 0 = full vocabulary on the fly",
     "targets": "the dataset's response (Open-Orca 'response'), cut to 256 tokens, end-of-turn token appended",
     "prompts": "the system prompt stays text in both channels; only the question is spoken (S→T)",
     "trained": "LoRA r=16, α=32, dropout 0.05 on q/k/v/o of the language model; audio encoder and projector frozen",
@@ -85,6 +86,12 @@ class DistillConfig:
     temperature: float = _opt(2.0, "softmax temperature τ; losses are scaled by τ² (our reading: 2)")
     beta: float = _opt(0.5, "JSD mixing weight (kind=jsd only)")
     topk: int = _opt(64, "teacher log-probs cached per token; 0 = full teacher distribution on the fly (our reading)")
+    topk_tail: Literal["sampled", "bucket", "renormalize"] = _opt(
+        "sampled", "how the cached top-k teacher's mass outside its k ids enters the loss: 'sampled' = exact "
+        "tempered tail mass plus --tail-samples ids drawn from the tail (loss within 1% of the full teacher's at τ=2 "
+        "on LM-like teachers, benchmarks/bench_distill.py), 'bucket' = one rest class shaped like the student's "
+        "tail, 'renormalize' = drop the tail. sampled estimates forward KL only: other --kind values use bucket")
+    tail_samples: int = _opt(64, "tail ids drawn per token for topk_tail=sampled (about doubles the cache)", min=1)
     lora: bool | None = _late("train LoRA adapters on the language model; --no-lora / --full = full fine-tune "
                               "(default: LoRA; embedded organism: full fine-tune)", off_alias="--full")
     lora_r: int = _opt(16, "LoRA rank (our reading)")
@@ -149,6 +156,11 @@ class DistillConfig:
             raise ConfigError(f"targets must be 'dataset' or 'teacher', got {self.targets!r}")
         if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
             raise ConfigError(f"kind must be forward_kl, reverse_kl or jsd, got {self.kind!r}")
+
+    @property
+    def effective_topk_tail(self) -> str:
+        """``topk_tail``, with ``sampled`` (a forward-KL estimator) falling back to ``bucket`` for other divergences."""
+        return "bucket" if self.topk_tail == "sampled" and self.kind != "forward_kl" else self.topk_tail
 
     def active_channels(self) -> tuple[str, ...]:
         parts = tuple(p.strip() for p in self.channels.split(",") if p.strip())

@@ -48,6 +48,7 @@ teacher representation. At τ = 1 the bucket loss was within 0.2% (top-64 holdin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, get_args
@@ -57,7 +58,7 @@ from torch import Tensor
 
 from speechlm_eval.divergence import DEFAULT_CHUNK_SIZE, Divergence, check_divergence, divergence
 
-TopKTail = Literal["bucket", "renormalize"]
+TopKTail = Literal["bucket", "renormalize", "sampled"]
 DEFAULT_TOPK_TAIL: TopKTail = "bucket"
 # Only used when a TopK carries no rest_logprob: the rest mass 1 − Σ exp(top-k), rounded, can come out ≤ 0.
 REST_FLOOR = 1e-8
@@ -74,38 +75,79 @@ class TopK:
             computed from full logits; ``None`` = derived from ``logprobs``, less precise after float16 rounding).
         mask: ``(batch, time)`` bool, the positions that hold teacher data (``None`` = all); ``kd_loss`` refuses a
             loss mask that reaches outside it.
+        tail_indices: ``(batch, time, m)``: m ids drawn (with replacement) from the teacher's *tempered* tail p̃ (its
+            distribution at ``tail_temperature`` restricted to the ids outside the top k) — what
+            ``topk_tail="sampled"`` estimates the within-tail divergence from (``None``: not sampled).
+        tail_logprobs: ``(batch, time, m)``: the teacher's log-probs at τ = 1 of the sampled ids.
+        tail_stats: ``(batch, time, 2)`` float32, exact at ``tail_temperature``: log Z_τ (the normaliser of p^(1/τ)
+            over the whole vocabulary) and log of the tempered tail mass P_T.
+        tail_temperature: the τ the tail samples and statistics are for (the run's temperature).
     """
 
     logprobs: Tensor
     indices: Tensor
     rest_logprob: Tensor | None = None
     mask: Tensor | None = None
+    tail_indices: Tensor | None = None
+    tail_logprobs: Tensor | None = None
+    tail_stats: Tensor | None = None
+    tail_temperature: float | None = None
 
     @property
     def k(self) -> int:
         return self.logprobs.shape[-1]
 
+    @property
+    def tail_samples(self) -> int:
+        return 0 if self.tail_indices is None else self.tail_indices.shape[-1]
 
-def topk_from_logits(logits: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> TopK:
-    """The top-k teacher of full logits ``(..., V)``: log-softmax in float32, k largest, exact rest mass.
 
-    Returns a :class:`TopK` with ``logprobs``/``indices`` ``(..., k)`` (float32 / long) and ``rest_logprob`` ``(...)``;
-    rows are processed ``chunk_size`` at a time so only ``chunk_size × V`` float32 values exist at once.
+def topk_from_logits(logits: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, *, tail_samples: int = 0,
+                     tail_temperature: float = 1.0, generator: torch.Generator | None = None) -> TopK:
+    """The top-k teacher of full logits ``(..., V)``: log-softmax in float32, k largest, exact rest mass, and
+    (``tail_samples`` = m > 0) the exact tempered-tail statistics at ``tail_temperature`` plus m ids drawn from the
+    tempered tail (see :class:`TopK`).
+
+    Returns a :class:`TopK` with ``logprobs``/``indices`` ``(..., k)`` (float32 / long), ``rest_logprob`` ``(...)``
+    and, when sampled, ``tail_indices``/``tail_logprobs`` ``(..., m)`` and ``tail_stats`` ``(..., 2)``; rows are processed
+    ``chunk_size`` at a time so only ``chunk_size × V`` float32 values exist at once. ``generator`` makes the draws
+    reproducible.
     """
     vocab = logits.shape[-1]
     if not 0 < k <= vocab:
         raise ValueError(f"k must be in 1..{vocab} (the vocabulary), got {k}")
+    sample = tail_samples > 0 and k < vocab
+    tau = float(tail_temperature)
     flat = logits.detach().reshape(-1, vocab)
     logprobs = flat.new_empty((flat.shape[0], k), dtype=torch.float32)
     indices = torch.empty((flat.shape[0], k), dtype=torch.long, device=flat.device)
     rest = flat.new_empty((flat.shape[0],), dtype=torch.float32)
+    tail_ids = torch.empty((flat.shape[0], tail_samples), dtype=torch.long, device=flat.device) if sample else None
+    tail_lp = flat.new_empty((flat.shape[0], tail_samples), dtype=torch.float32) if sample else None
+    stats = flat.new_empty((flat.shape[0], 2), dtype=torch.float32) if sample else None
     for start in range(0, flat.shape[0], chunk_size):
         rows = torch.log_softmax(flat[start : start + chunk_size].float(), dim=-1)
         top, ids = rows.topk(k, dim=-1)
         logprobs[start : start + chunk_size], indices[start : start + chunk_size] = top, ids
         rest[start : start + chunk_size] = rows.scatter(-1, ids, -math.inf).logsumexp(-1)
+        if sample:
+            tempered = rows / tau  # log p^(1/τ), unnormalised
+            log_z = tempered.logsumexp(-1)
+            tail = tempered.scatter(-1, ids, -math.inf)
+            log_mass = tail.logsumexp(-1)
+            stats[start : start + chunk_size] = torch.stack([log_z, log_mass - log_z], -1)
+            weights = (tail - log_mass.unsqueeze(-1)).exp().nan_to_num(0.0)  # p̃ on the tail, 0 on the top k
+            weights[weights.sum(-1) == 0] = 1.0  # a tail without mass: any ids, they carry weight 0
+            drawn = torch.multinomial(weights, tail_samples, replacement=True, generator=generator)
+            tail_ids[start : start + chunk_size] = drawn
+            tail_lp[start : start + chunk_size] = rows.gather(-1, drawn)
     lead = logits.shape[:-1]
-    return TopK(logprobs.reshape(*lead, k), indices.reshape(*lead, k), rest.reshape(lead))
+    out = TopK(logprobs.reshape(*lead, k), indices.reshape(*lead, k), rest.reshape(lead))
+    if not sample:
+        return out
+    return dataclasses.replace(out, tail_indices=tail_ids.reshape(*lead, tail_samples),
+                               tail_logprobs=tail_lp.reshape(*lead, tail_samples), tail_stats=stats.reshape(*lead, 2),
+                               tail_temperature=tau)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,6 +192,34 @@ def _bucket_pair(
             )
         log_p = torch.log_softmax(torch.cat([logprobs / tau, log_rest.unsqueeze(-1)], -1), -1)
     return log_p, log_q
+
+
+def _sampled_forward_kl(s: Tensor, logprobs: Tensor, indices: Tensor, stats: Tensor, tail_lp: Tensor,
+                        tail_ids: Tensor, tau: float) -> Tensor:
+    """KL(p_τ ‖ q_τ) per token from a top-k teacher with tail samples: ``(c,)`` for a student chunk ``s (c, V)``,
+    top-k ``(c, k)``, ``stats (c, 2)`` and tail samples ``(c, m)`` (see :class:`TopK`).
+
+    The full KL splits exactly into the (k+1)-class divergence between [p_τ(top k), P_T] and [q_τ(top k), Q_T] plus
+    P_T · KL(p̃ ‖ q̃), the divergence *within* the tail (p̃, q̃: the tempered distributions restricted to the tail and
+    renormalised). The first part is exact here: the cache holds log Z_τ and P_T computed from the teacher's full row,
+    so no assumption about how the tail mass is spread is needed. The second is estimated from the m ids drawn from
+    p̃: KL(p̃ ‖ q̃) ≈ mean_j [log p̃(i_j) − log q̃(i_j)] (unbiased; the difference of the two log-probs varies far less
+    than either alone: sparse-logit sampling, Anshumann et al. 2025). It is added to the value only: a gradient
+    through m point masses standing for a spread-out tail is noisy, so the gradient is the (k+1)-class part's, whose
+    direction is within cosine 0.99 of the full one at τ = 2 (``benchmarks/bench_distill.py``).
+    """
+    log_z, log_mass = stats.float().unbind(-1)
+    log_p = torch.cat([logprobs.float() / tau - log_z.unsqueeze(-1), log_mass.unsqueeze(-1)], -1)
+    log_q_full = torch.log_softmax(s / tau, -1)
+    log_q_tail = log_q_full.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)
+    log_q = torch.cat([log_q_full.gather(-1, indices), log_q_tail], -1)
+    coarse = divergence(log_p, log_q, "forward_kl")
+    with torch.no_grad():
+        log_p_tilde = tail_lp.float() / tau - (log_z + log_mass).unsqueeze(-1)
+        log_q_tilde = log_q_full.gather(-1, tail_ids) - log_q_tail
+        within = log_mass.exp() * (log_p_tilde - log_q_tilde).mean(-1)
+        within = torch.where(torch.isfinite(within), within, torch.zeros_like(within))
+    return coarse + within
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,6 +303,16 @@ def _teacher_token_fn(
                 "vocabulary first (speechlm_eval.distill.vocab.align_logits)"
             )
         return (lambda s, t: divergence(*_full_pair(s, t, tau), kind, beta)), (teacher,)
+    if topk_tail == "sampled":
+        if teacher.tail_indices is None or teacher.tail_stats is None or teacher.tail_logprobs is None:
+            raise ValueError("topk_tail='sampled' needs a TopK with tail samples "
+                             "(topk_from_logits(..., tail_samples=m), or a cache built with tail samples)")
+        if kind != "forward_kl":
+            raise ValueError(f"topk_tail='sampled' estimates forward KL only, not {kind}; use topk_tail='bucket'")
+        if teacher.tail_temperature is None or abs(teacher.tail_temperature - tau) > 1e-12:
+            raise ValueError(f"the tail samples are for τ = {teacher.tail_temperature}, the loss asks τ = {tau}")
+        return (lambda s, lp, ids, st, tlp, tids: _sampled_forward_kl(s, lp, ids, st, tlp, tids, tau)), (
+            teacher.logprobs, teacher.indices, teacher.tail_stats, teacher.tail_logprobs, teacher.tail_indices)
     if teacher.k >= vocab or topk_tail == "renormalize":
         # k = V: every id is kept, the renormalised top-k is the full distribution (no tail to bucket).
         return (lambda s, lp, ids: divergence(*_renormalize_pair(s, lp, ids, tau), kind, beta)), (

@@ -9,6 +9,10 @@ Layout of a cache directory::
         indices       (N_tokens, k)  int32                          vocabulary ids
         rest_logprob  (N_tokens,)    float32                        log of the mass outside the k ids (exact)
         offsets       (n_examples + 1,) int64                       example r owns rows offsets[r]:offsets[r+1]
+      and, in a cache with tail samples (``tail_samples`` = m > 0, for the run's temperature τ):
+        tail_indices  (N_tokens, m)  int32     ids drawn from the teacher's tempered tail (outside the k ids)
+        tail_logprobs (N_tokens, m)  float16   their log p at τ = 1
+        tail_stats    (N_tokens, 2)  float32   log Z_τ and log of the tempered tail mass (exact)
 
 A shard is written to a temporary file and renamed into place (``os.replace``) before its index line is appended, so
 an index line always names a complete shard; a crash leaves at most an unreferenced shard and a torn last line, both
@@ -70,6 +74,8 @@ class TeacherCache:
         vocab_size: int,
         dtype: CacheDType = "float16",
         extra: Mapping[str, Any] | None = None,
+        tail_samples: int = 0,
+        tail_temperature: float | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k={k}: a teacher cache needs k >= 1 (k = 0 means no cache: compute full logits)")
@@ -77,7 +83,9 @@ class TeacherCache:
             raise ValueError(f"cache dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
         self.dir = Path(cache_dir)
         self.meta = {"format": CACHE_FORMAT, "teacher": teacher, "k": k, "temperature": 1.0,
-                     "vocab_size": vocab_size, "dtype": dtype, "extra": json.loads(json.dumps(dict(extra or {})))}
+                     "vocab_size": vocab_size, "dtype": dtype, "extra": json.loads(json.dumps(dict(extra or {}))),
+                     "tail_samples": int(tail_samples),
+                     "tail_temperature": float(tail_temperature) if tail_samples else None}
         self.dir.joinpath(SHARD_DIR).mkdir(parents=True, exist_ok=True)
         with self._lock():
             meta_path = self.dir / META_FILE
@@ -105,11 +113,16 @@ class TeacherCache:
             raise FileNotFoundError(f"no teacher cache at {cache_dir} ({META_FILE} missing)")
         meta = json.loads(meta_path.read_text())
         return cls(cache_dir, teacher=meta["teacher"], k=meta["k"], vocab_size=meta["vocab_size"], dtype=meta["dtype"],
-                   extra=meta.get("extra"))
+                   extra=meta.get("extra"), tail_samples=meta.get("tail_samples", 0),
+                   tail_temperature=meta.get("tail_temperature"))
 
     @property
     def k(self) -> int:
         return int(self.meta["k"])
+
+    @property
+    def tail_samples(self) -> int:
+        return int(self.meta.get("tail_samples") or 0)
 
     def __contains__(self, example_id: object) -> bool:
         return example_id in self._index
@@ -120,14 +133,23 @@ class TeacherCache:
     def write(
         self,
         example_ids: Sequence[str],
-        topk: Sequence[tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]],
+        topk: Sequence[tuple[Tensor, ...] | TopK],
     ) -> None:
         """Append one shard holding these examples.
 
         Each entry of ``topk`` is ``(logprobs (T_i, k), indices (T_i, k))`` at τ = 1, optionally with
         ``rest_logprob (T_i,)``; without it the rest mass is derived as ``1 − Σ exp(logprobs)`` (in float32, before
-        the cache's float16 rounding). Ids already cached (or repeated) are refused.
+        the cache's float16 rounding). A cache with tail samples takes :class:`TopK` entries that carry them
+        (``topk_from_logits(..., tail_samples=m)``). Ids already cached (or repeated) are refused.
         """
+        tails = []
+        if self.tail_samples:
+            for example_id, entry in zip(example_ids, topk):
+                if not isinstance(entry, TopK) or entry.tail_samples != self.tail_samples:
+                    raise ValueError(f"{example_id}: this cache holds {self.tail_samples} tail samples per token; "
+                                     "write TopK entries that carry them")
+                tails.append((entry.tail_indices, entry.tail_logprobs, entry.tail_stats))
+        topk = [(e.logprobs, e.indices, e.rest_logprob) if isinstance(e, TopK) else e for e in topk]
         if len(example_ids) != len(topk):
             raise ValueError(f"{len(example_ids)} example ids for {len(topk)} top-k entries")
         if not example_ids:
@@ -157,6 +179,13 @@ class TeacherCache:
             "rest_logprob": torch.cat(rests).contiguous(),
             "offsets": lengths.cumsum(0),
         }
+        if tails:
+            tensors.update({
+                "tail_indices": torch.cat([t[0].detach().cpu() for t in tails]).to(torch.int32).contiguous(),
+                "tail_logprobs": torch.cat([t[1].detach().cpu().float() for t in tails]).to(
+                    _TORCH_DTYPES[self.meta["dtype"]]).contiguous(),
+                "tail_stats": torch.cat([t[2].detach().cpu().float() for t in tails]).contiguous(),
+            })
         from safetensors.torch import save
 
         with self._lock():
@@ -180,8 +209,9 @@ class TeacherCache:
             for row, example_id in enumerate(example_ids):
                 self._index[example_id] = (name, row)
 
-    def read_one(self, example_id: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logprobs (T, k) float32, indices (T, k) long, rest_logprob (T,) float32)`` of one example."""
+    def read_one(self, example_id: str) -> tuple[Tensor, ...]:
+        """``(logprobs (T, k) float32, indices (T, k) long, rest_logprob (T,) float32)`` of one example, then (in a
+        cache with tail samples) ``tail_indices (T, m) long, tail_logprobs (T, m) float32, tail_stats (T, 2)``."""
         if example_id not in self._index:
             self._reload_index()
             if example_id not in self._index:
@@ -189,11 +219,15 @@ class TeacherCache:
         shard, row = self._index[example_id]
         handle = self._handle(shard)
         start, stop = (int(x) for x in self._offsets[shard][row : row + 2])
-        return (
+        rows = (
             handle.get_slice("logprobs")[start:stop].float(),
             handle.get_slice("indices")[start:stop].long(),
             handle.get_slice("rest_logprob")[start:stop].float(),
         )
+        if not self.tail_samples:
+            return rows
+        return (*rows, handle.get_slice("tail_indices")[start:stop].long(),
+                handle.get_slice("tail_logprobs")[start:stop].float(), handle.get_slice("tail_stats")[start:stop].float())
 
     def read(
         self, example_ids: Sequence[str], *, length: int | None = None, device: torch.device | str | None = None
@@ -204,7 +238,7 @@ class TeacherCache:
         log-prob 0 and id 0 and are False in the mask.
         """
         rows = [self.read_one(example_id) for example_id in example_ids]
-        longest = max((lp.shape[0] for lp, _, _ in rows), default=0)
+        longest = max((row[0].shape[0] for row in rows), default=0)
         width = longest if length is None else length
         if width < longest:
             raise ValueError(f"length={length} is shorter than the longest cached example ({longest} tokens)")
@@ -213,15 +247,22 @@ class TeacherCache:
         indices = torch.zeros((batch, width, self.k), dtype=torch.long)
         rest = torch.zeros((batch, width), dtype=torch.float32)
         mask = torch.zeros((batch, width), dtype=torch.bool)
-        for i, (lp, ids, r) in enumerate(rows):
+        m = self.tail_samples
+        tail_ids = torch.zeros((batch, width, m), dtype=torch.long) if m else None
+        tail_lp = torch.zeros((batch, width, m), dtype=torch.float32) if m else None
+        stats = torch.zeros((batch, width, 2), dtype=torch.float32) if m else None
+        for i, row in enumerate(rows):
+            lp, ids, r = row[:3]
             n = lp.shape[0]
             if n:
                 logprobs[i, width - n :], indices[i, width - n :], rest[i, width - n :] = lp, ids, r
                 mask[i, width - n :] = True
-        out = TopK(logprobs, indices, rest, mask)
-        if device is not None:
-            out = TopK(*(t.to(device) for t in (logprobs, indices, rest, mask)))
-        return out
+                if m:
+                    tail_ids[i, width - n :], tail_lp[i, width - n :], stats[i, width - n :] = row[3:]
+        move = (lambda t: t.to(device) if t is not None else None) if device is not None else (lambda t: t)
+        return TopK(move(logprobs), move(indices), move(rest), move(mask), tail_indices=move(tail_ids),
+                    tail_logprobs=move(tail_lp), tail_stats=move(stats),
+                    tail_temperature=self.meta.get("tail_temperature") if m else None)
 
     def _handle(self, shard: str) -> Any:
         if shard not in self._shards:
@@ -251,6 +292,11 @@ class TeacherCache:
         return FileLock(str(self.dir / ".lock"))
 
 
+def example_seed(example_id: str) -> int:
+    """A 63-bit seed from an example id (stable across processes and Python hash seeds)."""
+    return int.from_bytes(hashlib.sha256(example_id.encode("utf-8")).digest()[:8], "big") >> 1
+
+
 def build_teacher_cache(
     teacher_model: Any,
     prompts: Sequence[Any],
@@ -266,6 +312,8 @@ def build_teacher_cache(
     chunk_size: int = 128,
     extra: Mapping[str, Any] | None = None,
     support: Any = None,
+    tail_samples: int = 0,
+    tail_temperature: float = 1.0,
 ) -> TeacherCache | None:
     """Run the teacher once over (prompt, target) pairs and store its top-k log-probs per target token.
 
@@ -290,7 +338,8 @@ def build_teacher_cache(
         vocab = support.size
         extra = {**dict(extra or {}), "support": support.describe()}
     cache = TeacherCache(
-        cache_dir, teacher=teacher_fingerprint(teacher_model), k=k, vocab_size=vocab, dtype=dtype, extra=extra
+        cache_dir, teacher=teacher_fingerprint(teacher_model), k=k, vocab_size=vocab, dtype=dtype, extra=extra,
+        tail_samples=tail_samples, tail_temperature=tail_temperature,
     )
     todo = [i for i, example_id in enumerate(example_ids) if example_id not in cache]
     pending_ids: list[str] = []
@@ -305,13 +354,22 @@ def build_teacher_cache(
             n = int(mask[row].sum())
             if n == 0:
                 empty = torch.zeros((0, k))
-                pending.append((empty, empty.long(), torch.zeros(0)))
+                if tail_samples:
+                    none = torch.zeros((0, tail_samples))
+                    pending.append(TopK(empty, empty.long(), torch.zeros(0), tail_indices=none.long(),
+                                        tail_logprobs=none, tail_stats=torch.zeros((0, 2)),
+                                        tail_temperature=tail_temperature))
+                else:
+                    pending.append((empty, empty.long(), torch.zeros(0)))
             else:
                 # (n, V): right-aligned real tokens, over the KD support (the teacher's real vocabulary by default)
                 tokens = support.teacher_logits(logits[row, -n:]) if support is not None \
                     else cut_padded_vocab(logits[row, -n:], vocab)
-                top = topk_from_logits(tokens, k, chunk_size)
-                pending.append((top.logprobs, top.indices, top.rest_logprob))
+                # Tail draws seeded by the example, so a resumed or re-batched build draws the same ids.
+                generator = torch.Generator(device=tokens.device).manual_seed(example_seed(example_ids[i]))
+                top = topk_from_logits(tokens, k, chunk_size, tail_samples=tail_samples,
+                                       tail_temperature=tail_temperature, generator=generator)
+                pending.append(top if tail_samples else (top.logprobs, top.indices, top.rest_logprob))
             pending_ids.append(example_ids[i])
         del logits
         if len(pending_ids) >= examples_per_shard:

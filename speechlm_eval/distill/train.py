@@ -42,7 +42,7 @@ from speechlm_eval.distill.data import (
     text_prompt,
     write_examples,
 )
-from speechlm_eval.distill.losses import ce_loss, kd_loss
+from speechlm_eval.distill.losses import TopK, ce_loss, kd_loss
 from speechlm_eval.distill.teacher_cache import TeacherCache, build_teacher_cache
 from speechlm_eval.models.base import TrainableSpeechLM
 from speechlm_eval.distill.vocab import KDSupport, kd_support
@@ -104,7 +104,8 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
             build_teacher_cache(  # skips examples a killed earlier build already cached
                 teacher, [text_prompt(e) for e in examples], [teacher_ids[e.id] for e in examples],
                 [e.id for e in examples], out / "teacher_cache", k=config.topk, batch_size=config.teacher_batch_size,
-                support=support,
+                support=support, tail_samples=config.tail_samples if config.effective_topk_tail == "sampled" else 0,
+                tail_temperature=config.temperature,
                 # A cache built for other targets must be refused, not silently reused.
                 extra={"targets": config.targets, "max_response_tokens": config.max_response_tokens,
                        "data": config.data},
@@ -245,7 +246,9 @@ def channel_loss(student: Any, teacher_dist: Any, teacher_mask: torch.Tensor, ba
     if mask.shape != teacher_mask.shape or not torch.equal(mask.cpu(), teacher_mask.cpu()):
         raise RuntimeError(f"{channel}: student and teacher response masks differ; targets are misaligned")
     logits = support.student_logits(logits)
-    kd = kd_loss(logits, teacher_dist, mask, kind=config.kind, temperature=config.temperature, beta=config.beta)
+    tail = config.effective_topk_tail if isinstance(teacher_dist, TopK) else "bucket"  # a full teacher: no tail
+    kd = kd_loss(logits, teacher_dist, mask, kind=config.kind, temperature=config.temperature, beta=config.beta,
+                 topk_tail=tail)
     weight = {"tt": config.lambda_tt, "st": config.lambda_st}[channel]
     out = {"loss": weight * kd, f"loss_{channel}": kd}
     if config.ce:
