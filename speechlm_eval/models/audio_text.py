@@ -46,6 +46,8 @@ class AudioTextSpec:
             for sorting batches); ``None``: not known, no check.
         min_audio_tokens: the fewest audio tokens the model can take (shorter clips become error records).
         audio_first: whether the audio part precedes the text part in a turn (VoiceBench orders them so).
+        max_audio_seconds: the longest clip the processor takes whole, given the processor, for families whose
+            processor cuts long clips into encoder windows itself (``None``: the feature extractor's padded window).
         encode: replaces the generic ``processor(text=..., audio=...)`` call for families whose processor needs
             another path; ``(adapter, texts, audios) -> model inputs``.
         language_model / audio_encoder / projector: where those modules live, for families whose names differ from
@@ -61,6 +63,7 @@ class AudioTextSpec:
     audio_tokens: Callable[[int, Any], int] | None = None
     min_audio_tokens: int = 1
     audio_first: bool = True
+    max_audio_seconds: Callable[[Any], float | None] | None = None
     encode: Callable[["AudioTextModel", list[str], list[np.ndarray]], Mapping[str, torch.Tensor]] | None = None
     language_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     audio_encoder: Callable[[torch.nn.Module], torch.nn.Module] | None = None
@@ -126,7 +129,8 @@ class AudioTextModel(HFAdapter):
         self.tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.revision = revision
-        self.max_audio_seconds: float | None = window_seconds(processor)
+        self.max_audio_seconds: float | None = (spec.max_audio_seconds(processor) if spec.max_audio_seconds
+                                                else window_seconds(processor))
         self._eos_ids = eos_token_ids(model, self.tokenizer)
 
     # -- prompts

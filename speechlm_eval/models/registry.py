@@ -18,6 +18,8 @@ FAMILIES: Registry[Family] = Registry(
         "hf-causal": "speechlm_eval.models.hf_causal:FAMILY",
         "qwen2-audio": "speechlm_eval.models.qwen2_audio:FAMILY",
         "qwen2.5-omni": "speechlm_eval.models.qwen2_5_omni:FAMILY",
+        "audioflamingo3": "speechlm_eval.models.audioflamingo3:FAMILY",
+        "qwen3-omni": "speechlm_eval.models.qwen3_omni:FAMILY",
     },
     unknown=lambda name, known: ModelLoadError(f"unknown model family {name!r}; registered: {known}"),
 )
