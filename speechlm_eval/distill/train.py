@@ -378,8 +378,12 @@ def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
+        targets = student.lora_target_modules(lora_targets(student, config))
+        if not targets:
+            raise ConfigError(f"nothing to train: --lora-targets {lora_targets(student, config)!r} matched no module "
+                              "of the language model")
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=lora_targets(student, config), bias="none")
+                          target_modules=targets, bias="none")
         model = get_peft_model(model, lora)
     else:
         student.language_model().requires_grad_(True)

@@ -9,6 +9,7 @@ generation, log-probs, teacher-forced logits and the manifest identity are share
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -201,6 +202,14 @@ class AudioTextModel(HFAdapter):
     @property
     def lora_targets(self) -> str:
         return self.spec.lora_targets
+
+    def lora_target_modules(self, pattern: str | None = None) -> list[str]:
+        """Full names of the modules LoRA adapts: those matching ``pattern`` (default :attr:`lora_targets`) *inside
+        the language model*. Passed to peft as names, not as the regex: peft rewrites a regex into bare leaf names
+        for some architectures (MoE ones such as Qwen3-Omni), which then also match the frozen audio encoder."""
+        regex = re.compile(pattern or self.lora_targets)
+        inside = {id(m) for m in self.language_model().modules()}
+        return [name for name, module in self.model.named_modules() if regex.fullmatch(name) and id(module) in inside]
 
     def describe(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"max_audio_seconds": self.max_audio_seconds}

@@ -180,3 +180,7 @@ class TrainableSpeechLM(SpeechLM, Protocol):
     def lm_head(self) -> Any:
         """The output embedding (vocabulary projection)."""
         ...
+
+    def lora_target_modules(self, pattern: str | None = None) -> list[str]:
+        """Full names of the language-model modules LoRA adapts (``pattern`` default: :attr:`lora_targets`)."""
+        ...

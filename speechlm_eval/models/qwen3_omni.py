@@ -20,9 +20,10 @@ per full chunk, so there is no encoder window: the feature extractor's ``n_sampl
 nothing here. A clip is refused only when its audio tokens alone exceed the thinker's context
 (``text_config.max_position_embeddings``, one position per audio token).
 
-Distillation caveat: peft (0.21) rewrites a regex ``target_modules`` of an MoE model into bare leaf names
-(``q_proj``, ...), which also match the audio encoder's attention, so LoRA with :attr:`lora_targets` adapts the
-(meant to be frozen) encoder as well; ``tests/models/test_qwen3_omni.py`` pins this with a strict xfail.
+Distillation note: peft (0.21) rewrites a regex ``target_modules`` of an MoE model into bare leaf names
+(``q_proj``, ...), which also match the audio encoder's attention; distillation therefore hands peft the regex's
+matches inside the language model by full name (``AudioTextModel.lora_target_modules``), tested in
+``tests/models/test_qwen3_omni.py``.
 
 Backbone: the thinker's language model is initialised from Qwen3 (Qwen3-Omni technical report) and has
 Qwen3-30B-A3B's shape (MoE, hidden 2048, 48 layers, 32 heads, 4 KV heads, 128 experts, 8 active), with a
@@ -124,8 +125,7 @@ SPEC = AudioTextSpec(
     encode=encode_audio,
     extras={"backbone": "Qwen/Qwen3-30B-A3B (-Instruct-2507 is the matching chat model)",
             "notes": "the thinker only (text output); its MoE language model is initialised from Qwen3 "
-                     "(30B-A3B shape), vocabulary 152064 vs Qwen3's 151936; distill caveat: peft reduces a LoRA "
-                     "regex on this MoE model to bare leaf names, so the audio encoder's q/k/v_proj are adapted too"},
+                     "(30B-A3B shape), vocabulary 152064 vs Qwen3's 151936"},
 )
 
 

@@ -59,7 +59,7 @@ def assert_distill_modules(model, encoder_class: str, projector_class: str | Non
     projector = model.projector()
     assert (type(projector).__name__ if projector is not None else None) == projector_class
     assert model.language_model() is not model.model and model.audio_encoder() is not model.model
-    peft_model = get_peft_model(model.model, LoraConfig(r=2, lora_alpha=4, target_modules=model.lora_targets))
+    peft_model = get_peft_model(model.model, LoraConfig(r=2, lora_alpha=4, target_modules=model.lora_target_modules()))
     try:
         adapted = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]
         assert adapted, f"{model.lora_targets!r} matched no module"
