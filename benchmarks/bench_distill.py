@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests/fixtures model builders
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from speechlm_eval.distill.losses import TopK, kd_loss, topk_from_logits
 
 QWEN25_VOCAB = 151_665
 K = 64
+TAIL_SAMPLES = 64  # DistillConfig.tail_samples
 
 
 # -- 1. storage ----------------------------------------------------------------------------------------------------
@@ -64,6 +66,14 @@ def storage(vocab: int = QWEN25_VOCAB, k: int = K) -> dict:
             entries.append((lp, torch.randint(0, vocab, (tokens, k), generator=gen), torch.full((tokens,), -3.0)))
         cache.write([f"e{i}" for i in range(examples)], entries)
         topk_bytes = sum(f.stat().st_size for f in (Path(tmp) / SHARD_DIR).iterdir()) / (examples * tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = TeacherCache(tmp, teacher="bench", k=k, vocab_size=vocab, tail_samples=TAIL_SAMPLES,
+                             tail_temperature=2.0)
+        rows = torch.randn(4, 50, vocab, generator=gen)
+        cache.write([f"e{i}" for i in range(4)],
+                    [topk_from_logits(r, k, tail_samples=TAIL_SAMPLES, tail_temperature=2.0) for r in rows])
+        sampled_bytes = sum(f.stat().st_size for f in (Path(tmp) / SHARD_DIR).iterdir()) / (4 * 50)
+    with tempfile.TemporaryDirectory() as tmp:
         full_path = Path(tmp) / "full.safetensors"
         save_file({"logits": torch.zeros(8, vocab)}, str(full_path))
         full_measured = full_path.stat().st_size / 8
@@ -79,6 +89,10 @@ def storage(vocab: int = QWEN25_VOCAB, k: int = K) -> dict:
         "full_bf16_bytes_per_token": full_bf16,
         "ratio_vs_full_fp32": round(full_fp32 / topk_bytes, 1),
         "ratio_vs_full_bf16": round(full_bf16 / topk_bytes, 1),
+        "sampled_tail_layout": f"plus {TAIL_SAMPLES} tail ids (int32) with float16 logprobs and 2 float32 stats",
+        "sampled_bytes_per_token_measured": round(sampled_bytes, 1),
+        "sampled_bytes_per_token_analytic": k * (2 + 4) + 4 + TAIL_SAMPLES * (4 + 2) + 8,
+        "sampled_ratio_vs_full_fp32": round(full_fp32 / sampled_bytes, 1),
         "target_ratio": 20,
     }
 
@@ -120,8 +134,15 @@ def teacher_stats(teacher: torch.Tensor, mask: torch.Tensor, top: TopK) -> dict:
     }
 
 
+def sampled_topk(teacher: torch.Tensor, tau: float, m: int = TAIL_SAMPLES) -> TopK:
+    """The default cache's teacher at ``tau``: top-k, exact tempered tail mass, ``m`` tail ids (float16 log-probs)."""
+    top = topk_from_logits(teacher, K, tail_samples=m, tail_temperature=tau, generator=torch.Generator().manual_seed(0))
+    return dataclasses.replace(top, logprobs=top.logprobs.half().float(), tail_logprobs=top.tail_logprobs.half().float())
+
+
 def compare_topk(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, top: TopK) -> dict:
-    """Loss and gradient of each top-k tail option vs the full teacher, at τ = 1 and 2."""
+    """Loss and gradient of each top-k tail option vs the full teacher, at τ = 1 and 2 (``sampled``: the default,
+    its tail drawn for each τ as a run's cache is)."""
 
     def loss_and_grad(target, **kwargs):
         leaf = student.detach().clone().requires_grad_(True)
@@ -133,8 +154,9 @@ def compare_topk(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     for tau in (1.0, 2.0):
         full, full_grad = loss_and_grad(teacher, temperature=tau)
         row = {"full_loss": round(full, 5)}
-        for tail in ("bucket", "renormalize"):
-            value, grad = loss_and_grad(top, temperature=tau, topk_tail=tail)
+        for tail in ("sampled", "bucket", "renormalize"):
+            target = sampled_topk(teacher, tau) if tail == "sampled" else top
+            value, grad = loss_and_grad(target, temperature=tau, topk_tail=tail)
             row[tail] = {
                 "loss": round(value, 5),
                 "rel_error": round((value - full) / full, 4),
@@ -199,6 +221,30 @@ def tiny_topk_error(student, teacher, prompts, targets, cache, ids) -> dict:
         s_logits, _, _ = student.continuation_logits(prompts, targets)
     t_logits, s_logits = align_logits(t_logits, s_logits, vocab)
     top = cache.read(ids, length=mask.shape[1])
+    return {"teacher": teacher_stats(t_logits, mask, top), **compare_topk(s_logits, t_logits, mask, top)}
+
+
+def organism_topk_error(n_examples: int = 48) -> dict:
+    """The shipped organism's own logits: its text LLM (teacher) and speech LLM (student, reading the question) on
+    distillation questions, teacher-forced on the teacher's greedy answers, as the organism's distill run does."""
+    from speechlm_eval.distill.data import load_distill_data
+    from speechlm_eval.embedded import embedded_distill_data, embedded_models
+    from speechlm_eval.models.base import GenerationConfig, Prompt
+    from speechlm_eval.models.registry import LoadOptions, load_model
+
+    speech_path, text_path = embedded_models()
+    student = load_model(str(speech_path), LoadOptions(device="cpu"))
+    teacher = load_model(str(text_path), LoadOptions(device="cpu"))
+    rows = load_distill_data(str(embedded_distill_data()))[:n_examples]
+    prompts = [Prompt(text=r.question) for r in rows]
+    answers = teacher.generate(prompts, GenerationConfig(max_new_tokens=8))
+    targets = [teacher.tokenizer(a.text, add_special_tokens=False)["input_ids"] or [0] for a in answers]
+    vocab = len(teacher.tokenizer)
+    with torch.no_grad():
+        t_logits, _, mask = teacher.continuation_logits(prompts, targets)
+        s_logits, _, _ = student.continuation_logits(prompts, targets)
+    t_logits, s_logits = t_logits[..., :vocab], s_logits[..., :vocab]
+    top = as_cached(topk_from_logits(t_logits, K))
     return {"teacher": teacher_stats(t_logits, mask, top), **compare_topk(s_logits, t_logits, mask, top)}
 
 
@@ -380,7 +426,7 @@ def main() -> None:
     started = time.perf_counter()
     report: dict = {"threads": args.threads, "torch": torch.__version__}
     report["storage"] = storage()
-    report["topk_error"] = {"synthetic_151665": topk_error_synthetic()}
+    report["topk_error"] = {"synthetic_151665": topk_error_synthetic(), "organism_real_logits": organism_topk_error()}
     report["section_s"] = {"storage+synthetic": round(time.perf_counter() - started, 1)}
 
     from speechlm_eval.distill.teacher_cache import build_teacher_cache

@@ -38,6 +38,11 @@ def _opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" 
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+# The output-level KD channels of the paper, then the alignment channels (speechlm_eval.distill.alignment).
+CHANNELS = ("tt", "st", "st_hidden", "st_prefix", "st_self")
+KD_CHANNELS = ("tt", "st")  # the ones that read the teacher's distributions
+AUDIO_CHANNELS = ("st", "st_hidden", "st_prefix", "st_self")
+
 # Where the plain default of a field is resolved late (``None`` until :func:`resolve_distill_config`) because the
 # embedded organism has its own (:data:`speechlm_eval.embedded.ORGANISM_DISTILL_DEFAULTS`).
 STANDARD_DEFAULTS: dict[str, Any] = {
@@ -78,9 +83,21 @@ class DistillConfig:
                                                           "greedy generation (default: dataset, our reading; embedded "
                                                           "organism: teacher)")
     max_response_tokens: int = _opt(256, "cut target responses to this many tokens (our reading)")
-    channels: str = _opt("tt,st", "distillation channels: 'tt,st', 'tt' (text→text) or 'st' (speech→text)")
+    channels: str = _opt("tt,st", "distillation channels, comma-separated: tt (text→text KD), st (speech→text KD), "
+                         "and the alignment channels st_hidden (the LM's hidden states given audio pulled to those "
+                         "given text), st_prefix (next-token KL audio vs text at the first response positions), "
+                         "st_self (the student's text path as the teacher of its speech path)")
     lambda_tt: float = _opt(1.0, "weight of the T→T loss (our reading)")
     lambda_st: float = _opt(1.0, "weight of the S→T loss (our reading)")
+    lambda_hidden: float = _opt(1.0, "weight of the st_hidden loss")
+    lambda_prefix: float = _opt(1.0, "weight of the st_prefix loss")
+    lambda_self: float = _opt(1.0, "weight of the st_self loss")
+    align_layers: str = _opt("-1", "st_hidden: the LM layers whose outputs are aligned, comma-separated (0 = embeddings, "
+                             "-1 = the last layer)")
+    align_pool: Literal["last", "mean"] = _opt("last", "st_hidden: pool the prompt at its last position or over all "
+                                               "its positions")
+    align_loss: Literal["cosine", "mse"] = _opt("cosine", "st_hidden: 1 − cosine (scale-free) or MSE")
+    prefix_positions: int = _opt(1, "st_prefix: response positions aligned (1 = the first answer token only)", min=1)
     ce: float = _opt(0.0, "weight of cross-entropy on the target tokens (our reading: 0)")
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = _opt("forward_kl", "divergence (our reading: forward KL)")
     temperature: float = _opt(2.0, "softmax temperature τ; losses are scaled by τ² (our reading: 2)")
@@ -150,8 +167,9 @@ class DistillConfig:
             raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.topk < 0:
             raise ConfigError("topk must be >= 0 (0 = full teacher distribution on the fly)")
-        if self.train_projector and "st" not in active:
-            raise ConfigError("--train-projector needs the S→T channel: the projector only sees audio")
+        if self.train_projector and not set(active) & set(AUDIO_CHANNELS):
+            raise ConfigError("--train-projector needs an audio channel: the projector only sees audio")
+        self.layers()
         if self.targets not in ("dataset", "teacher", None):
             raise ConfigError(f"targets must be 'dataset' or 'teacher', got {self.targets!r}")
         if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
@@ -164,9 +182,16 @@ class DistillConfig:
 
     def active_channels(self) -> tuple[str, ...]:
         parts = tuple(p.strip() for p in self.channels.split(",") if p.strip())
-        if not parts or set(parts) - {"tt", "st"} or len(set(parts)) != len(parts):
-            raise ConfigError(f"channels must be 'tt,st', 'tt' or 'st', got {self.channels!r}")
-        return tuple(c for c in ("tt", "st") if c in parts)
+        if not parts or set(parts) - set(CHANNELS) or len(set(parts)) != len(parts):
+            raise ConfigError(f"channels must be a comma-separated subset of {', '.join(CHANNELS)}, "
+                              f"got {self.channels!r}")
+        return tuple(c for c in CHANNELS if c in parts)
+
+    def layers(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(p) for p in self.align_layers.split(",") if p.strip())
+        except ValueError:
+            raise ConfigError(f"align_layers must be integers, comma-separated; got {self.align_layers!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

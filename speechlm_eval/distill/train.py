@@ -22,8 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from speechlm_eval.distill.alignment import hidden_alignment_loss, prefix_kl, self_distillation_kl
 from speechlm_eval.distill.config import (
     _RESUMABLE_CHANGES,
+    AUDIO_CHANNELS,
+    KD_CHANNELS,
     MANIFEST_SCHEMA,
     OUR_READING,
     ConfigError,
@@ -98,7 +101,10 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
 
     # -- Teacher distributions: a top-k cache built once (main process), or the full teacher on the fly. ------------
     cache = None
-    if config.topk > 0:
+    needs_teacher = any(c in KD_CHANNELS for c in channels)  # the alignment channels teach with the student's text
+    if not needs_teacher:
+        teacher = None
+    elif config.topk > 0:
         if accelerator.is_main_process and not cache_complete(out / "teacher_cache", examples):
             teacher = teacher or load_teacher(config, accelerator)
             build_teacher_cache(  # skips examples a killed earlier build already cached
@@ -160,11 +166,14 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
             sums: dict[str, float] = {}
             for i, batch_ids in enumerate(micro_batches):
                 batch = [by_id[j] for j in batch_ids]
-                if "st" in channels:
+                if any(c in AUDIO_CHANNELS for c in channels):
                     batch = attach_audio(batch, tts)  # the spoken questions, read back from the TTS cache
                 targets = [target_ids[e.id] for e in batch]
-                teacher_dist, teacher_mask = teacher_distribution(teacher, cache, batch, targets, support,
-                                                                  accelerator.device, [teacher_ids[e.id] for e in batch])
+                teacher_dist = teacher_mask = None
+                if needs_teacher:
+                    teacher_dist, teacher_mask = teacher_distribution(
+                        teacher, cache, batch, targets, support, accelerator.device, [teacher_ids[e.id] for e in batch])
+                text_logits = self_target_logits(student, batch, targets, channels)
                 parts = []
                 for c, channel in enumerate(channels):
                     # One backward per channel: only one channel's activations are alive at a time. Gradients are
@@ -172,7 +181,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
                     last = i == len(micro_batches) - 1 and c == len(channels) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
                         part = channel_loss(student, teacher_dist, teacher_mask, batch, targets, channel, config,
-                                            support, len(channels))
+                                            support, text_logits)
                         accelerator.backward(part["loss"] / len(micro_batches))
                     parts.append({k: v.detach() for k, v in part.items()})
                 losses = merge_parts(parts)
@@ -192,7 +201,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             progress.update(task, advance=1, description=" ".join(
-                f"{k}={record[k]:.4f}" for k in ("loss_tt", "loss_st", "ce") if k in record))
+                f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss_") or k == "ce"))
             last = step == total_steps
             stopped_early = config.stop_after_steps is not None and step >= config.stop_after_steps and not last
             if last or stopped_early or (config.save_every and step % config.save_every == 0) \
@@ -235,12 +244,47 @@ def teacher_distribution(teacher: Any | None, cache: TeacherCache | None, batch:
     return support.teacher_logits(logits), mask
 
 
-def channel_loss(student: Any, teacher_dist: Any, teacher_mask: torch.Tensor, batch: Sequence[DistillExample],
+def self_target_logits(student: Any, batch: Sequence[DistillExample], targets: Sequence[Sequence[int]],
+                       channels: Sequence[str]) -> torch.Tensor | None:
+    """The student's own next-token logits given the *typed* question, detached: the teacher of ``st_prefix`` and
+    ``st_self`` (``None`` when neither runs)."""
+    if not {"st_prefix", "st_self"} & set(channels):
+        return None
+    with torch.no_grad():
+        logits, _, _ = student.continuation_logits([text_prompt(e) for e in batch], targets)
+    return logits
+
+
+def alignment_loss(student: Any, batch: Sequence[DistillExample], targets: Sequence[Sequence[int]], channel: str,
+                   config: DistillConfig, text_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One alignment channel's weighted loss (:mod:`speechlm_eval.distill.alignment`): the student hears the question
+    and is pulled towards what its own text path computes from the typed question."""
+    speech = [speech_prompt(e) for e in batch]
+    if channel == "st_hidden":
+        layers = config.layers()
+        heard = student.prompt_hidden_states(speech, layers, config.align_pool)
+        with torch.no_grad():
+            typed = student.prompt_hidden_states([text_prompt(e) for e in batch], layers, config.align_pool)
+        value = hidden_alignment_loss(heard, typed, config.align_loss)
+        return {"loss": config.lambda_hidden * value, "loss_st_hidden": value}
+    logits, _, mask = student.continuation_logits(speech, targets)
+    if channel == "st_prefix":
+        value = prefix_kl(text_logits, logits, mask, config.prefix_positions, config.temperature)
+        return {"loss": config.lambda_prefix * value, "loss_st_prefix": value}
+    value = self_distillation_kl(text_logits, logits, mask, config.temperature)
+    return {"loss": config.lambda_self * value, "loss_st_self": value}
+
+
+def channel_loss(student: Any, teacher_dist: Any, teacher_mask: torch.Tensor | None, batch: Sequence[DistillExample],
                  targets: Sequence[Sequence[int]], channel: str, config: DistillConfig, support: KDSupport,
-                 n_channels: int) -> dict[str, torch.Tensor]:
-    """One channel's weighted loss on a micro-batch: the student reads (``tt``) or hears (``st``) the question and
-    is teacher-forced on the targets; ``λ_c·KD_c + (ce / n_channels)·CE_c`` (so the sum over channels is the paper's
-    weighted sum with CE averaged over channels). Returns ``{"loss", "loss_<channel>", "ce_<channel>"?}``."""
+                 text_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One channel's weighted loss on a micro-batch. The KD channels: the student reads (``tt``) or hears (``st``)
+    the question and is teacher-forced on the targets; ``λ_c·KD_c + (ce / n_kd)·CE_c`` (so the sum over the KD
+    channels is the paper's weighted sum with CE averaged over them). The alignment channels: :func:`alignment_loss`.
+    Returns ``{"loss", "loss_<channel>", "ce_<channel>"?}``."""
+    if channel not in KD_CHANNELS:
+        return alignment_loss(student, batch, targets, channel, config, text_logits)
+    n_channels = max(1, sum(1 for c in config.active_channels() if c in KD_CHANNELS))
     prompts = [text_prompt(e) for e in batch] if channel == "tt" else [speech_prompt(e) for e in batch]
     logits, target_grid, mask = student.continuation_logits(prompts, targets)
     if mask.shape != teacher_mask.shape or not torch.equal(mask.cpu(), teacher_mask.cpu()):
@@ -281,8 +325,12 @@ def distill_losses(
         channels absent, ``ce`` only when its weight is non-zero).
     """
     device = next(student.model.parameters()).device
-    teacher_dist, teacher_mask = teacher_distribution(teacher, cache, batch, targets, support, device, teacher_targets)
-    parts = [channel_loss(student, teacher_dist, teacher_mask, batch, targets, c, config, support, len(channels))
+    teacher_dist = teacher_mask = None
+    if any(c in KD_CHANNELS for c in channels):
+        teacher_dist, teacher_mask = teacher_distribution(teacher, cache, batch, targets, support, device,
+                                                          teacher_targets)
+    text_logits = self_target_logits(student, batch, targets, channels)
+    parts = [channel_loss(student, teacher_dist, teacher_mask, batch, targets, c, config, support, text_logits)
              for c in channels]
     return merge_parts(parts)
 

@@ -110,6 +110,17 @@ def only_token_ids_from_checkpoint(model: torch.nn.Module) -> Iterator[None]:
         model.generation_config = original
 
 
+def pool_prompt(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """Hidden states of a left-padded prompt batch ``(B, T, H)`` with ``attention_mask (B, T)`` → ``(B, H)``: the last
+    position (left padding puts every prompt's end there) or the mean over its real positions."""
+    if pool == "last":
+        return hidden[:, -1]
+    if pool != "mean":
+        raise ValueError(f"unknown pooling {pool!r}; choose last or mean")
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 @torch.inference_mode()
 def generate_batch(
     model: torch.nn.Module,
@@ -323,6 +334,18 @@ class HFAdapter:
     def continuation_logits(self, prompts: Sequence[Any], continuations: Sequence[str] | Sequence[Sequence[int]]):
         """Teacher-forced next-token logits over each continuation (see :func:`continuation_logits`)."""
         return continuation_logits(self.model, self.tokenizer, self.encode(prompts), continuations)
+
+    def prompt_hidden_states(self, prompts: Sequence[Any], layers: Sequence[int], pool: str = "last") -> torch.Tensor:
+        """The language model's hidden states after each of ``layers`` (0 = embeddings, -1 = the last layer),
+        pooled over each prompt (:func:`pool_prompt`): ``(batch, len(layers), hidden)``, differentiable (call under
+        ``torch.no_grad()`` for a target)."""
+        inputs = self.encode(prompts)
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in inputs.items()}
+        with head_on_last_positions(self.model, 1):  # the logits are not needed: project one position only
+            out = self.model(**batch, output_hidden_states=True, logits_to_keep=1)
+        states = out.hidden_states
+        return torch.stack([pool_prompt(states[layer], batch["attention_mask"], pool) for layer in layers], 1)
 
     def describe_with(self, **extra: Any) -> dict[str, Any]:
         """The manifest identity: family, id/revision/commit/fingerprint, dtype, device, plus family extras."""
