@@ -6,11 +6,13 @@ Run: ``.venv/bin/python benchmarks/bench_distill.py [--threads 2] [--skip-memory
    mass, measured on a written shard) vs full logits at Qwen2.5's real vocabulary (151,665) in float32 (and bf16),
    computed (V × bytes) and checked on a small written file. Target: ≥ 20× smaller.
 2. ``topk_error``: relative error of the KD loss from a top-k teacher (k=64, float16-rounded as the cache stores it)
-   vs the full teacher, for both tail options, at τ = 1 and τ = 2, plus the cosine and relative error of the gradient
-   w.r.t. the student logits. On (a) synthetic 151,665-id teachers of two shapes, ``lm_like`` (Gaussian bulk of
+   vs the full teacher, for each tail option (``sampled``, the default: exact tempered tail mass + 64 sampled tail
+   ids; ``bucket``; ``renormalize``), at τ = 1 and τ = 2, plus the cosine and relative error of the gradient w.r.t.
+   the student logits. The loss compared is the mean over a batch of 256 response tokens (the sampled tail's
+   per-token estimates are unbiased but noisy; a batch averages them, as a training step does). On (a) synthetic 151,665-id teachers of two shapes, ``lm_like`` (Gaussian bulk of
    logits, sd 2, plus a head of 40 plausible ids whose top logit is 18–30 above the bulk mean, exponential gaps) and
-   ``zipf`` (p ∝ rank^−s, s ~ U(1.2, 2.5), random ids), the student = teacher + N(0, 1) logit noise; and (b) the
-   tiny random models' real logits (text LLM teacher, speech LLM student on text input) read back from a real
+   ``zipf`` (p ∝ rank^−s, s ~ U(1.2, 2.5), random ids), the student = teacher + N(0, 1) logit noise; (b) the
+   shipped organism's own logits (its text LLM teaching its speech LLM); and (c) the tiny random models' real logits (text LLM teacher, speech LLM student on text input) read back from a real
    cache. Each case prints the teacher's entropy and top-k mass so one can judge how realistic it is. Target: < 1%.
 3. ``steps_per_s``: tiny models; one KD step = student forward + backward + AdamW step, with the teacher either run
    every step (forward under no_grad) or read from the cache.
@@ -172,7 +174,7 @@ def as_cached(top: TopK) -> TopK:
     return TopK(top.logprobs.half().float(), top.indices, top.rest_logprob)
 
 
-def topk_error_synthetic(tokens: int = 32, vocab: int = QWEN25_VOCAB) -> dict:
+def topk_error_synthetic(tokens: int = 256, vocab: int = QWEN25_VOCAB) -> dict:
     out = {}
     for name, make in (("lm_like", lm_like_teacher), ("zipf", zipf_teacher)):
         gen = torch.Generator().manual_seed(1)
