@@ -111,6 +111,8 @@ class GapConfig:
                                                  "family does (its length budget, the checkpoint's generation config; "
                                                  "clips longer than the encoder window truncated and flagged per "
                                                  "record instead of refused).")
+    threads: int | None = _opt(None, "torch threads per process. Default: 1 on CPU for models under 100 M parameters "
+                               "(faster, and reruns match bit for bit), torch's default otherwise.", min=1)
     n_resamples: int = _opt(10_000, "Bootstrap resamples of every confidence interval.", min=1)
     notes: list[str] = _opt([], "Notes written into the manifest and the report.", cli=False)
 
@@ -230,7 +232,7 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
 
 def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     """Run (or resume) a gap run; returns the run directory holding records, manifest and results."""
-    from speechlm_eval.distributed import process_state
+    from speechlm_eval.distributed import process_state, set_threads
     from speechlm_eval.rundir import items_jsonl_sha256
 
     config = resolve_defaults(config)
@@ -249,6 +251,9 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     state.wait_for_everyone()
 
     models = load_models(config)
+    threads = set_threads(config.threads, next(models["speech_llm"].model.parameters()).device
+                          if hasattr(models["speech_llm"], "model") else "remote",
+                          sum(m.describe().get("parameters", 0) or 0 for m in models.values() if m is not None))
     audio_source, tts = make_audio_source(config)
     system, system_entry = system_prompt_for(config, models["speech_llm"])
     manifest = Manifest(
@@ -261,6 +266,7 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         tts=tts.cache_key_fields(),
         batch_size=config.batch_size,
         world_size=state.num_processes,
+        threads=threads,
         seed=config.seed,
         statistics={"n_resamples": config.n_resamples, "confidence": 0.95},
         packages=package_versions(),

@@ -181,6 +181,7 @@ class Manifest:
     tts: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     world_size: int = 1
+    threads: int | None = None
     seed: int = 0
     statistics: dict[str, Any] = field(default_factory=lambda: {"n_resamples": 10_000, "confidence": 0.95})
     packages: dict[str, str] = field(default_factory=dict)

@@ -150,6 +150,8 @@ class DistillConfig:
     max_chars: int = _opt(FILTER_DEFAULTS["max_chars"], "drop questions longer than this many characters")
     max_response_words: int | None = _opt(FILTER_DEFAULTS["max_response_words"], "drop longer responses")
     trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
+    threads: int | None = _opt(None, "torch threads per process (default: 1 on CPU for models under 100 M "
+                               "parameters, torch's default otherwise)", min=1)
     merge: bool = _opt(True, "with LoRA, also write the merged model to OUT/checkpoint (the adapter is always saved "
                        "to OUT/adapter); --no-merge keeps only the adapter")
 
@@ -241,7 +243,7 @@ class EvalConfig:
 
 
 # Fields that may change between a run and its --resume without changing what is trained.
-_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "save_every", "save_every_minutes", "keep_states", "stop_after_steps",
+_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "threads", "save_every", "save_every_minutes", "keep_states", "stop_after_steps",
                       "merge",
                       "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
 

@@ -47,6 +47,7 @@ from speechlm_eval.distill.data import (
 )
 from speechlm_eval.distill.losses import TopK, ce_loss, kd_loss
 from speechlm_eval.distill.teacher_cache import TeacherCache, build_teacher_cache
+from speechlm_eval.distributed import set_threads
 from speechlm_eval.models.base import TrainableSpeechLM
 from speechlm_eval.distill.vocab import KDSupport, kd_support
 
@@ -78,6 +79,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     # -- Models: the student (speech LLM) and, only where needed, the teacher (text LLM). ------------------------
     student = load_student(config, accelerator)
     student_identity = student.describe()  # before wrapping: the manifest names the checkpoint distilled from
+    set_threads(config.threads, accelerator.device, student_identity.get("parameters") or 0)
     teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
     # The ids KD compares: the teacher's whole vocabulary when the student only adds tokens after it (audio
     # placeholders), else the token strings both share (ids that mean different things are masked out).

@@ -1,0 +1,138 @@
+"""Projected peak memory of one distillation micro-batch on a 7B student, from measurements on layer-reduced models of
+real width and vocabulary (random weights, CPU, bfloat16), at ``speechlm-eval distill``'s defaults.
+
+Run: ``.venv/bin/python benchmarks/bench_distill_memory.py [--tokens 600] [--response 256]``; prints one JSON object.
+
+What is measured, in a fresh subprocess per case (peak resident-set growth over the model and inputs, ``ru_maxrss``):
+one channel's forward + backward of the KD loss exactly as the training loop runs it (LoRA r=16 on q/k/v/o, the head
+projecting only the response positions, the chunked KD loss against a cached top-k teacher), for the language model of
+each 7B configuration with 1 and 2 decoder layers, with and without gradient checkpointing. The difference between the
+2- and 1-layer peaks is what one more layer costs; divided by the tokens of the batch it is the per-token-per-layer
+figure. The projection for the whole model:
+
+    peak ≈ weights (all parameters, bf16) + layers × per-layer-per-token × batch × tokens + the 1-layer case's rest
+
+at the defaults: batch 8, ``--tokens`` per sequence (default 600: a spoken question of ~10 s is ~250 audio tokens in
+Qwen2-Audio/Omni, plus template and system turn, plus a 256-token response), one backward per channel (so one
+channel's activations are alive), response positions only through the head. The audio encoder is frozen and runs
+under ``no_grad`` (its weights count, its activations do not persist). "Before" = the previous recipe: both channels'
+graphs alive until one backward (2× activations) and logits for every position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 1024**3
+# Language-model sizes of the real checkpoints' config.json (text part), and the whole checkpoint's parameter count.
+CONFIGS = {
+    "Qwen2-Audio-7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                       "num_key_value_heads": 32, "vocab_size": 156032, "layers": 32, "parameters": 8.4e9},
+    "Qwen2.5-Omni-7B (thinker)": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                                  "num_key_value_heads": 4, "vocab_size": 152064, "layers": 28, "parameters": 8.9e9},
+}
+
+
+def measure(name: str, layers: int, checkpointing: bool, batch: int, tokens: int, response: int) -> dict:
+    """One case in this process: peak RSS growth (bytes) of forward + backward over the model and inputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from speechlm_eval.distill.losses import TopK, kd_loss
+    from speechlm_eval.models.hf_runtime import head_on_last_positions
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    spec = CONFIGS[name]
+    config = Qwen2Config(hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+                         num_attention_heads=spec["num_attention_heads"],
+                         num_key_value_heads=spec["num_key_value_heads"], vocab_size=spec["vocab_size"],
+                         num_hidden_layers=layers, max_position_embeddings=4096, tie_word_embeddings=False)
+    # Built in bfloat16 from the start: a float32 build would set the process's peak before anything is measured.
+    torch.set_default_dtype(torch.bfloat16)
+    model = Qwen2ForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                   "o_proj"]))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    input_ids = torch.randint(0, spec["vocab_size"], (batch, tokens))
+    # A cached top-k teacher as the loop reads it (64 ids + rest + 64 tail samples per token): made directly, small.
+    vocab, lead = spec["vocab_size"], (batch, response)
+    logprobs = torch.randn(*lead, 64).sort(-1, descending=True).values - 3
+    teacher = TopK(logprobs, torch.randint(0, vocab, (*lead, 64)), torch.full(lead, -2.0),
+                   tail_indices=torch.randint(0, vocab, (*lead, 64)), tail_logprobs=torch.full((*lead, 64), -12.0),
+                   tail_stats=torch.stack([torch.zeros(lead), torch.full(lead, -1.0)], -1), tail_temperature=2.0)
+    mask = torch.ones(batch, response, dtype=torch.bool)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with head_on_last_positions(model, response + 1):
+        logits = model(input_ids=input_ids, logits_to_keep=response + 1).logits[:, -(response + 1):-1]
+    loss = kd_loss(logits, teacher, mask, temperature=2.0, topk_tail="sampled")
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"growth_bytes": peak - before}
+
+
+def run_case(*args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=600, help="tokens per sequence (prompt + response)")
+    parser.add_argument("--response", type=int, default=256, help="response tokens (the positions the head sees)")
+    parser.add_argument("--batch", type=int, default=8, help="the projection's micro-batch (distill --batch-size)")
+    parser.add_argument("--measure-batch", type=int, default=1, help="batch of the measured cases")
+    parser.add_argument("--measure-tokens", type=int, default=300)
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        name, layers, checkpointing = args.case
+        print(json.dumps(measure(name, int(layers), checkpointing == "1", args.measure_batch, args.measure_tokens,
+                                 min(args.response, args.measure_tokens - 8))))
+        return
+    report: dict = {"defaults": {"batch": args.batch, "tokens": args.tokens, "response": args.response,
+                                 "dtype": "bfloat16", "lora": "r=16 on q/k/v/o"},
+                    "measured_on": {"batch": args.measure_batch, "tokens": args.measure_tokens}, "models": {}}
+    measured_tokens = args.measure_batch * args.measure_tokens
+    for name, spec in CONFIGS.items():
+        entry: dict = {"real_layers": spec["layers"], "parameters": spec["parameters"]}
+        for checkpointing in (False, True):
+            one = run_case(name, "1", str(int(checkpointing)))["growth_bytes"]
+            two = run_case(name, "2", str(int(checkpointing)))["growth_bytes"]
+            per_layer_token = max(0, two - one) / measured_tokens
+            rest = max(0, one - per_layer_token * measured_tokens)  # embeddings, head on response positions, loss
+            tokens = args.batch * args.tokens
+            weights = spec["parameters"] * 2
+            activations = per_layer_token * spec["layers"] * tokens
+            rest_scaled = rest * tokens / measured_tokens
+            projected = weights + activations + rest_scaled
+            # The previous recipe: both channels alive until one backward, logits at every position.
+            full_logits = args.batch * args.tokens * spec["vocab_size"] * 4 * 2  # fp32 logits + their gradient
+            before = weights + 2 * activations + rest_scaled + full_logits
+            entry["checkpointing" if checkpointing else "no_checkpointing"] = {
+                "measured_growth_1_layer_gib": round(one / GIB, 3), "measured_growth_2_layers_gib": round(two / GIB, 3),
+                "per_layer_per_token_kib": round(per_layer_token / 1024, 1),
+                "projected_peak_gib": round(projected / GIB, 1),
+                "projected_peak_previous_recipe_gib": round(before / GIB, 1),
+                "parts_gib": {"weights_bf16": round(weights / GIB, 1), "activations": round(activations / GIB, 1),
+                              "rest": round(rest_scaled / GIB, 1)},
+            }
+        entry["target_gib"] = 40
+        report["models"][name] = entry
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
