@@ -20,6 +20,7 @@ FAMILIES: Registry[Family] = Registry(
         "qwen2.5-omni": "speechlm_eval.models.qwen2_5_omni:FAMILY",
         "audioflamingo3": "speechlm_eval.models.audioflamingo3:FAMILY",
         "qwen3-omni": "speechlm_eval.models.qwen3_omni:FAMILY",
+        "granite-speech": "speechlm_eval.models.granite_speech:FAMILY",
     },
     unknown=lambda name, known: ModelLoadError(f"unknown model family {name!r}; registered: {known}"),
 )
