@@ -21,6 +21,7 @@ FAMILIES: Registry[Family] = Registry(
         "audioflamingo3": "speechlm_eval.models.audioflamingo3:FAMILY",
         "qwen3-omni": "speechlm_eval.models.qwen3_omni:FAMILY",
         "granite-speech": "speechlm_eval.models.granite_speech:FAMILY",
+        "gemma3n": "speechlm_eval.models.gemma3n:FAMILY",
     },
     unknown=lambda name, known: ModelLoadError(f"unknown model family {name!r}; registered: {known}"),
 )
