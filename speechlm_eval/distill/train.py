@@ -436,6 +436,11 @@ def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
     else:
         student.language_model().requires_grad_(True)
         student.lm_head().requires_grad_(True)
+        # Some families keep the audio path inside the language model's module (Phi-4-multimodal's embedding layer
+        # holds its audio encoder and projector): unfreezing the language model must not unfreeze them.
+        student.audio_encoder().requires_grad_(False)
+        if student.projector() is not None:
+            student.projector().requires_grad_(False)
     if projector is not None:
         projector.requires_grad_(True)  # the same module object inside the LoRA wrapper
     if config.gradient_checkpointing:

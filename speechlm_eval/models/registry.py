@@ -22,6 +22,7 @@ FAMILIES: Registry[Family] = Registry(
         "qwen3-omni": "speechlm_eval.models.qwen3_omni:FAMILY",
         "granite-speech": "speechlm_eval.models.granite_speech:FAMILY",
         "gemma3n": "speechlm_eval.models.gemma3n:FAMILY",
+        "phi4-multimodal": "speechlm_eval.models.phi4_multimodal:FAMILY",
     },
     unknown=lambda name, known: ModelLoadError(f"unknown model family {name!r}; registered: {known}"),
 )
