@@ -236,12 +236,12 @@ def load_audio_text(name_or_path: str, options: LoadOptions, spec: AudioTextSpec
     return AudioTextModel(name_or_path, model, processor, spec, revision=options.revision, tokenizer=tokenizer)
 
 
-def audio_text_family(spec: AudioTextSpec, loader: Callable[[str, LoadOptions], AudioTextModel] | None = None
+def audio_text_family(spec: AudioTextSpec, loader: Callable[[str, LoadOptions], AudioTextModel] | None = None,
+                      capabilities: tuple[str, ...] = ("generate", "log-probs", "transcription probe", "distill")
                       ) -> Family:
     """The registry entry of an audio-text family (``loader`` replaces the generic one where a family needs to)."""
     return Family(name=spec.family, load=loader or (lambda path, options: load_audio_text(path, options, spec)),
-                  model_types=spec.model_types, accepts_audio=True,
-                  capabilities=("generate", "log-probs", "transcription probe", "distill"),
+                  model_types=spec.model_types, accepts_audio=True, capabilities=capabilities,
                   backbone=spec.extras.get("backbone"), notes=str(spec.extras.get("notes", "")))
 
 

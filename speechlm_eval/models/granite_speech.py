@@ -195,4 +195,6 @@ def load(name_or_path: str, options: LoadOptions) -> GraniteSpeechModel:
     return GraniteSpeechModel(name_or_path, model, processor, SPEC, revision=options.revision)
 
 
-FAMILY = audio_text_family(SPEC, load)
+# Not "distill": the audio-only adapter would have to stay separate in the distilled checkpoint (see
+# distill.train.make_trainable, which refuses such a student).
+FAMILY = audio_text_family(SPEC, load, capabilities=("generate", "log-probs", "transcription probe"))

@@ -168,4 +168,6 @@ def load(name_or_path: str, options: LoadOptions) -> Phi4MultimodalModel:
     return Phi4MultimodalModel(name_or_path, model, processor, revision=options.revision)
 
 
-FAMILY = audio_text_family(SPEC, load)
+# Not "distill": the audio-only adapter would have to stay separate in the distilled checkpoint (see
+# distill.train.make_trainable, which refuses such a student).
+FAMILY = audio_text_family(SPEC, load, capabilities=("generate", "log-probs", "transcription probe"))

@@ -171,6 +171,16 @@ def test_language_model_encoder_projector_and_lora_targets(pair):
     assert len(adapted) == 8 and all(".language_model.layers." in name for name in adapted)  # q/k/v/o of 2 layers
 
 
+def test_distillation_refuses_a_student_with_its_audio_only_adapter(granite):
+    from speechlm_eval.distill.config import ConfigError, DistillConfig
+    from speechlm_eval.distill.train import make_trainable
+    from speechlm_eval.models.registry import get_family
+
+    assert "distill" not in get_family("granite-speech").capabilities
+    with pytest.raises(ConfigError, match="audio-only LoRA adapter"):
+        make_trainable(granite, DistillConfig())
+
+
 def test_the_text_llm_is_labelled_its_backbone(pair, granite):
     from speechlm_eval.backbone import backbone_identity
 

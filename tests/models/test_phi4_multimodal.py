@@ -157,15 +157,23 @@ def test_the_audio_path_inside_the_embedding_layer_and_lora_targets(pair):
     assert len(adapted) == 4 and all("embed_tokens_extend" not in name for name in adapted)  # qkv/o of 2 layers
 
 
-def test_a_full_fine_tune_keeps_the_audio_encoder_and_projector_frozen(pair):
-    from speechlm_eval.distill.config import DistillConfig
+def test_a_full_fine_tune_keeps_the_audio_encoder_and_projector_frozen(pair, tmp_path):
+    """The audio encoder and projector sit inside the language model's module; unfreezing it leaves them frozen.
+    A checkpoint with its speech adapter is refused (the merge would bake the adapter into text, or drop it)."""
+    import shutil
+
+    from speechlm_eval.distill.config import ConfigError, DistillConfig
     from speechlm_eval.distill.train import make_trainable
 
-    model = load_model(str(pair[1]), CPU)
+    with pytest.raises(ConfigError, match="audio-only LoRA adapter"):
+        make_trainable(load_model(str(pair[1]), CPU), DistillConfig(lora=False))
+    shutil.copytree(pair[1], tmp_path / "no_adapter", ignore=shutil.ignore_patterns("speech-lora"))
+    model = load_model(str(tmp_path / "no_adapter"), CPU)
+    assert model.describe()["speech_adapter"] is False
     make_trainable(model, DistillConfig(lora=False))
     assert not any(p.requires_grad for p in model.audio_encoder().parameters())
     assert not any(p.requires_grad for p in model.projector().parameters())
-    assert all(p.requires_grad for name, p in model.model.model.layers.named_parameters() if "lora_" not in name)
+    assert all(p.requires_grad for p in model.model.model.layers.parameters())
 
 
 def test_the_text_llm_is_labelled_its_backbone(pair, phi):
