@@ -108,11 +108,13 @@ def model_class() -> Any:
     return _CLASS
 
 
-def feature_window_samples(extractor: Any) -> int | None:
-    """The longest clip ``Gemma3nAudioFeatureExtractor`` keeps (its call's ``max_length``; truncation is on)."""
+def window_seconds(processor: Any) -> float | None:
+    """The longest clip ``Gemma3nAudioFeatureExtractor`` keeps: its call's ``max_length`` (480 000 samples, 30 s),
+    past which it truncates silently (``Gemma3nProcessor`` passes no ``max_length`` of its own)."""
+    extractor = processor.feature_extractor
     parameters = inspect.signature(extractor.__call__).parameters
     default = parameters["max_length"].default if "max_length" in parameters else None
-    return int(default) if isinstance(default, int) else None
+    return int(default) / extractor.sampling_rate if isinstance(default, int) else None
 
 
 def encoder_tokens(n_samples: int, extractor: Any, audio_config: Any) -> int:
@@ -130,11 +132,29 @@ def encoder_tokens(n_samples: int, extractor: Any, audio_config: Any) -> int:
     return -(-valid_sub // audio_config.conf_reduction_factor)
 
 
+EXTRACTOR_DEFAULTS = ("padding", "max_length", "truncation", "pad_to_multiple_of")
+
+
+def extractor_defaults(extractor: Any) -> dict[str, Any]:
+    """The feature extractor's own call defaults for padding and truncation (30 s, multiples of 128 samples).
+
+    Passed explicitly because ``ProcessorMixin`` copies same-named keys of the tokenizer's init kwargs into every
+    modality's kwargs, and a tokenizer saved after a padded call (as distillation saves a student's processor) is
+    reloaded with ``max_length: None, pad_to_multiple_of: None`` from its ``tokenizer.json`` padding: the extractor
+    would then pad differently and refuse to truncate ("make sure that max_length is defined").
+    """
+    parameters = inspect.signature(extractor.__call__).parameters
+    return {k: parameters[k].default for k in EXTRACTOR_DEFAULTS
+            if k in parameters and parameters[k].default is not inspect.Parameter.empty}
+
+
 def encode_audio(adapter: AudioTextModel, texts: list[str], audios: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """``Gemma3nProcessor`` inputs without a second ``<bos>`` (the template writes one) and without the
-    ``token_type_ids`` the model does not read (prompt-length tensors that teacher forcing would not extend)."""
+    ``token_type_ids`` the model does not read (prompt-length tensors that teacher forcing would not extend); the
+    feature extractor runs with its own padding defaults (:func:`extractor_defaults`)."""
     encoded = adapter.processor(text=texts, audio=audios, sampling_rate=SAMPLING_RATE, return_tensors="pt",
-                                padding=True, add_special_tokens=False)
+                                text_kwargs={"padding": True, "add_special_tokens": False},
+                                audio_kwargs=extractor_defaults(adapter.processor.feature_extractor))
     return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor) and k != "token_type_ids"}
 
 
@@ -145,6 +165,7 @@ SPEC = AudioTextSpec(
     system_prompt=None,
     audio_tokens=lambda n, processor: int(processor.audio_seq_length),
     min_audio_tokens=1,
+    max_audio_seconds=window_seconds,
     encode=encode_audio,
     extras={"backbone": None,
             "notes": "no public text-only Gemma 3n: any text LLM is a proxy; no system role (folded into the user "
@@ -157,8 +178,6 @@ class Gemma3nModel(LengthGroupedAudio, AudioTextModel):
 
     def __init__(self, name: str, model: torch.nn.Module, processor: Any, revision: str | None = None) -> None:
         super().__init__(name, model, processor, SPEC, revision=revision)
-        window = feature_window_samples(processor.feature_extractor)
-        self.max_audio_seconds = window / processor.feature_extractor.sampling_rate if window else None
 
     def audio_token_count(self, n_samples: int) -> int:
         """Audio-tower outputs carrying the clip (the LM always gets 188 placeholders; the rest are padding)."""

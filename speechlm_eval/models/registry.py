@@ -68,10 +68,13 @@ def load_model(name_or_path: str, options: LoadOptions = LoadOptions(), family: 
     """Load a checkpoint through its family's loader (``family`` forces one).
 
     A PEFT adapter folder (``adapter_config.json``, as ``distill`` writes to ``OUT/adapter``) loads its base model
-    (``base_model_name_or_path``) through the base's family, applies the adapter and merges it for evaluation.
+    (``base_model_name_or_path``) through the base's family, applies the adapter and merges it for evaluation. A
+    folder that also holds a ``config.json`` is a whole checkpoint that ships an adapter of its own (Granite Speech's
+    audio-only LoRA sits beside its weights): its family loads it (transformers draws the same line).
     """
-    adapter_config = Path(name_or_path).expanduser() / "adapter_config.json"
-    if adapter_config.is_file():
+    folder = Path(name_or_path).expanduser()
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file() and not (folder / "config.json").is_file():
         return load_adapter(name_or_path, json.loads(adapter_config.read_text()), options, family)
     chosen = get_family(family) if family else detect_family(name_or_path, options)
     return chosen.load(name_or_path, options)

@@ -17,6 +17,13 @@ from speechlm_eval.models.registry import LoadOptions, detect_family, load_model
 from tests.fixtures.tiny import bundled_corpus
 from tests.fixtures.tiny_granite_speech import build_tiny_granite_pair
 from tests.fixtures.tiny_models import CORPUS
+from tests.models.family_contract import (
+    assert_batched_equals_single,
+    assert_continuation_logits_contract,
+    assert_distill_modules,
+    assert_gap_run_is_complete,
+    run_gap,
+)
 from tests.models.test_adapters import naive_logprobs
 
 CPU = LoadOptions(device="cpu")
@@ -113,13 +120,11 @@ def naive_logprobs_from(model, inputs, continuation):
 
 
 def test_batched_generation_equals_one_at_a_time(granite):
-    prompts = [Prompt(text="Which animal is a mammal? " * n) for n in (1, 4)] + [Prompt(text="the sea")]
-    assert [g.text for g in granite.generate(prompts, GREEDY)] == [granite.generate([p], GREEDY)[0].text
-                                                                   for p in prompts]
-    audio = [Prompt(audio=clip(1.0, 1)), Prompt(audio=clip(2.5, 2), text="ok?"), Prompt(audio=clip(1.0, 3))]
-    batched = granite.generate(audio, GREEDY)
-    assert [g.text for g in batched] == [granite.generate([p], GREEDY)[0].text for p in audio]
-    assert all(g.n_new_tokens == 6 or g.finish_reason == "eos" for g in batched)
+    assert_batched_equals_single(granite, [Prompt(text="Which animal is a mammal? " * n) for n in (1, 4)]
+                                 + [Prompt(text="the sea")], GREEDY)
+    # Clips of different lengths run in sub-batches (the encoder has no padding mask); equal ones share one.
+    assert_batched_equals_single(granite, [Prompt(audio=clip(1.0, 1)), Prompt(audio=clip(2.5, 2), text="ok?"),
+                                           Prompt(audio=clip(1.0, 3))], GREEDY)
 
 
 @pytest.mark.parametrize("with_audio", [False, True])
@@ -135,18 +140,25 @@ def test_continuation_logprobs_match_a_naive_forward(granite, with_audio):
         np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def test_continuation_logits_shapes_masks_and_gradients(granite):
+@pytest.mark.parametrize("with_audio", [False, True])
+def test_continuation_logits_contract(granite, with_audio):
+    prompts = [Prompt(text="Which animal is a mammal?"), Prompt(text="the sea")]
+    if with_audio:  # two lengths: two sub-batches, re-assembled right-aligned
+        prompts = [Prompt(audio=clip(s, 4), text=p.text) for p, s in zip(prompts, (1.0, 1.7))]
+    assert_continuation_logits_contract(granite, prompts)
+
+
+def test_length_grouped_logits_equal_each_clip_alone_and_reach_the_encoder(granite):
     prompts = [Prompt(audio=clip(1.0, 4)), Prompt(audio=clip(1.7, 5), text="ok?")]
-    logits, targets, mask = granite.continuation_logits(prompts, ["B. whale and more", "yes"])
-    n = [len(granite.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in ("B. whale and more", "yes")]
-    assert logits.shape == (2, max(n), len(granite.tokenizer)) and targets.shape == mask.shape == (2, max(n))
-    assert mask.sum(-1).tolist() == n and mask[1, -n[1]:].all() and not mask[1, : max(n) - n[1]].any()
-    for row, prompt, continuation in zip(range(2), prompts, ("B. whale and more", "yes")):
+    continuations = ["B. whale and more", "yes"]
+    logits, targets, mask = granite.continuation_logits(prompts, continuations)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         alone, alone_targets, _ = granite.continuation_logits([prompt], [continuation])
         torch.testing.assert_close(logits[row, mask[row]], alone[0], atol=1e-5, rtol=0)
         assert torch.equal(targets[row, mask[row]], alone_targets[0])
     logits[mask].float().logsumexp(-1).sum().backward()
     assert granite.audio_encoder().input_linear.weight.grad is not None
+    assert granite.projector().linear.weight.grad is not None
     granite.model.zero_grad(set_to_none=True)
 
 
@@ -159,16 +171,12 @@ def test_clips_are_refused_only_when_too_short(granite):
 
 
 def test_language_model_encoder_projector_and_lora_targets(pair):
-    from peft import LoraConfig, get_peft_model
-
-    model = load_model(str(pair[1]), CPU)
-    assert type(model.language_model()).__name__ == "GraniteModel"
-    assert type(model.audio_encoder()).__name__ == "GraniteSpeechCTCEncoder"
-    assert type(model.projector()).__name__ == "GraniteSpeechEncoderProjector"
+    model = load_model(str(pair[1]), CPU)  # a copy: LoRA is applied and unloaded (with the speech adapter)
+    assert_distill_modules(model, "GraniteSpeechCTCEncoder", "GraniteSpeechEncoderProjector", "GraniteModel")
     assert model.lm_head() is model.model.lm_head
-    peft_model = get_peft_model(model.model, LoraConfig(r=2, target_modules=model.lora_targets))
-    adapted = {name for name, module in peft_model.named_modules() if "default" in getattr(module, "lora_A", {})}
-    assert len(adapted) == 8 and all(".language_model.layers." in name for name in adapted)  # q/k/v/o of 2 layers
+    # q/k/v/o of the two LLM layers; none in the encoder (to_q/to_kv) or the Q-Former (query/key/value).
+    assert len(model.lora_target_modules()) == 8
+    assert all(".language_model.layers." in name for name in model.lora_target_modules())
 
 
 def test_distillation_refuses_a_student_with_its_audio_only_adapter(granite):
@@ -203,20 +211,7 @@ def test_features_equal_torchaudios_where_it_exists(granite):
 
 @pytest.mark.slow
 def test_gap_end_to_end(pair, tmp_path):
-    from typer.testing import CliRunner
-
-    from speechlm_eval.cli import app
-    from speechlm_eval.rundir import ARMS
-
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["gap", "--model", str(pair[1]), "--text-model", str(pair[0]), "--suite",
-                                      "bundled", "--max-new-tokens", "8", "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    for arm in ARMS:
-        records = [json.loads(line) for line in (out / "records" / f"{arm}.jsonl").read_text().splitlines()]
-        assert records and all(r["error"] is None for r in records), arm
-    diagnostics = [json.loads(line) for line in (out / "records" / "diagnostics.jsonl").read_text().splitlines()]
-    assert diagnostics and all(r["error"] is None for r in diagnostics)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["models"]["speech_llm"]["family"] == "granite-speech"
-    assert manifest["system_prompt"]["text"] == granite_speech.SYSTEM_PROMPT
+    text_dir, speech_dir = pair
+    results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "granite-speech")
+    assert results["manifest"]["system_prompt"]["text"] == granite_speech.SYSTEM_PROMPT
+    assert results["manifest"]["text_llm_reference"]["label"] == "backbone"

@@ -16,6 +16,13 @@ from speechlm_eval.models.registry import LoadOptions, detect_family, load_model
 from tests.fixtures.tiny import bundled_corpus
 from tests.fixtures.tiny_models import CORPUS
 from tests.fixtures.tiny_phi4_multimodal import build_tiny_phi4_pair
+from tests.models.family_contract import (
+    assert_batched_equals_single,
+    assert_continuation_logits_contract,
+    assert_distill_modules,
+    assert_gap_run_is_complete,
+    run_gap,
+)
 from tests.models.test_adapters import naive_logprobs
 
 CPU = LoadOptions(device="cpu")
@@ -102,10 +109,11 @@ def test_text_prompts_run_the_backbone_itself(pair, phi):
 
 
 def test_batched_generation_equals_one_at_a_time(phi):
-    prompts = [Prompt(text="Which animal is a mammal? " * n) for n in (1, 4)] + [Prompt(text="the sea")]
-    assert [g.text for g in phi.generate(prompts, GREEDY)] == [phi.generate([p], GREEDY)[0].text for p in prompts]
-    audio = [Prompt(audio=clip(1.0, 1)), Prompt(audio=clip(2.5, 2), text="ok?"), Prompt(audio=clip(1.0, 3))]
-    assert [g.text for g in phi.generate(audio, GREEDY)] == [phi.generate([p], GREEDY)[0].text for p in audio]
+    assert_batched_equals_single(phi, [Prompt(text="Which animal is a mammal? " * n) for n in (1, 4)]
+                                 + [Prompt(text="the sea")], GREEDY)
+    # Clips of different lengths run in sub-batches (the conv subsampling sees the batch's padding).
+    assert_batched_equals_single(phi, [Prompt(audio=clip(1.0, 1)), Prompt(audio=clip(2.5, 2), text="ok?"),
+                                       Prompt(audio=clip(1.0, 3))], GREEDY)
 
 
 @pytest.mark.parametrize("with_audio", [False, True])
@@ -120,15 +128,16 @@ def test_continuation_logprobs_match_a_naive_forward(phi, with_audio):
         np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def test_continuation_logits_shapes_masks_and_gradients(phi):
-    prompts = [Prompt(audio=clip(1.0, 4)), Prompt(audio=clip(1.7, 5), text="ok?")]
-    continuations = ["B. whale and more", "yes"]
-    logits, targets, mask = phi.continuation_logits(prompts, continuations)
-    n = [len(phi.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]
-    assert logits.shape == (2, max(n), phi.model.config.vocab_size) and targets.shape == mask.shape == (2, max(n))
-    assert mask.sum(-1).tolist() == n and not mask[1, : max(n) - n[1]].any()
-    alone, _, _ = phi.continuation_logits([prompts[1]], [continuations[1]])
-    torch.testing.assert_close(logits[1, mask[1]], alone[0], atol=1e-5, rtol=0)
+@pytest.mark.parametrize("with_audio", [False, True])
+def test_continuation_logits_contract(phi, with_audio):
+    prompts = [Prompt(text="Which animal is a mammal?"), Prompt(text="the sea")]
+    if with_audio:  # two lengths: two sub-batches, re-assembled right-aligned
+        prompts = [Prompt(audio=clip(s, 4), text=p.text) for p, s in zip(prompts, (1.0, 1.7))]
+    assert_continuation_logits_contract(phi, prompts)
+
+
+def test_gradients_reach_the_audio_encoder_and_projector(phi):
+    logits, _, mask = phi.continuation_logits([Prompt(audio=clip(1.0, 8))], ["B. whale"])
     logits[mask].float().logsumexp(-1).sum().backward()
     assert phi.projector()[0].weight.grad is not None and phi.audio_encoder().embed.out.weight.grad is not None
     phi.model.zero_grad(set_to_none=True)
@@ -144,17 +153,14 @@ def test_clips_are_refused_only_when_too_short(phi):
 
 
 def test_the_audio_path_inside_the_embedding_layer_and_lora_targets(pair):
-    from peft import LoraConfig, get_peft_model
-
-    model = load_model(str(pair[1]), CPU)
-    assert type(model.language_model()).__name__ == "Phi4MultimodalModel"
-    assert model.audio_encoder() is model.model.model.embed_tokens_extend.audio_embed.encoder
-    up, down = model.projector()
-    assert up is model.model.model.embed_tokens_extend.audio_embed.up_proj_for_speech
-    assert down is model.model.model.embed_tokens_extend.audio_embed.down_proj_for_speech
-    peft_model = get_peft_model(model.model, LoraConfig(r=2, target_modules=model.lora_targets))
-    adapted = {name for name, module in peft_model.named_modules() if "default" in getattr(module, "lora_A", {})}
-    assert len(adapted) == 4 and all("embed_tokens_extend" not in name for name in adapted)  # qkv/o of 2 layers
+    model = load_model(str(pair[1]), CPU)  # a copy: LoRA is applied and unloaded (with the speech adapter)
+    assert_distill_modules(model, "Phi4MultimodalAudioModel", "ModuleList", "Phi4MultimodalModel")
+    embed = model.model.model.embed_tokens_extend.audio_embed
+    assert model.audio_encoder() is embed.encoder
+    assert list(model.projector()) == [embed.up_proj_for_speech, embed.down_proj_for_speech]
+    # The decoder's qkv/o of 2 layers; the audio encoder, inside the same module, is not matched.
+    names = model.lora_target_modules()
+    assert len(names) == 4 and all("embed_tokens_extend" not in name for name in names)
 
 
 def test_a_full_fine_tune_keeps_the_audio_encoder_and_projector_frozen(pair, tmp_path):
@@ -185,20 +191,7 @@ def test_the_text_llm_is_labelled_its_backbone(pair, phi):
 
 @pytest.mark.slow
 def test_gap_end_to_end(pair, tmp_path):
-    from typer.testing import CliRunner
-
-    from speechlm_eval.cli import app
-    from speechlm_eval.rundir import ARMS
-
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["gap", "--model", str(pair[1]), "--text-model", str(pair[0]), "--suite",
-                                      "bundled", "--max-new-tokens", "8", "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    for arm in ARMS:
-        records = [json.loads(line) for line in (out / "records" / f"{arm}.jsonl").read_text().splitlines()]
-        assert records and all(r["error"] is None for r in records), arm
-    diagnostics = [json.loads(line) for line in (out / "records" / "diagnostics.jsonl").read_text().splitlines()]
-    assert diagnostics and all(r["error"] is None for r in diagnostics)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["models"]["speech_llm"]["family"] == "phi4-multimodal"
-    assert manifest["text_llm_reference"]["label"] == "backbone"
+    text_dir, speech_dir = pair
+    results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "phi4-multimodal")
+    assert results["manifest"]["system_prompt"]["text"] is None
+    assert results["manifest"]["text_llm_reference"]["label"] == "backbone"
