@@ -420,7 +420,14 @@ def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
     through the model's interface (:class:`~speechlm_eval.models.base.TrainableSpeechLM`), whatever the family
     calls them.
     """
+    from speechlm_eval.models.audio_text import speech_adapter_loaded
+
     model = student.model
+    if speech_adapter_loaded(model):
+        # Granite Speech / Phi-4-multimodal: the LoRA they ship is on for audio only. Merging the student's LoRA
+        # (or saving a full fine-tune) would bake that adapter into the text path or drop it: refused, not guessed.
+        raise ConfigError(f"{student.family}: the checkpoint ships an audio-only LoRA adapter; distilling such a "
+                          "student (keeping that adapter separate in the saved checkpoint) is not supported yet")
     model.requires_grad_(False)
     projector = student.projector() if config.train_projector else None
     if config.train_projector and projector is None:
@@ -438,6 +445,11 @@ def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
     else:
         student.language_model().requires_grad_(True)
         student.lm_head().requires_grad_(True)
+        # Some families keep the audio path inside the language model's module (Phi-4-multimodal's embedding layer
+        # holds its audio encoder and projector): unfreezing the language model must not unfreeze them.
+        student.audio_encoder().requires_grad_(False)
+        if student.projector() is not None:
+            student.projector().requires_grad_(False)
     if projector is not None:
         projector.requires_grad_(True)  # the same module object inside the LoRA wrapper
     if config.gradient_checkpointing:

@@ -219,25 +219,164 @@ class AudioTextModel(HFAdapter):
 
 
 def load_audio_text(name_or_path: str, options: LoadOptions, spec: AudioTextSpec, *,
-                    processor: Any = None, tokenizer: Any = None, config: Any = None) -> AudioTextModel:
-    """Load a checkpoint of ``spec``'s family: its processor (``AutoProcessor`` unless given) and model class."""
+                    processor: Any = None, tokenizer: Any = None, config: Any = None, model_class: Any = None,
+                    model_kwargs: Mapping[str, Any] | None = None) -> AudioTextModel:
+    """Load a checkpoint of ``spec``'s family: its processor (``AutoProcessor`` unless given) and model class
+    (``model_class`` replaces ``spec.model_class``; ``model_kwargs`` go to its ``from_pretrained``)."""
     import transformers
 
     device = resolve_device(options.device)
     common = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
     if processor is None:
         processor = transformers.AutoProcessor.from_pretrained(name_or_path, **common)
-    model_class = getattr(transformers, spec.model_class)
-    extra = {"config": config} if config is not None else {}
+    model_class = model_class or getattr(transformers, spec.model_class)
+    extra = ({"config": config} if config is not None else {}) | dict(model_kwargs or {})
     model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(options.dtype, device), **common, **extra)
     model.to(device).eval()
     return AudioTextModel(name_or_path, model, processor, spec, revision=options.revision, tokenizer=tokenizer)
 
 
-def audio_text_family(spec: AudioTextSpec, loader: Callable[[str, LoadOptions], AudioTextModel] | None = None
+def audio_text_family(spec: AudioTextSpec, loader: Callable[[str, LoadOptions], AudioTextModel] | None = None,
+                      capabilities: tuple[str, ...] = ("generate", "log-probs", "transcription probe", "distill")
                       ) -> Family:
     """The registry entry of an audio-text family (``loader`` replaces the generic one where a family needs to)."""
     return Family(name=spec.family, load=loader or (lambda path, options: load_audio_text(path, options, spec)),
-                  model_types=spec.model_types, accepts_audio=True,
-                  capabilities=("generate", "log-probs", "transcription probe", "distill"),
+                  model_types=spec.model_types, accepts_audio=True, capabilities=capabilities,
                   backbone=spec.extras.get("backbone"), notes=str(spec.extras.get("notes", "")))
+
+
+SPEECH_ADAPTER = "speech"  # the adapter name a checkpoint's own audio-only LoRA is loaded under
+
+
+def load_speech_adapter(model: torch.nn.Module, name_or_path: str, options: LoadOptions, *, subfolder: str = "",
+                        adapter: str = SPEECH_ADAPTER) -> bool:
+    """Load the LoRA adapter a checkpoint ships for audio prompts (``adapter_config.json`` +
+    ``adapter_model.safetensors`` in ``subfolder``) into ``model`` with peft, switched off; False when there is none.
+
+    Loaded with peft itself rather than transformers' adapter integration, which needs peft >= 0.22 in transformers
+    5.x (and is what Granite Speech's ``from_pretrained`` would call on its own; see :data:`NO_AUTOMATIC_ADAPTER`).
+    The adapter weights are frozen; :func:`set_speech_adapter` turns it on for audio batches only.
+    """
+    import json
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    from speechlm_eval.models.base import ModelLoadError
+
+    where = dict(subfolder=subfolder, revision=options.revision, _raise_exceptions_for_missing_entries=False,
+                 _raise_exceptions_for_connection_errors=False)
+    config_file = cached_file(name_or_path, "adapter_config.json", **where)
+    if config_file is None:
+        return False
+    weights_file = cached_file(name_or_path, "adapter_model.safetensors", **where)
+    if weights_file is None:
+        raise ModelLoadError(f"{name_or_path!r}: {subfolder or '.'}/adapter_config.json without adapter_model.safetensors")
+    with open(config_file, encoding="utf-8") as handle:
+        raw = json.load(handle)
+    known = set(LoraConfig.__dataclass_fields__)
+    lora = LoraConfig(**{k: v for k, v in raw.items() if k in known and k not in ("peft_type", "auto_mapping")})
+    lora.inference_mode = True
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights_file).items()}
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    inject_adapter_in_model(lora, model, adapter_name=adapter)  # peft freezes every other parameter here...
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ModelLoadError(f"{name_or_path!r}: adapter weights match no module ({unexpected[:3]} ...)")
+    for name, param in model.named_parameters():  # ...which is undone: only the adapter's own weights are frozen
+        param.requires_grad_(False if f".{adapter}." in name else trainable.get(name.replace(".base_layer", ""), True))
+    set_speech_adapter(model, False, adapter)
+    return True
+
+
+# ``from_pretrained(..., adapter_kwargs=NO_AUTOMATIC_ADAPTER)``: transformers looks for an adapter_config.json in this
+# (absent) subfolder, finds none and loads the base weights only; :func:`load_speech_adapter` then loads the adapter.
+NO_AUTOMATIC_ADAPTER = {"subfolder": "speechlm-eval-loads-the-adapter-itself"}
+
+
+def set_speech_adapter(model: torch.nn.Module, active: bool, adapter: str = SPEECH_ADAPTER) -> None:
+    """Turn a checkpoint's own audio-only LoRA adapter on (audio prompts) or off (text prompts).
+
+    Granite Speech and Phi-4-multimodal ship a LoRA adapter that their reference code applies only when the input
+    holds audio; on text the language model runs without it. transformers switches it inside
+    ``GraniteSpeechForConditionalGeneration.generate`` only, not in ``forward`` (log-probs, teacher-forced logits).
+    Only this adapter is added to or removed from each layer's active adapters (another one, e.g. distillation's
+    LoRA, stays as it is), and no ``requires_grad`` flag changes. No-op on layers without it.
+    """
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
+            continue
+        names = [n for n in module.active_adapters if n != adapter]
+        wanted = names + [adapter] if active else names
+        if list(module.active_adapters) != wanted:
+            module._active_adapter = wanted
+
+
+def speech_adapter_loaded(model: torch.nn.Module, adapter: str = SPEECH_ADAPTER) -> bool:
+    return any(isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and adapter in m.lora_A
+               for m in model.modules())
+
+def length_groups(prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Indices of ``prompts`` grouped by clip length (first-seen order); text prompts form one group."""
+    groups: dict[int | None, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(None if prompt.audio is None else len(prompt.audio), []).append(index)
+    return list(groups.values())
+
+
+class LengthGroupedAudio:
+    """Mixin for families whose audio features depend on the rest of the batch (an encoder without a padding mask,
+    a front end whose frames at a clip's end see the batch's padding): audio prompts run in sub-batches of equal
+    clip length, so every answer, log-prob and logit is the one the clip gets alone. Text prompts batch as usual.
+    The runner sorts the speech arm by audio length, so clips of one length still share a forward pass."""
+
+    def generate(self, prompts: Sequence[Prompt], config: Any) -> list[Any]:
+        groups = length_groups(prompts)
+        if len(groups) == 1:
+            return super().generate(prompts, config)  # type: ignore[misc]
+        out: list[Any] = [None] * len(prompts)
+        for indices in groups:
+            for index, generation in zip(indices, super().generate([prompts[i] for i in indices], config)):  # type: ignore[misc]
+                out[index] = generation
+        return out
+
+    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[np.ndarray]:
+        groups = length_groups(prompts)
+        if len(groups) == 1:
+            return super().continuation_logprobs(prompts, continuations)  # type: ignore[misc]
+        out: list[Any] = [None] * len(prompts)
+        for indices in groups:
+            part = super().continuation_logprobs([prompts[i] for i in indices],  # type: ignore[misc]
+                                                 [continuations[i] for i in indices])
+            for index, logprobs in zip(indices, part):
+                out[index] = logprobs
+        return out
+
+    def continuation_logits(self, prompts: Sequence[Prompt], continuations: Sequence[Any]):
+        """As :func:`~.hf_runtime.continuation_logits`; groups are re-assembled right-aligned (left-padded)."""
+        groups = length_groups(prompts)
+        if len(groups) == 1 or all(len(c) == 0 for c in continuations):
+            return super().continuation_logits(prompts, continuations)  # type: ignore[misc]
+        parent = super()
+        parts = [parent.continuation_logits([prompts[i] for i in indices],  # type: ignore[misc]
+                                            [continuations[i] for i in indices]) for indices in groups]
+        longest = max(logits.shape[1] for logits, _, _ in parts)
+        vocab = max(logits.shape[2] for logits, _, _ in parts)
+        padded_logits, padded_targets, padded_mask = [], [], []
+        for logits, targets, mask in parts:
+            pad = longest - logits.shape[1]
+            if logits.shape[2] != vocab:  # a group whose continuations are all empty
+                logits = logits.new_zeros((logits.shape[0], logits.shape[1], vocab))
+            padded_logits.append(torch.nn.functional.pad(logits, (0, 0, pad, 0)))
+            padded_targets.append(torch.nn.functional.pad(targets, (pad, 0)))
+            padded_mask.append(torch.nn.functional.pad(mask, (pad, 0), value=False))
+        order = torch.tensor([i for indices in groups for i in indices])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        device = padded_logits[0].device
+        inverse = inverse.to(device)
+        return (torch.cat(padded_logits)[inverse], torch.cat(padded_targets)[inverse],
+                torch.cat(padded_mask)[inverse])

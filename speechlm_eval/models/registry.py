@@ -20,6 +20,9 @@ FAMILIES: Registry[Family] = Registry(
         "qwen2.5-omni": "speechlm_eval.models.qwen2_5_omni:FAMILY",
         "audioflamingo3": "speechlm_eval.models.audioflamingo3:FAMILY",
         "qwen3-omni": "speechlm_eval.models.qwen3_omni:FAMILY",
+        "granite-speech": "speechlm_eval.models.granite_speech:FAMILY",
+        "gemma3n": "speechlm_eval.models.gemma3n:FAMILY",
+        "phi4-multimodal": "speechlm_eval.models.phi4_multimodal:FAMILY",
     },
     unknown=lambda name, known: ModelLoadError(f"unknown model family {name!r}; registered: {known}"),
 )
@@ -65,10 +68,13 @@ def load_model(name_or_path: str, options: LoadOptions = LoadOptions(), family: 
     """Load a checkpoint through its family's loader (``family`` forces one).
 
     A PEFT adapter folder (``adapter_config.json``, as ``distill`` writes to ``OUT/adapter``) loads its base model
-    (``base_model_name_or_path``) through the base's family, applies the adapter and merges it for evaluation.
+    (``base_model_name_or_path``) through the base's family, applies the adapter and merges it for evaluation. A
+    folder that also holds a ``config.json`` is a whole checkpoint that ships an adapter of its own (Granite Speech's
+    audio-only LoRA sits beside its weights): its family loads it (transformers draws the same line).
     """
-    adapter_config = Path(name_or_path).expanduser() / "adapter_config.json"
-    if adapter_config.is_file():
+    folder = Path(name_or_path).expanduser()
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file() and not (folder / "config.json").is_file():
         return load_adapter(name_or_path, json.loads(adapter_config.read_text()), options, family)
     chosen = get_family(family) if family else detect_family(name_or_path, options)
     return chosen.load(name_or_path, options)
