@@ -34,7 +34,7 @@ import contextlib
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch

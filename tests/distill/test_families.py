@@ -4,7 +4,6 @@ special ids to audio tokens (KD over the shared support), and the Qwen2.5-Omni t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
