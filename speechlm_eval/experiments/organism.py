@@ -30,6 +30,16 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "sft_teacher_labels": {"channels": "tt,st", "lambda_tt": 0.0, "lambda_st": 0.0, "ce": 1.0},
     "more_speech_training": None,  # organism stage B continued, no teacher
 }
+# The alignment channels (speechlm_eval.distill.alignment): each alone, and each beside T→T (which repairs forgetting).
+ALIGNMENT_ARMS: dict[str, dict[str, Any]] = {
+    "align_hidden": {"channels": "st_hidden"},
+    "align_prefix": {"channels": "st_prefix"},
+    "align_self": {"channels": "st_self"},
+    "kd_tt_align_hidden": {"channels": "tt,st_hidden"},
+    "kd_tt_align_prefix": {"channels": "tt,st_prefix"},
+    "kd_tt_align_self": {"channels": "tt,st_self"},
+}
+ALL_ARMS: dict[str, dict[str, Any] | None] = {**ARMS, **ALIGNMENT_ARMS}
 GAPS = tuple(rundir.GAPS)
 
 
@@ -43,7 +53,7 @@ class ExperimentsConfig:
     combine: list[Path] = field(default_factory=list, metadata={
         "help": "Instead of running: merge the experiments.json of earlier --out directories (repeatable)."})
     arms: list[str] = field(default_factory=list, metadata={
-        "help": f"Only these arms (repeatable; default: all of {', '.join(ARMS)}).", "flag": "--arm"})
+        "help": f"Only these arms (repeatable; default: all of {', '.join(ALL_ARMS)}).", "flag": "--arm"})
 
 
 def experiments(config: ExperimentsConfig) -> Path:
@@ -53,10 +63,10 @@ def experiments(config: ExperimentsConfig) -> Path:
     else:
         if not config.builds:
             raise ValueError("name at least one organism build (--build DIR) or earlier runs to --combine")
-        unknown = [a for a in config.arms if a not in ARMS]
+        unknown = [a for a in config.arms if a not in ALL_ARMS]
         if unknown:
-            raise ValueError(f"unknown arm(s) {unknown}; arms are {list(ARMS)}")
-        run_experiments(config.builds, config.out, config.arms or tuple(ARMS))
+            raise ValueError(f"unknown arm(s) {unknown}; arms are {list(ALL_ARMS)}")
+        run_experiments(config.builds, config.out, config.arms or tuple(ALL_ARMS))
     return Path(config.out) / "experiments.md"
 
 
@@ -85,7 +95,7 @@ def run_arm(name: str, build: Path, out: Path, seed: int, suite: str) -> Path:
     checkpoint = out / "checkpoint"
     if (checkpoint / "config.json").exists():
         return checkpoint
-    overrides = ARMS[name]
+    overrides = ALL_ARMS[name]
     if overrides is None:
         from speechlm_eval.experiments.controls import continue_speech_training
 
@@ -118,8 +128,8 @@ def run_experiments(builds: Sequence[Path], out: Path, arms: Sequence[str] = tup
             checkpoint = run_arm(name, Path(build), base / name, seed, suite)
             after = _gap(base / name / "gap", checkpoint, paths.text_llm, suite, diagnostics=True)
             rows.append(arm_row(seed, name, after, before_after(before, after), out))
-    summary = {"schema": "speechlm-eval/organism-experiments/v1", "arms": {k: v for k, v in ARMS.items()},
-               "rows": rows}
+    summary = {"schema": "speechlm-eval/organism-experiments/v1",
+               "arms": {k: v for k, v in ALL_ARMS.items() if k in arms}, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiments.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     (out / "experiments.md").write_text(render_experiments(summary))
@@ -132,8 +142,9 @@ def combine(summaries: Sequence[Path], out: Path) -> dict[str, Any]:
     for path in summaries:
         part = json.loads((Path(path) / "experiments.json").read_text())
         rows += [{**r, "run": f"{Path(path).name}/{r['run']}"} for r in part["rows"]]
-    summary = {"schema": "speechlm-eval/organism-experiments/v1", "arms": {k: v for k, v in ARMS.items()},
-               "rows": sorted(rows, key=lambda r: r["seed"])}
+    seen = {r["arm"] for r in rows}
+    summary = {"schema": "speechlm-eval/organism-experiments/v1",
+               "arms": {k: v for k, v in ALL_ARMS.items() if k in seen}, "rows": sorted(rows, key=lambda r: r["seed"])}
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiments.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     (out / "experiments.md").write_text(render_experiments(summary))
