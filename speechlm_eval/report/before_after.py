@@ -20,7 +20,7 @@ from speechlm_eval.rundir import ARMS, DIAGNOSTICS, GAPS, RunDir, portable_path
 
 def before_after(before: Path, after: Path, *, alpha: float = 0.05) -> dict[str, Any]:
     """The comparison object: per subset, each arm and gap before/after with the paired change."""
-    report = compare_runs(before, after, max_drop=0.0, alpha=alpha)
+    report = compare_runs(before, after, max_drop=0.0, alpha=alpha, gate=False)
     subsets: dict[str, Any] = {}
     for c in report.comparisons:
         entry = subsets.setdefault(c.subset, {"arms": {}, "gaps": {}})

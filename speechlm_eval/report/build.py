@@ -126,8 +126,8 @@ def run_item_scores(run_dir: Path) -> dict[str, Any]:
     """Per-item scores of a run, as ``build_results`` computes them, for comparisons across runs (``check``).
 
     Returns ``{"manifest", "rows": {subset: [ItemRow]}, "scores": {subset: {arm: {id: Score | None}}},
-    "recorded": {subset: {arm: items with a record, errors included}}, "unscored": {subset: scorer name}}``; subsets
-    whose scorer is not registered are listed under ``unscored``.
+    "recorded": {subset: {arm: items with a record, errors included}}, "unscored": {subset: scorer name},
+    "records": {arm: {id: record}}}``; subsets whose scorer is not registered are listed under ``unscored``.
     """
     run = RunDir(run_dir)
     manifest, records = run.read_manifest(), run.arm_records()
@@ -140,7 +140,7 @@ def run_item_scores(run_dir: Path) -> dict[str, Any]:
         scores[subset] = subset_item_scores(items, records, manifest.seed)
         recorded[subset] = {arm: sum(i.id in records[arm] for i in items) for arm in scores[subset]}
     return {"manifest": manifest.to_dict(), "rows": grouped, "scores": scores, "recorded": recorded,
-            "unscored": unscored}
+            "unscored": unscored, "records": records}
 
 
 def unscored_reason(items: list[ItemRow]) -> str | None:

@@ -112,7 +112,7 @@ def test_significant_drop_above_threshold_fails(drop_runs: tuple[Path, Path]) ->
 def test_significant_drop_below_threshold_passes(drop_runs: tuple[Path, Path]) -> None:
     result = run_check(*drop_runs, "--max-drop", "30")
     assert result.exit_code == 0, result.output
-    assert "pass (drop within --max-drop)" in row_of(result, "openbookqa", "speech_llm_speech")
+    assert "pass (drop within the threshold)" in row_of(result, "openbookqa", "speech_llm_speech")
 
 
 def test_alpha_decides_significance(drop_runs: tuple[Path, Path]) -> None:
@@ -166,7 +166,7 @@ def test_speech_only_subset_compares_only_the_speech_arm(tmp_path: Path) -> None
     assert [(c.subset, c.quantity, c.n) for c in report.comparisons] == [("mmau", "speech_llm_speech", 8)]
 
 
-def test_errored_items_are_left_out_of_the_pairing(tmp_path: Path) -> None:
+def test_errored_items_are_left_out_of_the_pairing_and_fail_the_error_rate(tmp_path: Path) -> None:
     base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(40, [])})})
     cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(40, range(10))})},
                      errors={"speech_llm_speech": set(range(10))})
@@ -174,38 +174,154 @@ def test_errored_items_are_left_out_of_the_pairing(tmp_path: Path) -> None:
     (comparison,) = report.comparisons
     assert comparison.n == 30 and comparison.delta == 0.0 and comparison.verdict == "pass"
     assert "openbookqa · speech_llm_speech: 10 of 40 items unscored" in "\n".join(report.notes)
+    (failure,) = report.failures
+    assert failure.what == "speech_llm_speech" and "25.0% of 40 answers unusable" in failure.reason
+    assert "10 errors" in failure.reason and report.failed
+    # A tolerance above the rise lets the same candidate through.
+    assert not check.compare_runs(base, cand, max_error_rate=30).failed
 
 
-def test_arm_answered_in_one_run_only_is_noted_not_compared(tmp_path: Path) -> None:
-    base_arms = {"speech_llm_text": _responses(10, []), "speech_llm_speech": _responses(10, [])}
-    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", base_arms)})
-    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(10, [])})})
+def test_arm_answered_in_the_candidate_only_is_noted_not_compared(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(10, [])})})
+    cand_arms = {"speech_llm_text": _responses(10, []), "speech_llm_speech": _responses(10, [])}
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", cand_arms)})
     report = check.compare_runs(base, cand)
     assert [c.quantity for c in report.comparisons] == ["speech_llm_speech"]
-    assert report.notes == ["openbookqa · speech_llm_text: answered in only one run, not compared"]
+    assert report.notes == ["openbookqa · speech_llm_text: answered in the candidate only, not compared"]
+    assert not report.failed
 
 
-# --- unusable input: exit 2 ------------------------------------------------------------------------------------------
+# --- gate failures: exit 1 -------------------------------------------------------------------------------------------
 
 
-def test_different_item_sets_exit_2_naming_the_ids(tmp_path: Path) -> None:
+def test_candidate_missing_the_speech_arm_fails(tmp_path: Path) -> None:
+    arms = {"text_llm_text": _responses(20, []), "speech_llm_text": _responses(20, [1]),
+            "speech_llm_speech": _responses(20, [1, 2])}
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", arms)})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {k: v for k, v in arms.items()
+                                                                 if k != "speech_llm_speech"})})
+    result = run_check(base, cand)
+    assert result.exit_code == 1, result.output
+    assert result.stdout.startswith("## speechlm-eval check: FAIL (1 gate failure)")
+    assert "**openbookqa · speech_llm_speech**: the baseline answered this arm" in result.stdout
+    assert "gate failure: openbookqa · speech_llm_speech" in result.stderr
+    # What both runs have is still compared (and unchanged).
+    assert "| +0.00 |" in row_of(result, "openbookqa", "forgetting")
+
+
+def test_candidate_with_30_percent_error_records_fails(tmp_path: Path) -> None:
+    arms = {"speech_llm_text": _responses(40, []), "speech_llm_speech": _responses(40, [])}
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", arms)})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", arms)}, errors={"speech_llm_speech": set(range(12))})
+    result = run_check(base, cand)
+    assert result.exit_code == 1, result.output
+    assert "30.0% of 40 answers unusable in the candidate (12 errors) vs 0.0% in the baseline" in result.stdout
+    assert "| openbookqa | speech_llm_speech | 0.0 | 30.0 |" in result.stdout  # the coverage table
+
+
+def test_killed_candidate_with_missing_records_fails(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(40, [])})})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(40, [])})})
+    records = cand / "records" / "speech_llm_speech.jsonl"
+    records.write_text("".join(records.read_text().splitlines(keepends=True)[:1]))  # 1 of 40 records
+    result = run_check(base, cand)
+    assert result.exit_code == 1, result.output
+    assert "97.5% of 40 answers unusable in the candidate (39 missing)" in result.stdout
+
+
+def test_unparsed_responses_count_as_unusable(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(40, [])})})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(40, range(4),
+                                                                                               wrong="no idea")})})
+    report = check.compare_runs(base, cand)
+    (failure,) = report.failures
+    assert "10.0% of 40 answers unusable in the candidate (4 unparsed)" in failure.reason
+
+
+def test_different_item_sets_fail_naming_the_ids(tmp_path: Path) -> None:
     base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
     cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(4, [])})})
     result = run_check(base, cand)
-    assert result.exit_code == 2
-    assert "different item sets" in result.stderr and "only in baseline 1: openbookqa/test/4" in result.stderr
-    assert result.stdout == ""
+    assert result.exit_code == 1, result.output
+    assert "different item sets" in result.stdout and "only in baseline 1: openbookqa/test/4" in result.stdout
 
 
-def test_same_ids_with_different_references_exit_2(tmp_path: Path) -> None:
+def test_same_ids_with_different_references_fail(tmp_path: Path) -> None:
     base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
     cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
     rows = [json.loads(line) for line in (cand / "items.jsonl").read_text().splitlines()]
     rows[2]["reference"] = "C"
     (cand / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_check(base, cand)
-    assert result.exit_code == 2 and "differ in text, choices or reference" in result.stderr
-    assert "1: openbookqa/test/2" in result.stderr
+    assert result.exit_code == 1 and "differ in text, choices or reference" in result.stdout
+    assert "1: openbookqa/test/2" in result.stdout
+
+
+def test_candidate_missing_a_subset_fails(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])}),
+                                         "mmsu": ("mcq", {"speech_llm_speech": _responses(5, [])})})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
+    result = run_check(base, cand)
+    assert result.exit_code == 1, result.output
+    assert "**mmsu · subset**: the baseline answered this subset, the candidate did not" in result.stdout
+    assert run_check(base, cand, "--subset", "openbookqa").exit_code == 0
+
+
+def test_candidate_arm_with_only_errors_fails(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})},
+                     errors={"speech_llm_speech": set(range(5))})
+    result = run_check(base, cand)
+    assert result.exit_code == 1, result.output
+    assert "100.0% of 5 answers unusable" in result.stdout
+
+
+# --- detectability and repeat-run noise ------------------------------------------------------------------------------
+
+
+def test_minimum_detectable_drop_is_reported_and_warned(drop_runs: tuple[Path, Path]) -> None:
+    report = check.compare_runs(*drop_runs)
+    (comparison,) = report.comparisons
+    # A 100% baseline has no variance: the floor is the 6 discordant items McNemar needs at alpha 0.05, of 40.
+    assert check.smallest_significant_count(0.05) == 6
+    assert comparison.mde == pytest.approx(100 * 6 / 40)
+    (warning,) = report.warnings
+    assert "at n=40" in warning and "15.0 points" in warning
+    assert check.compare_runs(*drop_runs, max_drop=20).warnings == []
+
+
+def test_minimum_detectable_drop_shrinks_with_n() -> None:
+    half = np.array([0.0, 1.0] * 50)
+    big = np.array([0.0, 1.0] * 5000)
+    small_n, large_n = check.minimum_detectable(half, 100, 0.05), check.minimum_detectable(big, 100, 0.05)
+    # (1.96 + 0.84) * sqrt(2 * 0.25 / n) * 100
+    assert small_n == pytest.approx(2.8016 * np.sqrt(0.5 / 100) * 100, rel=1e-3)
+    assert large_n == pytest.approx(small_n / 10, rel=1e-3)
+
+
+def test_noise_from_repeat_runs_raises_the_threshold(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(200, [])})})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(200, range(20))})})
+    # Two repeats of one model that disagree on 160 of 200 items (80 each way): the CI of their difference reaches
+    # about ±12 points, above the candidate's 10-point drop.
+    rep1 = write_run(tmp_path / "rep1", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(200, range(80))})})
+    rep2 = write_run(tmp_path / "rep2", {"openbookqa": ("mcq", {"speech_llm_speech":
+                                                                _responses(200, range(80, 160))})})
+    assert run_check(base, cand, "--max-drop", "5").exit_code == 1
+    result = run_check(base, cand, "--max-drop", "5", "--noise-from", f"{rep1},{rep2}")
+    assert result.exit_code == 0, result.output
+    line = row_of(result, "openbookqa", "speech_llm_speech")
+    threshold = float(line.split("|")[10])
+    assert threshold > 10 and "repeat-run noise" in result.stdout
+
+
+def test_noise_from_needs_two_runs(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
+    result = run_check(base, base, "--noise-from", str(base))
+    assert result.exit_code == 2 and "--noise-from takes two run directories" in result.stderr
+
+
+# --- unusable input: exit 2 ------------------------------------------------------------------------------------------
 
 
 def test_missing_run_exit_2(tmp_path: Path) -> None:
@@ -232,14 +348,6 @@ def test_corrupt_records_exit_2(tmp_path: Path) -> None:
     assert "cannot score the run" in result.stderr and "speech_llm_speech.jsonl:1" in result.stderr
 
 
-def test_arm_with_only_errors_exit_2(tmp_path: Path) -> None:
-    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
-    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})},
-                     errors={"speech_llm_speech": set(range(5))})
-    result = run_check(base, cand)
-    assert result.exit_code == 2 and "openbookqa, speech_llm_speech: no item is scored in both runs" in result.stderr
-
-
 def test_unknown_subset_exit_2(tmp_path: Path) -> None:
     base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
     cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
@@ -258,7 +366,30 @@ def test_table_is_appended_to_github_step_summary(drop_runs: tuple[Path, Path], 
     text = summary.read_text()
     assert text.startswith("earlier step\n")
     assert text[len("earlier step\n"):].rstrip("\n") == result.stdout.rstrip("\n")
-    assert "| subset | arm/gap | n | baseline | candidate | delta | CI | p | verdict |" in text
+    assert "| subset | arm/gap | n | baseline | candidate | delta | CI | p | MDE | threshold | verdict |" in text
+
+
+@pytest.mark.parametrize("case", ["pass", "error"])
+def test_step_summary_is_written_on_exit_0_and_2(drop_runs: tuple[Path, Path], tmp_path: Path, case: str) -> None:
+    summary = tmp_path / "summary.md"
+    base, cand = drop_runs
+    if case == "pass":
+        result = run_check(base, base, env={"GITHUB_STEP_SUMMARY": str(summary)})
+        assert result.exit_code == 0
+        assert summary.read_text().startswith("## speechlm-eval check: pass")
+    else:
+        result = run_check(base, tmp_path / "nowhere", env={"GITHUB_STEP_SUMMARY": str(summary)})
+        assert result.exit_code == 2
+        text = summary.read_text()
+        assert text.startswith("## speechlm-eval check: error (exit 2)") and "nowhere: no such run directory" in text
+
+
+def test_baseline_arm_with_only_errors_exit_2(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})},
+                     errors={"speech_llm_speech": set(range(5))})
+    cand = write_run(tmp_path / "cand", {"openbookqa": ("mcq", {"speech_llm_speech": _responses(5, [])})})
+    result = run_check(base, cand)
+    assert result.exit_code == 2 and "no item is scored in the baseline run" in result.stderr
 
 
 def test_no_step_summary_without_the_variable(tmp_path: Path) -> None:
