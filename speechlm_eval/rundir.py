@@ -305,6 +305,14 @@ class RunDir:
         prepare_output_dir(self.path, request, previous=previous, has_run=self.exists(), outputs=RUN_OUTPUTS,
                            resume=resume, overwrite=overwrite)
 
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.json"
+
+    def read_results(self) -> dict[str, Any]:
+        """``results.json`` as written by the report builder (``speechlm-eval report`` rebuilds it)."""
+        return json.loads(self.results_path.read_text(encoding="utf-8"))
+
     # -- manifest
     def read_manifest(self) -> Manifest:
         return Manifest.from_dict(json.loads(self.manifest_path.read_text(encoding="utf-8")))

@@ -24,6 +24,13 @@ def distill(config: DistillConfig, evaluation: EvalConfig) -> None:
 
     with bad_input_exits():
         report = distill_and_compare(config, evaluation)
+    from speechlm_eval.cli.common import console
+    from speechlm_eval.report.before_after import read_comparison
+    from speechlm_eval.report.summary import before_after_table, print_gap_summary, print_table
+    from speechlm_eval.rundir import RunDir
+
+    print_gap_summary(console, RunDir(report.parent / "after").read_results())
+    print_table(console, before_after_table(read_comparison(report.parent)))
     typer.echo(str(report))
 
 

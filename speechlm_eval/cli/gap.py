@@ -18,6 +18,10 @@ def gap(config: GapConfig) -> None:
     with bad_input_exits():
         run_dir = run_gap(config, console=console)
     if process_state().is_main_process:
+        from speechlm_eval.report.summary import print_gap_summary
+        from speechlm_eval.rundir import RunDir
+
+        print_gap_summary(console, RunDir(run_dir).read_results())
         console.print(f"[green]results:[/] {run_dir / 'results.json'}\n[green]report:[/]  {run_dir / 'report.md'}")
         typer.echo(str(run_dir / "report.md"))
 

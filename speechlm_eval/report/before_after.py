@@ -102,6 +102,13 @@ def render_before_after_markdown(result: dict[str, Any], preamble: list[str] | N
     return "\n".join(lines) + "\n"
 
 
+def read_comparison(out: Path) -> dict[str, Any]:
+    """``comparison.json`` of a distillation's before/after report folder."""
+    import json
+
+    return json.loads((Path(out) / "comparison.json").read_text(encoding="utf-8"))
+
+
 def write_before_after(out: Path, before: Path, after: Path, preamble: list[str] | None = None) -> dict[str, Any]:
     """Write ``comparison.json``, ``report.md`` and ``report.html`` into ``out``."""
     from speechlm_eval.report.html import CSS, CSP, esc, markdown_sections_html

@@ -13,6 +13,7 @@ from speechlm_eval.metrics.overall import leaderboard_overall
 from speechlm_eval.metrics.paired import mean_ci, paired_gap
 from speechlm_eval.records import write_json_atomic, write_text_atomic
 from speechlm_eval.report.diagnostics import diagnostics_results
+from speechlm_eval.report.frontend import front_end_results
 from speechlm_eval.rundir import GAPS, SPEECH_ARM, ItemRow, RunDir
 from speechlm_eval.scoring.base import item_rng
 from speechlm_eval.scoring.judged import JUDGE_NONE_NOTE, MissingJudgement
@@ -171,11 +172,22 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         subsets[subset] = subset_results(items, records, seed, n_resamples, item_scores[subset])
     if run.lmeval_dir.is_dir():
         subsets.update(lmeval_results(run, seed=seed, n_resamples=n_resamples))
-    results = {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored}
+    front_end = front_end_results(run)
+    mark_front_end_failures(subsets, front_end)
+    results = {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored, "front_end": front_end}
     results["overall"] = leaderboard_overall(subsets)
     results["diagnostics"] = diagnostics_results(run, item_scores, scales, seed, n_resamples)
     results["manifest"] = manifest.to_dict()
     return results
+
+
+def mark_front_end_failures(subsets: dict[str, Any], front_end: Mapping[str, Mapping[str, Any]]) -> None:
+    """Flag each subset whose audio was not heard, and its inequivalence: that gap measures a broken front end."""
+    for subset, entry in front_end.items():
+        if entry.get("failure") and subset in subsets:
+            subsets[subset]["front_end_failure"] = list(entry["reasons"])
+            if subsets[subset].get("inequivalence"):
+                subsets[subset]["inequivalence"]["front_end_failure"] = True
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:

@@ -105,6 +105,6 @@ def failure_lines(front_end: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [f"{subset}: {'; '.join(entry['reasons'])}" for subset, entry in front_end.items() if entry.get("failure")]
 
 
-FRONT_END_HEADLINE = ("Front-end failure: the speech LLM did not hear the audio of {subsets}. Its speech-arm scores "
-                      "and inequivalence there measure a broken audio path (silence, a wrong sampling rate, a failed "
-                      "loader), not a modality gap; fix the audio before reading them.")
+FRONT_END_TITLE = "FRONT-END FAILURE: the speech LLM did not hear the audio"
+FRONT_END_HEADLINE = ("The speech-arm scores and the inequivalence of {subsets} measure a broken audio path (silence, a "
+                      "wrong sampling rate, a failed loader), not a modality gap; fix the audio before reading them.")

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import matplotlib
 
 from speechlm_eval.records import write_text_atomic
+from speechlm_eval.report.frontend import FRONT_END_HEADLINE, FRONT_END_TITLE
 from speechlm_eval.report.markdown import GAPS_NOTE, PROXY_NOTE, diagnostics_lines, fmt, fmt_gap, overall_lines, report_notes
 from speechlm_eval.report.plots import report_figures, significant
 from speechlm_eval.rundir import ARM_TITLES, ARMS
@@ -44,6 +45,9 @@ figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee
 figcaption{font-size:.85rem;color:#555}
 p.small,footer{font-size:.8rem;color:#666}ul.notes li{margin-bottom:.3rem}
 table.extra td{white-space:normal}table.extra td:first-child{text-align:left}
+td.gap-frontend{background:#3b0a0a;color:#fff;font-weight:600}
+div.alert{border:2px solid #a0180b;background:#fdecea;padding:.6rem 1rem;border-radius:4px;margin:1rem 0}
+div.alert h2{margin-top:.2rem;border:0;color:#a0180b}
 """
 
 
@@ -69,9 +73,12 @@ def arm_cell(arm: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def gap_class(gap: dict[str, Any] | None) -> str:
-    """CSS class: significant positive (the speech side is worse), significant negative, n.s., or no gap."""
+    """CSS class: significant positive (the speech side is worse), significant negative, n.s., no gap, or a gap that
+    measures a broken front end (the audio was not heard)."""
     if not gap or gap.get("value") is None:
         return "gap-none"
+    if gap.get("front_end_failure"):
+        return "gap-frontend"
     if not significant(gap):
         return "gap-ns"
     return "gap-pos" if gap["value"] > 0 else "gap-neg"
@@ -204,6 +211,16 @@ def markdown_sections_html(lines: list[str]) -> str:
     return "\n".join(out)
 
 
+def front_end_html(results: dict[str, Any]) -> str:
+    """The alert a page opens with when a subset's audio was not heard ("" when every front end works)."""
+    failed = {s: e for s, e in (results.get("front_end") or {}).items() if e.get("failure")}
+    if not failed:
+        return ""
+    items = "".join(f"<li><b>{esc(subset)}</b>: {esc('; '.join(e['reasons']))}</li>" for subset, e in failed.items())
+    return (f'<div class="alert" role="alert"><h2>{esc(FRONT_END_TITLE)}</h2>'
+            f"<p>{esc(FRONT_END_HEADLINE.format(subsets=', '.join(failed)))}</p><ul>{items}</ul></div>")
+
+
 def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None) -> str:
     """The whole ``report.html`` page for a results object (schema ``speechlm-eval/results/v1``); ``figures`` as
     :func:`report_figures` returns them (computed when not given)."""
@@ -213,6 +230,7 @@ def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None
     proxy = (manifest.get("text_llm_reference") or {}).get("label") == "proxy"
     body = [
         "<h1>speechlm-eval gap report</h1>",
+        front_end_html(results),
         header_html(manifest),
         f'<p class="small">{esc(GAPS_NOTE)}</p>',
         *([f"<p><strong>{note_html(PROXY_NOTE.replace('**', ''))}</strong></p>"] if proxy else []),

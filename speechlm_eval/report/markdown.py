@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from speechlm_eval.metrics.overall import LEADERBOARD_COLUMNS
+from speechlm_eval.report.frontend import FRONT_END_HEADLINE, FRONT_END_TITLE, failure_lines
 from speechlm_eval.rundir import ARM_TITLES, ARMS, GAP_DEFINITIONS, LMEVAL_SPOKEN_ARMS
 
 PROXY_NOTE = ("**The text LLM is a proxy, not this speech LLM's backbone**: the forgetting column is the distance to "
@@ -17,11 +18,25 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+FRONT_END_CELL = "front-end failure, not inequivalence:"
+
+
 def fmt_gap(gap: dict[str, Any] | None) -> str:
     if not gap or gap.get("value") is None:
         return "–"
     p = gap.get("p_value")
-    return f"{gap['value']:+.2f} [{fmt(gap['ci_low'])}, {fmt(gap['ci_high'])}] p={fmt(p, 3)}"
+    text = f"{gap['value']:+.2f} [{fmt(gap['ci_low'])}, {fmt(gap['ci_high'])}] p={fmt(p, 3)}"
+    return f"{FRONT_END_CELL} {text}" if gap.get("front_end_failure") else text
+
+
+def front_end_lines(results: dict[str, Any]) -> list[str]:
+    """The warning a report opens with when a subset's audio was not heard (empty when every front end works)."""
+    failed = {s: e for s, e in (results.get("front_end") or {}).items() if e.get("failure")}
+    if not failed:
+        return []
+    lines = [f"## {FRONT_END_TITLE}", "",
+             FRONT_END_HEADLINE.format(subsets=", ".join(failed)), ""]
+    return lines + [f"- **{line.split(': ', 1)[0]}**: {line.split(': ', 1)[1]}" for line in failure_lines(failed)] + [""]
 
 
 SEEDED_FALLBACK_NOTE = ("Unparsed responses (the official scorer would draw a random answer) are scored by a seeded "
@@ -140,7 +155,7 @@ def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None
     """``report.md``; ``plots`` = ``[(caption, relative PNG path), ...]`` written beside it (none: no Plots section)."""
     manifest = results["manifest"]
     models = manifest.get("models", {})
-    lines = ["# speechlm-eval gap report", ""]
+    lines = ["# speechlm-eval gap report", ""] + front_end_lines(results)
     for role, title in (("speech_llm", "Speech LLM"), ("text_llm", "Text LLM")):
         if role in models:
             m = models[role]
