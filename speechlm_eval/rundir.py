@@ -8,6 +8,8 @@ Layout (every number in a report derives from these files)::
     records/diagnostics.jsonl     the judge-free distribution diagnostics, records/perception.jsonl the probe
     judgements/<arm>.jsonl        LLM-judge outputs for the judge-scored subsets, keyed by the judged response
     lmeval/<arm>.jsonl            lm-eval per-document records (and <arm>.results.json, lm-eval's own summary)
+    scores.jsonl                  per item: question, reference, each arm's response, score, parsed flag, extracted
+                                  answer, and the item's contribution to each gap ("which items flipped")
     results.json, report.md, report.html, plots/    rebuilt from the files above by ``speechlm-eval report``
 
 Arms and gaps are defined here once, as data.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 from speechlm_eval import __version__
-from speechlm_eval.records import json_safe, read_records, write_canonical, write_json_atomic, write_text_atomic
+from speechlm_eval.records import dumps, json_safe, read_records, write_canonical, write_json_atomic, write_text_atomic
 
 # ---------------------------------------------------------------------------------------------------- arms and gaps
 
@@ -251,8 +253,8 @@ def prepare_output_dir(path: str | Path, request: Mapping[str, Any], *, previous
 
 # -------------------------------------------------------------------------------------------------------- run dir
 
-RUN_OUTPUTS = ("records", "judgements", "lmeval", "items.jsonl", "manifest.json", "results.json", "report.md",
-               "report.html", "plots")
+RUN_OUTPUTS = ("records", "judgements", "lmeval", "items.jsonl", "manifest.json", "results.json", "scores.jsonl",
+               "report.md", "report.html", "plots")
 
 
 class RunDir:
@@ -308,6 +310,18 @@ class RunDir:
     @property
     def results_path(self) -> Path:
         return self.path / "results.json"
+
+    @property
+    def scores_path(self) -> Path:
+        return self.path / "scores.jsonl"
+
+    def write_scores(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """``scores.jsonl``: one line per item, in item order (derived from the records; rebuilt by ``report``)."""
+        write_text_atomic(self.scores_path, "".join(dumps(r) + "\n" for r in rows))
+
+    def scores(self) -> list[dict[str, Any]]:
+        """The rows of ``scores.jsonl`` ([] before a report was built)."""
+        return read_records(self.scores_path) if self.scores_path.exists() else []
 
     def read_results(self) -> dict[str, Any]:
         """``results.json`` as written by the report builder (``speechlm-eval report`` rebuilds it)."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from speechlm_eval.metrics.overall import leaderboard_overall
 from speechlm_eval.metrics.paired import mean_ci, paired_gap
-from speechlm_eval.records import write_json_atomic, write_text_atomic
+from speechlm_eval.records import json_safe, write_json_atomic, write_text_atomic
 from speechlm_eval.report.diagnostics import diagnostics_results
 from speechlm_eval.report.frontend import front_end_results
 from speechlm_eval.rundir import GAPS, SPEECH_ARM, ItemRow, RunDir
@@ -154,15 +154,58 @@ def unscored_reason(items: list[ItemRow]) -> str | None:
     return None
 
 
+def _score_json(score: Any) -> dict[str, Any]:
+    return {"score": json_safe(score.value), "parsed": bool(score.parsed), "extracted": json_safe(score.extracted)}
+
+
+def item_score_rows(grouped: Mapping[str, list[ItemRow]], records: Records,
+                    item_scores: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per item for ``scores.jsonl``: what was asked, the reference, and per arm the response with its score,
+    parsed flag and extracted answer; ``gaps`` holds the item's contribution to each gap (first arm − second arm,
+    ``None`` unless both are scored), so ``gaps.inequivalence > 0`` lists the items answered better typed than spoken
+    and ``gaps.forgetting > 0`` the items the text LLM answered better than the speech LLM."""
+    rows = []
+    for subset, items in grouped.items():
+        per_arm = item_scores.get(subset, {})
+        for item in items:
+            arms: dict[str, Any] = {}
+            for arm, arm_records in records.items():
+                record = arm_records.get(item.id)
+                if record is None:
+                    continue
+                error = record.get("error")
+                entry: dict[str, Any] = {"response": record.get("response"),
+                                         "error": None if error is None else str(error.get("message", error))
+                                         if isinstance(error, Mapping) else str(error)}
+                score = per_arm.get(arm, {}).get(item.id)
+                entry.update(_score_json(score) if score is not None
+                             else {"score": None, "parsed": None, "extracted": None})
+                arms[arm] = entry
+            gaps = {}
+            for gap, (first, second) in GAPS.items():
+                a, b = per_arm.get(first, {}).get(item.id), per_arm.get(second, {}).get(item.id)
+                gaps[gap] = None if a is None or b is None else json_safe(float(a.value) - float(b.value))
+            rows.append({"id": item.id, "subset": subset, "scorer": item.scorer, "text": item.text,
+                         "audio_instruction": item.audio_instruction, "choices": list(item.choices),
+                         "reference": json_safe(item.reference), "arms": arms, "gaps": gaps})
+    return rows
+
+
 def build_results(run_dir: Path) -> dict[str, Any]:
     """The ``results.json`` object of a run, computed from its files only."""
+    return build_results_and_scores(run_dir)[0]
+
+
+def build_results_and_scores(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``results.json`` and the ``scores.jsonl`` rows of a run (:func:`item_score_rows`), from its files only."""
     from speechlm_eval.report.lmeval import lmeval_results
 
     run = RunDir(run_dir)
     manifest, records = run.read_manifest(), run.arm_records()
     seed, n_resamples = manifest.seed, manifest.n_resamples
     subsets, unscored, item_scores, scales = {}, {}, {}, {}
-    for subset, items in by_subset(run.items()).items():
+    grouped = by_subset(run.items())
+    for subset, items in grouped.items():
         reason = unscored_reason(items)
         if reason is not None:
             unscored[subset] = {"n": len(items), "scorer": items[0].scorer, "reason": reason}
@@ -178,7 +221,7 @@ def build_results(run_dir: Path) -> dict[str, Any]:
     results["overall"] = leaderboard_overall(subsets)
     results["diagnostics"] = diagnostics_results(run, item_scores, scales, seed, n_resamples)
     results["manifest"] = manifest.to_dict()
-    return results
+    return results, item_score_rows(grouped, records, item_scores)
 
 
 def mark_front_end_failures(subsets: dict[str, Any], front_end: Mapping[str, Mapping[str, Any]]) -> None:
@@ -191,17 +234,18 @@ def mark_front_end_failures(subsets: dict[str, Any], front_end: Mapping[str, Map
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:
-    """Write ``results.json``, ``report.md``, ``report.html`` and ``plots/*.png`` for a run directory; returns the
-    results."""
+    """Write ``results.json``, ``scores.jsonl`` (per item), ``report.md``, ``report.html`` and ``plots/*.png`` for a
+    run directory; returns the results."""
     from speechlm_eval.report.html import write_html
     from speechlm_eval.report.markdown import render_markdown
     from speechlm_eval.report.plots import report_figures, write_plots
 
     run_dir = Path(run_dir)
-    results = build_results(run_dir)
+    results, scores = build_results_and_scores(run_dir)
     figures = report_figures(results)
     write_json_atomic(run_dir / "results.json", results)
+    RunDir(run_dir).write_scores(scores)
     plots = write_plots(run_dir, figures)
     write_text_atomic(run_dir / "report.md", render_markdown(results, plots))
-    write_html(run_dir, results, figures)
+    write_html(run_dir, results, figures, scores)
     return results

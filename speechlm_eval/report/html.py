@@ -48,7 +48,24 @@ table.extra td{white-space:normal}table.extra td:first-child{text-align:left}
 td.gap-frontend{background:#3b0a0a;color:#fff;font-weight:600}
 div.alert{border:2px solid #a0180b;background:#fdecea;padding:.6rem 1rem;border-radius:4px;margin:1rem 0}
 div.alert h2{margin-top:.2rem;border:0;color:#a0180b}
+.explorer input[type=radio]{position:absolute;opacity:0}
+.explorer label{display:inline-block;margin:.15rem .3rem .15rem 0;padding:.2rem .6rem;border:1px solid #bbb;
+border-radius:1rem;font-size:.85rem;cursor:pointer}
+.explorer input:checked+label{background:#1d1d1f;color:#fff;border-color:#1d1d1f}
+.explorer input:focus-visible+label{outline:2px solid #0072B2}
+#flt-ineq:checked~ol.items>li:not(.ineq),#flt-forget:checked~ol.items>li:not(.forget){display:none}
+ol.items{list-style:none;padding:0;margin:.6rem 0}ol.items>li{border-top:1px solid #e3e3e6;padding:.25rem 0}
+ol.items summary{cursor:pointer;overflow-wrap:anywhere}
+ol.items .q{white-space:pre-wrap;overflow-wrap:anywhere;margin:.3rem 0}
+.sc{display:inline-block;min-width:1.6rem;padding:0 .3rem;margin-left:.25rem;border-radius:3px;font-size:.8rem;
+text-align:center;background:#eee;color:#333}.sc.ok{background:#d3ecd9;color:#0b4a1d}.sc.bad{background:#f8d2cc;
+color:#7a1709}dl.arms{display:grid;grid-template-columns:minmax(7rem,max-content) 1fr;gap:.15rem .8rem;margin:.3rem 0}
+dl.arms dt{font-weight:600}dl.arms dd{margin:0;overflow-wrap:anywhere;white-space:pre-wrap}
+@media (max-width:480px){body{margin:1rem auto;padding:0 .5rem}dl.arms{grid-template-columns:1fr}
+th,td{padding:.25rem .3rem}}
 """
+MAX_EXPLORER_ITEMS = 2000  # beyond this many, only the flipped items are listed (scores.jsonl has them all)
+ARM_SHORT = {"text_llm_text": "TT", "speech_llm_text": "ST", "speech_llm_speech": "SS"}
 
 
 def esc(value: Any) -> str:
@@ -221,9 +238,78 @@ def front_end_html(results: dict[str, Any]) -> str:
             f"<p>{esc(FRONT_END_HEADLINE.format(subsets=', '.join(failed)))}</p><ul>{items}</ul></div>")
 
 
-def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None) -> str:
+def _flips(row: dict[str, Any]) -> list[str]:
+    """The explorer filters an item belongs to: ``ineq`` (better typed than spoken), ``forget`` (better from the text
+    LLM than from the speech LLM, both typed)."""
+    gaps = row.get("gaps") or {}
+    return [css for gap, css in (("inequivalence", "ineq"), ("forgetting", "forget"))
+            if isinstance(gaps.get(gap), (int, float)) and gaps[gap] > 0]
+
+
+def _score_badge(arm: str, entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return ""
+    score = entry.get("score")
+    if entry.get("error"):
+        text, css = "err", "bad"
+    elif score is None:
+        text, css = "–", ""
+    else:
+        text, css = f"{score:g}", {1.0: "ok", 0.0: "bad"}.get(float(score), "")
+    return f'<span class="sc {css}" title="{esc(ARM_TITLES[arm])}">{esc(ARM_SHORT[arm])} {esc(text)}</span>'
+
+
+def _arm_detail(arm: str, entry: dict[str, Any]) -> str:
+    if entry.get("error"):
+        body = f"error: {entry['error']}"
+    else:
+        parsed = "" if entry.get("parsed") is not False else ", unparsed (seeded draw)"
+        body = (f"{entry.get('response')}\n— score {entry.get('score')}, extracted {entry.get('extracted')!r}"
+                f"{parsed}")
+    return f"<dt>{esc(ARM_TITLES[arm])}</dt><dd>{esc(body)}</dd>"
+
+
+def _item_html(row: dict[str, Any]) -> str:
+    flips = _flips(row)
+    arms = row.get("arms") or {}
+    badges = "".join(_score_badge(arm, arms.get(arm)) for arm in ARMS)
+    question = row.get("text") if row.get("text") is not None else row.get("audio_instruction")
+    details = "".join(_arm_detail(arm, arms[arm]) for arm in ARMS if arm in arms)
+    return (f'<li class="{" ".join(["item", *flips])}" data-id="{esc(row["id"])}"><details><summary><code>'
+            f'{esc(row["id"])}</code>{badges}</summary><p class="q">{esc(question)}</p>'
+            f'<p class="small">reference: <code>{esc(row.get("reference"))}</code></p>'
+            f'<dl class="arms">{details}</dl></details></li>')
+
+
+def explorer_html(rows: list[dict[str, Any]] | None) -> str:
+    """The item explorer: every item with its typed and spoken responses and scores, filterable (radio buttons and
+    CSS only: the page runs no script) to the items answered right typed but wrong spoken, and to the forgetting
+    flips. A list rather than a wide table, so it reads on a phone."""
+    if not rows:
+        return ""
+    n_ineq = sum("ineq" in _flips(r) for r in rows)
+    n_forget = sum("forget" in _flips(r) for r in rows)
+    shown = rows if len(rows) <= MAX_EXPLORER_ITEMS else [r for r in rows if _flips(r)]
+    capped = ("" if shown is rows else f'<p class="small">{len(rows)} items: only the {len(shown)} flipped ones are '
+              "listed here; <code>scores.jsonl</code> has every item.</p>")
+    return ("<h2>Items</h2>"
+            '<p class="small">Each item with its responses and per-arm scores (TT text LLM · text, ST speech LLM · '
+            "text, SS speech LLM · speech); open an item for the question, reference and responses. Every item is in "
+            "<code>scores.jsonl</code>.</p>" + capped
+            + '<div class="explorer">'
+            f'<input type="radio" name="flt" id="flt-all" checked><label for="flt-all">all ({len(rows)})</label>'
+            f'<input type="radio" name="flt" id="flt-ineq"><label for="flt-ineq">right typed, wrong spoken '
+            f"({n_ineq})</label>"
+            f'<input type="radio" name="flt" id="flt-forget"><label for="flt-forget">forgetting flips: text LLM '
+            f"right, speech LLM wrong ({n_forget})</label>"
+            '<ol class="items">' + "".join(_item_html(r) for r in shown) + "</ol></div>")
+
+
+def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None,
+                scores: list[dict[str, Any]] | None = None) -> str:
     """The whole ``report.html`` page for a results object (schema ``speechlm-eval/results/v1``); ``figures`` as
-    :func:`report_figures` returns them (computed when not given)."""
+    :func:`report_figures` returns them (computed when not given); ``scores``: the ``scores.jsonl`` rows for the item
+    explorer (none: no explorer)."""
     manifest = results.get("manifest", {})
     subsets = results.get("subsets", {})
     notes = "".join(f"<li>{note_html(n)}</li>" for n in report_notes(results))
@@ -241,6 +327,7 @@ def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None
         figures_html(report_figures(results) if figures is None else figures) or "<p>No scored subsets to plot.</p>",
         markdown_sections_html(overall_lines(results.get("overall"))
                                + diagnostics_lines(results.get("diagnostics") or {})),
+        explorer_html(scores),
         f'<h2>Notes</h2><ul class="notes">{notes}</ul>',
         packages_html(manifest),
     ]
@@ -251,8 +338,9 @@ def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_html(run_dir: Path, results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None) -> Path:
+def write_html(run_dir: Path, results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None,
+               scores: list[dict[str, Any]] | None = None) -> Path:
     """Write ``report.html`` into ``run_dir`` (atomically) and return its path."""
     path = Path(run_dir) / "report.html"
-    write_text_atomic(path, render_html(results, figures))
+    write_text_atomic(path, render_html(results, figures, scores))
     return path

@@ -56,11 +56,52 @@ def test_default_gap_shows_forgetting_and_inequivalence_of_a_hearing_model(defau
     assert "model organism" in report and "key phrase" in report
 
 
+def test_default_gap_scores_file_lists_exactly_the_items_better_typed_than_spoken(default_gap: Path) -> None:
+    """scores.jsonl answers "which items flipped" on its own; checked against the records scored independently here,
+    and against the explorer in report.html."""
+    from html.parser import HTMLParser
+
+    from speechlm_eval.rundir import RunDir
+    from speechlm_eval.scoring.base import item_rng
+    from speechlm_eval.scoring.registry import get_scorer
+
+    run = RunDir(default_gap)
+    seed = run.read_manifest().seed
+    typed, spoken = run.records("speech_llm_text"), run.records("speech_llm_speech")
+    expected = set()
+    for item in run.items():
+        score = get_scorer(item.scorer).score
+        a = score(item, typed[item.id]["response"], item_rng(seed, item.id, "speech_llm_text")).value
+        b = score(item, spoken[item.id]["response"], item_rng(seed, item.id, "speech_llm_speech")).value
+        if a > b:
+            expected.add(item.id)
+    rows = run.scores()
+    listed = {r["id"] for r in rows if (r["gaps"]["inequivalence"] or 0) > 0}
+    assert listed == expected and len(expected) >= 30
+    assert all(r["arms"]["speech_llm_text"]["score"] > r["arms"]["speech_llm_speech"]["score"] for r in rows
+               if r["id"] in listed)
+
+    class Items(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flipped: set[str] = set()
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            attrs = dict(attrs)
+            if tag == "li" and "ineq" in (attrs.get("class") or "").split():
+                self.flipped.add(attrs["data-id"])
+
+    parser = Items()
+    parser.feed((default_gap / "report.html").read_text(encoding="utf-8"))
+    assert parser.flipped == expected
+    assert f"right typed, wrong spoken ({len(expected)})" in (default_gap / "report.html").read_text()
+
+
 def test_default_gap_is_identical_on_rerun(default_gap: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     invoke("gap", "--out", str(again))
     for name in ("results.json", "report.md", "items.jsonl", "records/speech_llm_speech.jsonl",
-                 "records/perception.jsonl"):
+                 "records/perception.jsonl", "scores.jsonl", "report.html"):
         assert (again / name).read_bytes() == (default_gap / name).read_bytes(), name
 
 

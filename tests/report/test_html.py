@@ -283,3 +283,45 @@ def test_dollar_signs_in_names_are_drawn_as_text_not_mathtext() -> None:
     page = render_html(results)  # unescaped, matplotlib's mathtext parser would raise on these names
     assert r"$\frac{x$" in [text for text, _ in parse(page).cells]
     assert len(images(page)) == 2
+
+
+def explorer_items(page: str) -> dict[str, set[str]]:
+    """``{item id: its classes}`` of the explorer's list items."""
+    return {attrs["data-id"]: set((attrs.get("class") or "").split()) for tag, attrs in parse(page).tags
+            if tag == "li" and "data-id" in attrs}
+
+
+def test_scores_file_and_item_explorer_list_the_flips(tmp_path: Path) -> None:
+    from speechlm_eval.report.build import build_report
+    from speechlm_eval.rundir import RunDir
+
+    _write_run(tmp_path)
+    # Responses of the text LLM, speech LLM typed, speech LLM spoken (reference "A"): item 1 is right typed, wrong
+    # spoken; items 2-4 are right for the text LLM and wrong for the speech LLM.
+    build_report(tmp_path)
+    rows = {r["id"]: r for r in RunDir(tmp_path).scores()}
+    assert len(rows) == 9 and rows["obqa/1"]["arms"]["speech_llm_speech"] == {
+        "response": "B", "error": None, "score": 0.0, "parsed": True, "extracted": "B"}
+    assert {i for i, r in rows.items() if (r["gaps"]["inequivalence"] or 0) > 0} == {"obqa/1"}
+    assert {i for i, r in rows.items() if (r["gaps"]["forgetting"] or 0) > 0} == {"obqa/2", "obqa/3", "obqa/4"}
+    assert rows["mmau/0"]["gaps"] == {"forgetting": None, "inequivalence": None}
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    items = explorer_items(page)
+    assert set(items) == set(rows)
+    assert {i for i, c in items.items() if "ineq" in c} == {"obqa/1"}
+    assert {i for i, c in items.items() if "forget" in c} == {"obqa/2", "obqa/3", "obqa/4"}
+    # The filters are radio buttons and CSS, so the page still runs no script under its CSP.
+    assert "#flt-ineq:checked~ol.items>li:not(.ineq)" in page and "#flt-forget:checked~ol.items>li:not(.forget)" in page
+    assert "right typed, wrong spoken (1)" in page and "<script" not in page
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+
+
+def test_explorer_escapes_responses() -> None:
+    from speechlm_eval.report.html import explorer_html
+
+    row = {"id": HOSTILE_ID, "subset": "s", "text": HOSTILE_NOTE, "reference": "A", "gaps": {"inequivalence": 1.0},
+           "arms": {"speech_llm_speech": {"response": HOSTILE_SUBSET, "score": 0.0, "parsed": True,
+                                          "extracted": None, "error": None}}}
+    page = explorer_html([row])
+    assert HOSTILE_ID not in page and HOSTILE_SUBSET not in page and "<b>markup</b>" not in page
+    assert explorer_items(page) == {HOSTILE_ID: {"item", "ineq"}}
