@@ -23,6 +23,7 @@ from speechlm_eval.data.item import KEY_PHRASE, Item
 from speechlm_eval.distributed import process_state, shard
 from speechlm_eval.divergence import token_jsd, token_kl
 from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
+from speechlm_eval.progress import stage
 from speechlm_eval.records import RecordWriter
 from speechlm_eval.rundir import DIAGNOSTICS, PERCEPTION, SPEECH_LLM_TEXT, TEXT_LLM_TEXT, RunDir
 from speechlm_eval.runner import batches, error_record
@@ -105,7 +106,8 @@ def run_distribution_diagnostics(
         i for i in items if i.has_text_equivalent and i.id not in done
         and responses.get(i.id, {}).get("error") is None and responses.get(i.id, {}).get("response")])
     tokenizer = speech_llm.tokenizer  # type: ignore[attr-defined]
-    with RecordWriter(path) as writer:
+    shown = stage("diagnostics: KL/JSD", total=len(todo), enabled=process_state().is_main_process)
+    with shown, RecordWriter(path) as writer:
         for batch in batches(todo, batch_size):
             records, ready, audio_prompts = [], [], []
             for item in batch:
@@ -134,6 +136,7 @@ def run_distribution_diagnostics(
                         except Exception as item_error:  # noqa: BLE001
                             records.append(error_record(DIAGNOSTICS, item, item_error))
             writer.write_many(records)
+            shown.advance(len(batch))
 
 
 def _divergence_records(items, text_prompts, audio_prompts, targets, speech_llm, text_llm, shared, reference_arm):
@@ -206,7 +209,8 @@ def run_perception_probe(
     done = RunDir(run_dir).completed_ids(PERCEPTION)
     path, todo = _my_share(run_dir, PERCEPTION, [i for i in items if i.id not in done and i.text_to_speak()])
     generation = GenerationConfig(max_new_tokens=max_new_tokens)
-    with RecordWriter(path) as writer:
+    shown = stage("perception probe", total=len(todo), enabled=process_state().is_main_process)
+    with shown, RecordWriter(path) as writer:
         for batch in batches(todo, batch_size):
             records, ready, prompts = [], [], []
             for item in batch:
@@ -237,3 +241,4 @@ def run_perception_probe(
                     record["key_heard"] = phrase_heard(out.text, str(item.meta[KEY_PHRASE]))
                 records.append(record)
             writer.write_many(records)
+            shown.advance(len(batch))

@@ -388,7 +388,8 @@ def make_audio_source(config: GapConfig):
 
 def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], audio_source: Any,
              console: Any, system: str | None = None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Each arm in turn, with its progress (:mod:`speechlm_eval.progress`) and a warning when items got errors."""
+    import logging
 
     from speechlm_eval.distributed import process_state
     from speechlm_eval.runner import arms_for, run_arm
@@ -396,11 +397,8 @@ def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], a
     plans = arms_for(items, models["speech_llm"], models["text_llm"], config.arms, system=system,
                      truncate_audio=config.preset == "voicebench")
     state = process_state()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not state.is_main_process, transient=False) as progress:
-        for plan in plans:
-            stats = run_arm(plan, Path(config.out), generation=generation_config(config),
-                            batch_size=config.batch_size, audio_source=audio_source, progress=progress)
-            if stats.errors and state.is_main_process:
-                progress.console.print(f"[yellow]{plan.name}: {stats.errors} item(s) got error records")
+    for plan in plans:
+        stats = run_arm(plan, Path(config.out), generation=generation_config(config),
+                        batch_size=config.batch_size, audio_source=audio_source)
+        if stats.errors and state.is_main_process:
+            logging.getLogger(__name__).warning("%s: %d item(s) got error records", plan.name, stats.errors)

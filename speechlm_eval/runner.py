@@ -17,6 +17,7 @@ from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.data.item import Item
 from speechlm_eval.distributed import process_state, shard
 from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
+from speechlm_eval.progress import stage
 from speechlm_eval.records import RecordWriter
 from speechlm_eval.rundir import ARM_BY_NAME, ARMS, RunDir
 
@@ -82,9 +83,10 @@ def run_arm(
     generation: GenerationConfig,
     batch_size: int,
     audio_source: AudioSource,
-    progress: Any = None,
+    progress: bool = True,
 ) -> ArmProgress:
-    """Answer this process's share of the arm's pending items, appending a record per item as each batch finishes."""
+    """Answer this process's share of the arm's pending items, appending a record per item as each batch finishes;
+    ``progress`` shows the arm's progress (:func:`speechlm_eval.progress.stage`) on the main process."""
     state = process_state()
     rank, world = state.process_index, state.num_processes
     run = RunDir(run_dir)
@@ -92,16 +94,15 @@ def run_arm(
     pending = [i for i in plan.items if i.id not in done]
     mine = shard(sorted_for_batching(pending, plan), rank, world)
     stats = ArmProgress(plan.name, total=len(mine), skipped=len(plan.items) - len(pending))
-    task = progress.add_task(plan.name, total=len(mine)) if progress is not None else None
     start = time.perf_counter()
-    with RecordWriter(run.records_path(plan.name, rank, world)) as writer:
+    shown = stage(plan.name, total=len(mine), enabled=progress and state.is_main_process)
+    with shown, RecordWriter(run.records_path(plan.name, rank, world)) as writer:
         for batch in batches(mine, batch_size):
             records = answer_batch(plan, batch, generation, audio_source)
             writer.write_many(records)
             stats.done += len(records)
             stats.errors += sum(r["error"] is not None for r in records)
-            if progress is not None:
-                progress.advance(task, len(records))
+            shown.advance(len(records), postfix=f"{stats.errors} errors" if stats.errors else None)
     stats.seconds = time.perf_counter() - start
     return stats
 

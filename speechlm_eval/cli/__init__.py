@@ -6,6 +6,8 @@ Exit codes, for every command: 0 ok, 1 a failed gate (``check`` found a regressi
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from speechlm_eval.cli import check, distill, families, gap, organism, report, score
@@ -19,6 +21,18 @@ app = typer.Typer(
 )
 for command in (gap, report, score, check, distill, organism, families):
     command.register(app)
+
+
+@app.callback()
+def configure(log_level: Optional[str] = typer.Option(
+        None, "--log-level", help="debug | info | warning | error (default info, or $SPEECHLM_EVAL_LOG_LEVEL). "
+        "Progress of long stages is logged at info every $SPEECHLM_EVAL_PROGRESS_INTERVAL seconds (default 30) when "
+        "stderr is not a terminal.")) -> None:
+    from speechlm_eval.cli.common import bad_input_exits
+    from speechlm_eval.progress import configure_logging
+
+    with bad_input_exits():
+        configure_logging(log_level)
 
 
 def main() -> None:

@@ -29,15 +29,18 @@ def distill(config: DistillConfig, evaluation: EvalConfig) -> None:
     from speechlm_eval.report.summary import before_after_table, print_gap_summary, print_table
     from speechlm_eval.rundir import RunDir
 
-    print_gap_summary(console, RunDir(report.parent / "after").read_results())
+    print_gap_summary(console, RunDir(report.parent / "after").read_results(),
+                      title="speechlm-eval gap after distillation")
     print_table(console, before_after_table(read_comparison(report.parent)))
     typer.echo(str(report))
 
 
 def train(config: DistillConfig) -> None:
     from speechlm_eval.distill.train import distill as run_distillation
+    from speechlm_eval.progress import configure_logging
 
     with bad_input_exits():
+        configure_logging()
         path = run_distillation(config)
     typer.echo(str(path))
 

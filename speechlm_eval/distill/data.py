@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.progress import stage
 
 FIELDS = ("id", "system_prompt", "question", "response")
 BUNDLED = "bundled"
@@ -296,12 +297,14 @@ def synthesize_questions(
         ``(kept, counts)`` with ``counts = {"audio_too_long": n}``.
     """
     kept, too_long = [], 0
-    for example in examples:
-        audio = tts.synthesize(example.question)
-        if max_seconds is not None and len(audio) / SAMPLING_RATE > max_seconds + 1e-9:
-            too_long += 1
-            continue
-        kept.append(replace(example, audio=audio if keep_audio else None))
+    with stage("distill data: TTS", total=len(examples), unit="questions") as shown:
+        for example in examples:
+            audio = tts.synthesize(example.question)
+            shown.advance()
+            if max_seconds is not None and len(audio) / SAMPLING_RATE > max_seconds + 1e-9:
+                too_long += 1
+                continue
+            kept.append(replace(example, audio=audio if keep_audio else None))
     return kept, {"audio_too_long": too_long}
 
 
@@ -325,14 +328,16 @@ def teacher_targets(
 
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     out, empty = [], 0
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        generations = teacher.generate([text_prompt(e) for e in batch], config)
-        for example, generation in zip(batch, generations):
-            if generation.text.strip():
-                out.append(replace(example, response=generation.text))
-            else:
-                empty += 1
+    with stage("distill data: teacher targets", total=len(examples), unit="examples") as shown:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            generations = teacher.generate([text_prompt(e) for e in batch], config)
+            for example, generation in zip(batch, generations):
+                if generation.text.strip():
+                    out.append(replace(example, response=generation.text))
+                else:
+                    empty += 1
+            shown.advance(len(batch))
     return out, {"empty_target": empty}
 
 

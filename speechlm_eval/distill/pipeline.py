@@ -7,12 +7,15 @@ after run scores ``OUT/checkpoint`` (or, with ``--no-merge``, ``OUT/adapter``) o
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from speechlm_eval.distill.config import DEFAULT_EVAL_SUITE, OUR_READING, DistillConfig, EvalConfig, resolve_distill_config
 from speechlm_eval.distill.train import distill
+
+log = logging.getLogger(__name__)
 
 def _gap(out: Path, model: str, text_model: str, evaluation: EvalConfig, seed: int) -> Path:
     from speechlm_eval.gap import GapConfig, run_gap
@@ -51,8 +54,10 @@ def distill_and_compare(config: DistillConfig, evaluation: EvalConfig | None = N
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("comparison.json", "report.md", "report.html"):
             (out / name).unlink(missing_ok=True)
+    log.info("distill 1/4: gap before distillation -> %s", out / "before")
     before = _gap(out / "before", config.student, config.teacher, evaluation, config.seed)
     checkpoint = out / ("adapter" if config.lora and not config.merge else "checkpoint")
+    log.info("distill 2/4: distillation -> %s", checkpoint)
     finished = (checkpoint / "config.json").exists() or (checkpoint / "adapter_config.json").exists()
     if finished and (out / "manifest.json").exists() and not config.overwrite:
         pass  # a finished distillation: reuse it
@@ -60,6 +65,7 @@ def distill_and_compare(config: DistillConfig, evaluation: EvalConfig | None = N
         if (out / "manifest.json").exists() and not config.overwrite:
             config.resume = True
         checkpoint = distill(config, eval_items=items)
+    log.info("distill 3/4: gap after distillation -> %s", out / "after")
     after = _gap(out / "after", str(checkpoint), config.teacher, evaluation, config.seed)
 
     def shown(path: Any) -> str:
@@ -72,5 +78,6 @@ def distill_and_compare(config: DistillConfig, evaluation: EvalConfig | None = N
                 f"{'LoRA' if config.lora else 'full fine-tune'}; data {shown(config.data)}",
                 "- Defaults that are our reading of the paper, not the paper's: "
                 + ", ".join(sorted(OUR_READING)), *[f"- {n}" for n in evaluation.notes]]
+    log.info("distill 4/4: before/after report -> %s", out / "report.md")
     write_before_after(out, before, after, preamble)
     return out / "report.md"

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from speechlm_eval.distill.losses import REST_FLOOR, TopK, topk_from_logits
+from speechlm_eval.progress import stage
 from speechlm_eval.distill.vocab import cut_padded_vocab, real_vocab_size
 from speechlm_eval.records import write_atomic
 
@@ -342,6 +343,17 @@ def build_teacher_cache(
         tail_samples=tail_samples, tail_temperature=tail_temperature,
     )
     todo = [i for i, example_id in enumerate(example_ids) if example_id not in cache]
+    shown = stage("teacher cache", total=len(todo), unit="examples", enabled=bool(todo))
+    with shown:
+        _fill_cache(teacher_model, prompts, targets, example_ids, cache, todo, batch_size, k, vocab, chunk_size,
+                    examples_per_shard, shown)
+    return cache
+
+
+def _fill_cache(teacher_model: Any, prompts: Sequence[Any], targets: Sequence[Any], example_ids: Sequence[str],
+                cache: TeacherCache, todo: list[int], batch_size: int, k: int, vocab: int, chunk_size: int,
+                examples_per_shard: int, shown: Any) -> None:
+    """The teacher over the uncached examples, a shard written every ``examples_per_shard`` and at the end."""
     pending_ids: list[str] = []
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
     for start in range(0, len(todo), batch_size):
@@ -372,8 +384,8 @@ def build_teacher_cache(
                 pending.append(top if tail_samples else (top.logprobs, top.indices, top.rest_logprob))
             pending_ids.append(example_ids[i])
         del logits
+        shown.advance(len(batch))
         if len(pending_ids) >= examples_per_shard:
             cache.write(pending_ids, pending)
             pending_ids, pending = [], []
     cache.write(pending_ids, pending)
-    return cache

@@ -50,6 +50,7 @@ from speechlm_eval.distill.teacher_cache import TeacherCache, build_teacher_cach
 from speechlm_eval.distributed import set_threads
 from speechlm_eval.models.base import TrainableSpeechLM
 from speechlm_eval.distill.vocab import KDSupport, kd_support
+from speechlm_eval.progress import stage
 
 def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Path:
     """Run (or resume) a distillation; returns ``OUT/checkpoint`` (the merged student + processor).
@@ -58,14 +59,6 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     ``eval_items`` (:class:`~speechlm_eval.data.item.Item` s) are checked for leakage besides ``leakage_suite``.
     """
     from accelerate.utils import set_seed
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from transformers import get_cosine_schedule_with_warmup
 
     started = time.time()
@@ -155,12 +148,11 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     frozen_in_eval_mode(student, config)  # student.model is the prepared (wrapped) model
     stopped_early = False
     last_save = time.time()
-    progress = Progress(TextColumn("[bold]distill[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not accelerator.is_main_process)
+    progress = stage("distill training", total=total_steps, unit="steps", completed=done_step,
+                     enabled=accelerator.is_main_process)
     log_file = open(log_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
     planned = [(epoch, micro_batches) for epoch, steps in enumerate(plan) for micro_batches in steps]
     with progress, log_file as log:
-        task = progress.add_task("", total=total_steps, completed=done_step)
         for step, (epoch, micro_batches) in enumerate(planned, start=1):
             if step <= done_step:
                 continue  # trained before the resume; the data order is the planned one
@@ -202,7 +194,7 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            progress.update(task, advance=1, description=" ".join(
+            progress.advance(1, postfix=" ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss_") or k == "ce"))
             last = step == total_steps
             stopped_early = config.stop_after_steps is not None and step >= config.stop_after_steps and not last

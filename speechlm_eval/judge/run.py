@@ -13,6 +13,7 @@ from speechlm_eval.judge.cache import default_cache_dir, read_cached, write_cach
 from speechlm_eval.judge.http import openai_judge
 from speechlm_eval.judge.local import hf_judge
 from speechlm_eval.judge.prompts import judge_prompt
+from speechlm_eval.progress import stage
 from speechlm_eval.rundir import RunDir
 from speechlm_eval.scoring.judged import response_key
 from speechlm_eval.scoring.registry import is_judged
@@ -67,9 +68,11 @@ def judge_records(
     missing = [p for p in dict.fromkeys(prompts) if p not in outputs]
     log.info("judge %s: %d prompts, %d cached, %d to judge", judge.spec, len(outputs) + len(missing), len(outputs),
              len(missing))
-    for prompt, result in _complete_all(judge, missing):
-        write_cached(cache, judge.identity, prompt, result)
-        outputs[prompt] = result
+    with stage(f"judge {judge.spec}", total=len(missing), enabled=bool(missing)) as shown:
+        for prompt, result in _complete_all(judge, missing):
+            write_cached(cache, judge.identity, prompt, result)
+            outputs[prompt] = result
+            shown.advance()
     return [list(outputs[p]) for p in prompts]
 
 

@@ -22,6 +22,22 @@ from lm_eval.models.huggingface import HFLM
 
 from speechlm_eval.models.base import SpeechLM
 from speechlm_eval.models.registry import LoadOptions, load_model
+from speechlm_eval.progress import Stage, stage
+
+
+class _CountingHook:
+    """lm-eval's cache hook, passed through, advancing a progress stage per answered request (HFLM reports each
+    answer to its hook, so this counts without touching HFLM's loops)."""
+
+    def __init__(self, hook: Any, shown: Stage) -> None:
+        self.hook, self.shown = hook, shown
+
+    def add_partial(self, attr: str, req: Any, res: Any) -> None:
+        self.shown.advance()
+        self.hook.add_partial(attr, req, res)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.hook, name)
 
 
 @register_model("speechlm")
@@ -85,6 +101,27 @@ class SpeechLMHarness(HFLM):
         self.adapter = adapter
         # lm-eval writes this into its results' config; the loaded object would print as a module tree.
         self.pretrained = adapter.name
+
+    def _with_progress(self, kind: str, requests: list, run: Any) -> Any:
+        hook = self.cache_hook
+        with stage(f"lm-eval {kind} ({self.adapter.name})", total=len(requests), unit="requests") as shown:
+            self.cache_hook = _CountingHook(hook, shown)
+            try:
+                return run()
+            finally:
+                self.cache_hook = hook
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+        return self._with_progress("loglikelihood", requests,
+                                   lambda: super(SpeechLMHarness, self).loglikelihood(requests, disable_tqdm))
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+        return self._with_progress("loglikelihood_rolling", requests,
+                                   lambda: super(SpeechLMHarness, self).loglikelihood_rolling(requests, disable_tqdm))
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
+        return self._with_progress("generate_until", requests,
+                                   lambda: super(SpeechLMHarness, self).generate_until(requests, disable_tqdm))
 
     def get_model_info(self) -> dict:
         """HFLM's model info plus our adapter's identity (family, path, fingerprint, dtype, device)."""

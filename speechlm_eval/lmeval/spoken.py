@@ -24,6 +24,7 @@ import numpy as np
 
 from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.models.base import ModelInputError, Prompt, SpeechLM
+from speechlm_eval.progress import stage
 from speechlm_eval.rundir import LMEVAL_SPOKEN_ARMS
 
 SPOKEN_ARMS: tuple[str, str] = LMEVAL_SPOKEN_ARMS
@@ -115,15 +116,18 @@ def choice_loglikelihoods(
     fault get an error.
     """
     out: dict[str, list[float] | str] = {}
-    for chunk in _doc_batches(docs, batch_size):
-        try:
-            out.update(_score_batch(model, chunk, prompts))
-        except ModelInputError:
-            for doc in chunk:
-                try:
-                    out.update(_score_batch(model, [doc], prompts))
-                except ModelInputError as error:
-                    out[doc.id] = str(error)
+    spoken = any(prompts[d.id].audio is not None for d in docs)
+    with stage(f"lm-eval {'spoken' if spoken else 'typed'} log-likelihood", total=len(docs), unit="docs") as shown:
+        for chunk in _doc_batches(docs, batch_size):
+            try:
+                out.update(_score_batch(model, chunk, prompts))
+            except ModelInputError:
+                for doc in chunk:
+                    try:
+                        out.update(_score_batch(model, [doc], prompts))
+                    except ModelInputError as error:
+                        out[doc.id] = str(error)
+            shown.advance(len(chunk))
     return out
 
 

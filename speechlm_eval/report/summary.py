@@ -28,9 +28,9 @@ def _arm_text(arm: Mapping[str, Any] | None) -> str:
     return f"{arm['score']:.2f} [{fmt(arm.get('ci_low'))}, {fmt(arm.get('ci_high'))}]{extra}"
 
 
-def gap_table(results: Mapping[str, Any]) -> Table:
+def gap_table(results: Mapping[str, Any], title: str = "speechlm-eval gap") -> Table:
     """One row per scored subset: n, metric, the three arms and the two gaps, as in ``report.md``."""
-    table = Table(title="speechlm-eval gap", show_lines=False, title_justify="left")
+    table = Table(title=title, show_lines=False, title_justify="left")
     for name in ("subset", "n", "metric", *(ARM_TITLES[a] for a in ARMS), *GAPS):
         table.add_column(name, overflow="fold")
     for subset, entry in results.get("subsets", {}).items():
@@ -40,14 +40,14 @@ def gap_table(results: Mapping[str, Any]) -> Table:
     return table
 
 
-def print_gap_summary(console: Console, results: Mapping[str, Any]) -> None:
+def print_gap_summary(console: Console, results: Mapping[str, Any], title: str = "speechlm-eval gap") -> None:
     """Front-end failures (red, first), then the scores-and-gaps table."""
     warnings = front_end_warnings(results)
     if warnings:
         console.print(f"[bold red]{warnings[0]}[/]", highlight=False)
         for line in warnings[1:]:
             console.print(f"  {line}", style="red", highlight=False, soft_wrap=True, markup=False)
-    print_table(console, gap_table(results))
+    print_table(console, gap_table(results, title))
 
 
 PLAIN_WIDTH = 160  # a log file has no width: do not fold the table to 80 columns
