@@ -239,6 +239,9 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     items, sources = load_items(config)  # DataError here: nothing loaded yet
     if not items:
         raise ConfigError("the suite selected no items")
+    from speechlm_eval.preflight import check_gap
+
+    check_gap(config, items)  # seed, paths, disk, TTS voice, lm-eval tasks, judge endpoint: before any model loads
     rows = [item_row(i) for i in items]
     identity = request_identity(config, items_jsonl_sha256(rows))
     state = process_state()
@@ -299,8 +302,12 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
                              config.lm_eval_include, run.path, limit=config.limit, batch_size=config.batch_size,
                              seed=config.seed, spoken=True, tts=tts)
         judge_run(run.path, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
-        build_report(run.path)
+        results = build_report(run.path)
     state.wait_for_everyone()
+    if state.is_main_process:
+        from speechlm_eval.report.build import check_run_succeeded
+
+        check_run_succeeded(run.path, results)  # an arm with no item scored is an error, not a "–"
     return run.path
 
 

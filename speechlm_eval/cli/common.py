@@ -24,8 +24,23 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 @contextlib.contextmanager
 def bad_input_exits() -> Iterator[None]:
-    """Turn the errors that mean "the input is unusable" (raised before any work is lost) into :func:`fail`."""
+    """Turn the errors that mean "the input is unusable" into :func:`fail` (exit 2, no traceback): bad values and
+    files, a path that cannot be read or written, a judge that refuses or cannot be reached, a TTS engine that cannot
+    speak. (A run's records are kept; the message says what to fix.)"""
+    from speechlm_eval.judge.base import JudgeError
+    from speechlm_eval.speech.engine import TTSError
+
     try:
         yield
-    except (ValueError, FileNotFoundError) as error:
-        fail(str(error))
+    except UnicodeDecodeError as error:
+        fail(f"not UTF-8 text: {error}")
+    except (ValueError, OSError, JudgeError, TTSError) as error:
+        fail(_message(error))
+
+
+def _message(error: BaseException) -> str:
+    """An OSError as "what: path" (its str() is "[Errno 13] Permission denied: 'x'"), anything else as is."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error)

@@ -19,26 +19,30 @@ def _print_json(obj: Any) -> None:
 
 
 def score_voicebench(config: VoiceBenchScoreConfig) -> None:
-    from speechlm_eval.scoring.rescore import RescoreError, rescore_voicebench, write_per_item
+    from speechlm_eval.scoring.rescore import RescoreError, check_output_path, rescore_voicebench, write_per_item
 
     try:
+        if config.per_item is not None:
+            check_output_path(config.per_item)
         result = rescore_voicebench(config.file, config.subset, seed=config.seed, split=config.split)
+        if config.per_item is not None:
+            write_per_item(config.per_item, result.per_item)
     except RescoreError as error:
         fail(str(error))
-    if config.per_item is not None:
-        write_per_item(config.per_item, result.per_item)
     _print_json(result.metrics)
 
 
 def score_mmau(config: MmauScoreConfig) -> None:
-    from speechlm_eval.scoring.rescore import RescoreError, rescore_mmau, write_per_item
+    from speechlm_eval.scoring.rescore import RescoreError, check_output_path, rescore_mmau, write_per_item
 
     try:
+        if config.per_item is not None:
+            check_output_path(config.per_item)
         result = rescore_mmau(config.file)
+        if config.per_item is not None:
+            write_per_item(config.per_item, result.per_item)
     except RescoreError as error:
         fail(str(error))
-    if config.per_item is not None:
-        write_per_item(config.per_item, result.per_item)
     _print_json(result.metrics)
 
 

@@ -46,6 +46,9 @@ def distill_and_compare(config: DistillConfig, evaluation: EvalConfig | None = N
     evaluation = evaluation or EvalConfig()
     config = resolve_distill_config(config, evaluation)
     evaluation.suites = list(evaluation.suites) or [DEFAULT_EVAL_SUITE]
+    from speechlm_eval.preflight import check_distill
+
+    check_distill(config)  # before the first gap run loads a model
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     items = suite_items(evaluation.suites, evaluation.eval_limit)  # also the leakage check's evaluation items

@@ -30,13 +30,45 @@ def openai_judge(spec: str, model: str, settings: JudgeSettings, retry: RetryPol
     if key is None and urllib.parse.urlsplit(base_url).hostname == "api.openai.com":
         raise JudgeError(f"judge {spec!r} needs an API key: set {' or '.join(API_KEY_ENVS)}")
     url = base_url.rstrip("/") + "/chat/completions"
-    identity = {"backend": "openai", "model": model, "base_url": _public_url(base_url), **settings.to_dict()}
+    # The port is left out of the cache key: the same server moved to another port answers the same.
+    identity = {"backend": "openai", "model": model, "base_url": _public_url(base_url, port=False),
+                **settings.to_dict()}
 
     def complete(prompt: str) -> list[str]:
         return _post_with_retries(url, key, _request_body(model, settings, prompt), settings.n, retry)
 
     return Judge(spec=spec, identity=identity, complete=complete, workers=max(1, workers),
-                 details={"retry": asdict(retry)})
+                 details={"retry": asdict(retry), "endpoint": _public_url(base_url)})
+
+
+def check_endpoint(model: str, timeout_s: float = 15.0) -> None:
+    """One cheap call before any model loads: ``GET {base}/models`` with the key. A dead host, a refused key
+    (401/403) or a failing server (5xx) raise :class:`JudgeError` at once; a listing that lacks ``model`` too. An
+    endpoint without ``/models`` (404/405) is reachable, and passes."""
+    base_url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    key = _api_key()
+    url = base_url.rstrip("/") + "/models"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
+            payload = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        if error.code in (404, 405):
+            return
+        body = error.read()[:300].decode("utf-8", "replace")
+        what = "rejected the API key" if error.code in (401, 403) else "answered with an error"
+        raise JudgeError(_scrub(f"judge endpoint {_public_url(base_url)} {what} (HTTP {error.code}: {body})",
+                                key)) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise JudgeError(f"cannot reach the judge endpoint {_public_url(base_url)} ({reason}); check "
+                         f"${BASE_URL_ENV}") from None
+    except ValueError:
+        return  # not JSON: reachable, nothing to check the model against
+    served = [m.get("id") for m in payload.get("data", []) if isinstance(m, dict)] if isinstance(payload, dict) else []
+    if served and model not in served:
+        shown = ", ".join(map(str, served[:10])) + (" ..." if len(served) > 10 else "")
+        raise JudgeError(f"judge endpoint {_public_url(base_url)} does not serve model {model!r} (it serves: {shown})")
 
 
 class _Retryable(Exception):
@@ -52,13 +84,14 @@ def _api_key() -> str | None:
     return None
 
 
-def _public_url(url: str) -> str:
-    """The endpoint without credentials or query (a URL can carry ``user:pass@`` or ``?key=``)."""
+def _public_url(url: str, *, port: bool = True) -> str:
+    """The endpoint without credentials or query (a URL can carry ``user:pass@`` or ``?key=``), and without its port
+    when ``port`` is False."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:  # an IPv6 literal keeps its brackets
         host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
+    netloc = host + (f":{parts.port}" if parts.port and port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 

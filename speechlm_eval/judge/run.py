@@ -48,6 +48,23 @@ def load_judge(
     raise JudgeError(f"unknown judge {spec!r}; use openai:MODEL (e.g. openai:gpt-4o-mini), hf:PATH or none")
 
 
+def validate_judge(spec: str) -> None:
+    """Fail fast on a judge that cannot work: a bad spec, a missing key, an unreachable or refusing endpoint
+    (:func:`speechlm_eval.judge.http.check_endpoint`), a local judge path that does not exist. No model is loaded."""
+    from pathlib import Path
+
+    from speechlm_eval.judge.http import check_endpoint
+
+    judge = load_judge(spec)
+    if judge is None:
+        return
+    backend, _, target = spec.partition(":")
+    if backend == "openai":
+        check_endpoint(target)
+    elif backend == "hf" and target.startswith(("/", ".", "~")) and not Path(target).expanduser().exists():
+        raise JudgeError(f"judge model path {target} does not exist")
+
+
 def judge_records(
     items: Sequence[Any], responses: Sequence[str], judge: Judge, cache_dir: str | Path | None = None
 ) -> list[list[str]]:

@@ -43,6 +43,13 @@ def task_manager_for(tasks: Sequence[str], include_path: str | Path | None):
     return TaskManager()
 
 
+def unknown_tasks(tasks: Sequence[str], include_path: str | Path | None) -> list[str]:
+    """The names in ``tasks`` that lm-eval (with ``include_path``) knows as no task, group or tag: checked before
+    any model loads, so a typo does not end a run after hours of inference."""
+    manager = task_manager_for(tasks, include_path)
+    return [t for t in tasks if t not in manager.all_tasks]
+
+
 def harness_records(samples: dict[str, list[dict[str, Any]]], arm: str) -> list[dict[str, Any]]:
     """Records from lm-eval's logged samples (``results["samples"]``): one per (task, doc_id).
 

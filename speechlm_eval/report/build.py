@@ -33,15 +33,17 @@ class ReportConfig:
 
 def rebuild_report(config: ReportConfig) -> Path:
     """Rebuild results.json, report.md and report.html from a run's records alone (judging first with ``judge``);
-    returns the path of report.md."""
+    returns the path of report.md. :class:`RunFailedError` (after writing) when an arm has nothing scored."""
     run = RunDir(config.run_dir)
     if not run.manifest_path.exists():
         raise FileNotFoundError(f"{config.run_dir} is not a run directory (no manifest.json)")
+    if not run.arm_records():
+        raise FileNotFoundError(f"{config.run_dir} has no records (records/<arm>.jsonl): nothing to report")
     if config.judge is not None:
         from speechlm_eval.judge.run import judge_run
 
         judge_run(run.path, config.judge)
-    build_report(run.path)
+    check_run_succeeded(run.path, build_report(run.path))
     return run.path / "report.md"
 Records = Mapping[str, Mapping[str, dict[str, Any]]]  # {arm: {item id: record}}
 
@@ -79,6 +81,8 @@ def subset_results(items: list[ItemRow], records: Records, seed: int, n_resample
         valid = [(it, s) for it, s in zip(items, scores.values()) if s is not None]
         values = np.array([s.value for _, s in valid], dtype=float)
         recorded_ok = sum(1 for it in items if it.id in arm_records and arm_records[it.id].get("error") is None)
+        first_error = next((arm_records[it.id]["error"] for it in items
+                            if arm_records.get(it.id, {}).get("error") is not None), None)
         arm_entry: dict[str, Any] = {
             "n": len(valid),
             "errors": sum(1 for it in items if arm_records.get(it.id, {}).get("error") is not None),
@@ -92,6 +96,9 @@ def subset_results(items: list[ItemRow], records: Records, seed: int, n_resample
                              official=scorer.aggregate([it for it, _ in valid], [s for _, s in valid]))
         else:
             arm_entry.update(score=None, ci_low=None, ci_high=None, unparsed=0, official=None)
+            if first_error is not None:  # why nothing could be scored, for the error a failed run ends with
+                arm_entry["first_error"] = (first_error.get("message") if isinstance(first_error, Mapping)
+                                            else str(first_error))
         entry["arms"][arm] = arm_entry
     for gap, (first, second) in GAPS.items():
         if first in per_arm and second in per_arm:
@@ -222,6 +229,36 @@ def build_results_and_scores(run_dir: Path) -> tuple[dict[str, Any], list[dict[s
     results["diagnostics"] = diagnostics_results(run, item_scores, scales, seed, n_resamples)
     results["manifest"] = manifest.to_dict()
     return results, item_score_rows(grouped, records, item_scores)
+
+
+class RunFailedError(ValueError):
+    """A run whose records leave a subset's arm with no scorable item (every item an error or missing): its numbers
+    would be "–", so the run is an error, not a result. Raised after the report is written, so it can be read."""
+
+    def __init__(self, run_dir: Path, problems: list[str]) -> None:
+        super().__init__(f"{run_dir}: no item could be scored in " + "; ".join(problems)
+                         + f" (records and report are in {run_dir})")
+        self.run_dir, self.problems = Path(run_dir), problems
+
+
+def failed_arms(results: Mapping[str, Any]) -> list[str]:
+    """``"subset · arm: all N items failed (...)"`` for each arm of a subset with records but nothing scored."""
+    out = []
+    for subset, entry in results.get("subsets", {}).items():
+        for arm, a in (entry.get("arms") or {}).items():
+            if not isinstance(a, Mapping) or a.get("n") or not (a.get("errors") or a.get("missing")):
+                continue
+            first = f"; first error: {a['first_error']}" if a.get("first_error") else ""
+            out.append(f"{subset} · {arm}: all {entry.get('n')} items failed ({a.get('errors', 0)} error records, "
+                       f"{a.get('missing', 0)} missing{first})")
+    return out
+
+
+def check_run_succeeded(run_dir: Path, results: Mapping[str, Any]) -> None:
+    """:class:`RunFailedError` when :func:`failed_arms` finds an arm with nothing scored."""
+    problems = failed_arms(results)
+    if problems:
+        raise RunFailedError(Path(run_dir), problems)
 
 
 def mark_front_end_failures(subsets: dict[str, Any], front_end: Mapping[str, Mapping[str, Any]]) -> None:

@@ -159,7 +159,8 @@ def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None
     for role, title in (("speech_llm", "Speech LLM"), ("text_llm", "Text LLM")):
         if role in models:
             m = models[role]
-            lines.append(f"- **{title}**: `{m['id']}` ({m['family']}, {m.get('dtype')}, revision {m.get('commit') or m.get('revision') or 'local'})")
+            lines.append(f"- **{title}**: `{m.get('id')}` ({m.get('family')}, {m.get('dtype')}, revision "
+                         f"{m.get('commit') or m.get('revision') or 'local'})")
     reference = manifest.get("text_llm_reference")
     if reference:
         lines.append(f"- **Text LLM is the speech LLM's {reference['label']}**: {reference['reason']}")
@@ -172,7 +173,8 @@ def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None
     lines.append(f"- **Decoding**: {'sampling' if gen.get('do_sample') else 'greedy'}, max_new_tokens={gen.get('max_new_tokens')}{extra}, seed {manifest.get('seed')}")
     tts = manifest.get("tts", {})
     lines.append(f"- **TTS** (items without audio): {tts.get('engine')} {tts.get('engine_version', '')} voice {tts.get('voice')} rate {tts.get('rate')}")
-    lines.append(f"- **Items**: {manifest['items']['n']} (sha256 `{manifest['items']['sha256'][:16]}`)")
+    items = manifest.get("items", {})
+    lines.append(f"- **Items**: {items.get('n')} (sha256 `{str(items.get('sha256', ''))[:16]}`)")
     lines += ["", GAPS_NOTE, ""]
     if reference and reference.get("label") == "proxy":
         lines += [PROXY_NOTE, ""]

@@ -5,6 +5,7 @@ JSON with ``model_output``) with our official-rule scorers: no model, no run dir
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -65,22 +66,32 @@ class Rescored:
 # ------------------------------------------------------------------------------------------------------ reading
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (the official tools write UTF-8); :class:`RescoreError` naming the line otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise RescoreError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                           "re-save it as UTF-8") from None
+
+
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` of every non-blank line of a JSONL file; errors name ``file:line``."""
     if not path.is_file():
         raise RescoreError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RescoreError(f"{path}:{number}: not a JSON line ({error})") from error
-            if not isinstance(row, dict):
-                raise RescoreError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RescoreError(f"{path}:{number}: not a JSON line ({error})") from error
+        if not isinstance(row, dict):
+            raise RescoreError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
     if not rows:
         raise RescoreError(f"{path}: no rows to score")
     return rows
@@ -91,7 +102,7 @@ def read_mmau_json(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RescoreError(f"{path}: no such file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise RescoreError(f"{path}: not a JSON file ({error})") from error
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
@@ -251,9 +262,25 @@ def rescore_mmau(path: Path) -> Rescored:
 # ------------------------------------------------------------------------------------------------------ output
 
 
+def check_output_path(path: Path, flag: str = "--per-item") -> None:
+    """:class:`RescoreError` before any scoring when ``path`` cannot be written (a directory, an unwritable or
+    missing-and-uncreatable folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise RescoreError(f"{flag} {path}: is a directory")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RescoreError(f"{flag} {path}: cannot write there (permission denied)")
+
+
 def write_per_item(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:
     """The ``--per-item`` JSONL file: one object per input item, in input order."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(json_safe(dict(line)), ensure_ascii=False, default=str) + "\n" for line in lines)
-    path.write_text(text, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise RescoreError(f"--per-item {path}: cannot write it ({error.strerror or error})") from None

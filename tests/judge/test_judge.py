@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -21,9 +23,9 @@ from speechlm_eval.models.base import GenerationConfig, Prompt
 from speechlm_eval.models.registry import LoadOptions, load_model
 from speechlm_eval.judge import base as judge_module
 from speechlm_eval.judge.base import JudgeError, JudgeSettings, RetryPolicy, describe_judge
-from speechlm_eval.judge.cache import cache_path
+from speechlm_eval.judge.cache import cache_key, cache_path
 from speechlm_eval.judge.local import prompt_seed
-from speechlm_eval.judge.run import judge_arm_rows, judge_records, judgement_rows, load_judge
+from speechlm_eval.judge.run import judge_arm_rows, judge_records, judgement_rows, load_judge, validate_judge
 from speechlm_eval.scoring.judged import MissingJudgement, attach_judgements, judge_outputs_for, response_key
 from speechlm_eval.judge.prompts import (
     JUDGE_SYSTEM,
@@ -118,6 +120,8 @@ class LocalOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.failures: list[tuple[int, str, dict[str, str]]] = []
         self.n_choices: int | None = None  # None = as many as asked
+        self.models: list[str] = ["m"]  # what GET /models lists
+        self.get_failures: list[tuple[int, str]] = []  # queued answers to GET /models
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -131,6 +135,18 @@ class LocalOpenAI:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the endpoint check's GET /models
+                with fake.lock:
+                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "method": "GET"})
+                    failure = fake.get_failures.pop(0) if fake.get_failures else None
+                if failure is not None:
+                    self._send(failure[0], {"error": {"message": failure[1]}}, {})
+                elif not self.path.endswith("/models"):
+                    self._send(404, {"error": {"message": "not found"}}, {})
+                else:
+                    self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]},
+                               {})
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
@@ -209,7 +225,8 @@ def test_openai_request_is_upstreams_and_key_stays_secret(server: LocalOpenAI, t
     assert SECRET not in cache_text and SECRET not in json.dumps(describe_judge(judge))
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
     described = describe_judge(judge)
-    assert described["backend"] == "openai" and described["base_url"] == server.base_url
+    assert described["backend"] == "openai" and described["endpoint"] == server.base_url
+    assert described["base_url"] == "http://127.0.0.1/v1"  # the cache key's: no port
     assert described["n"] == 3 and described["prompts"]["open"] == hashlib.sha256(OPEN_PROMPT.encode()).hexdigest()
 
 
@@ -297,7 +314,51 @@ def test_judge_specs_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     # A local endpoint may need no key; credentials in its URL never reach the identity (cache key, manifest).
     monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.setenv("SPEECHLM_EVAL_JUDGE_BASE_URL", "http://user:pw@localhost:8000/v1/?token=t")
-    assert load_judge("openai:local").identity["base_url"] == "http://localhost:8000/v1"
+    assert load_judge("openai:local").identity["base_url"] == "http://localhost/v1"
+
+
+def test_the_cache_key_does_not_include_the_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same server moved to another port (a restarted vLLM) answers from the same cache entries."""
+    keys = []
+    for port in (8000, 8001):
+        monkeypatch.setenv("SPEECHLM_EVAL_JUDGE_BASE_URL", f"http://localhost:{port}/v1")
+        keys.append(cache_key(load_judge("openai:local").identity, "prompt"))
+    assert keys[0] == keys[1]
+    monkeypatch.setenv("SPEECHLM_EVAL_JUDGE_BASE_URL", "http://otherhost:8000/v1")
+    assert cache_key(load_judge("openai:local").identity, "prompt") != keys[0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The endpoint check before any model loads
+
+
+def test_validate_judge_passes_a_working_endpoint_with_one_get(server: LocalOpenAI) -> None:
+    validate_judge("openai:m")
+    assert [r.get("method") for r in server.requests] == ["GET"] and server.requests[0]["path"] == "/v1/models"
+
+
+@pytest.mark.parametrize("status, message", [(401, "rejected the API key (HTTP 401"),
+                                             (403, "rejected the API key (HTTP 403"),
+                                             (500, "answered with an error (HTTP 500")])
+def test_validate_judge_fails_at_once_on_a_refusing_endpoint(server: LocalOpenAI, status: int, message: str) -> None:
+    server.get_failures = [(status, "nope")]
+    with pytest.raises(JudgeError, match=re.escape(message)) as raised:
+        validate_judge("openai:m")
+    assert SECRET not in str(raised.value) and len(server.requests) == 1
+
+
+def test_validate_judge_names_an_unserved_model_and_a_dead_host(server: LocalOpenAI,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(JudgeError, match=r"does not serve model 'gpt-4o-mnii' \(it serves: m\)"):
+        validate_judge("openai:gpt-4o-mnii")
+    server.get_failures = [(404, "no /models here")]  # an endpoint without /models is reachable: passes
+    validate_judge("openai:unlisted")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    monkeypatch.setenv("SPEECHLM_EVAL_JUDGE_BASE_URL", f"http://127.0.0.1:{dead}/v1")
+    with pytest.raises(JudgeError, match="cannot reach the judge endpoint http://127.0.0.1"):
+        validate_judge("openai:m")
 
 
 # --------------------------------------------------------------------------------------------------------------------
