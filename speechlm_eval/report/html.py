@@ -63,6 +63,13 @@ color:#7a1709}dl.arms{display:grid;grid-template-columns:minmax(7rem,max-content
 dl.arms dt{font-weight:600}dl.arms dd{margin:0;overflow-wrap:anywhere;white-space:pre-wrap}
 @media (max-width:480px){body{margin:1rem auto;padding:0 .5rem}dl.arms{grid-template-columns:1fr}
 th,td{padding:.25rem .3rem}}
+@media (max-width:640px){table.stack thead{display:none}table.stack,table.stack tbody,table.stack tr{display:block}
+table.stack tr{border:1px solid #d6d6d9;margin:.5rem 0}table.stack td{display:flex;justify-content:space-between;
+gap:.8rem;border:0;border-top:1px solid #eee;white-space:normal;text-align:right;max-width:none}
+table.stack td::before{content:attr(data-label);font-weight:600;text-align:left;color:#333}
+table.stack td.name{text-align:right}}
+tr.worse td{font-weight:600}td.chg-worse{background:#f8d2cc;color:#7a1709}td.chg-better{background:#d3e4f5;
+color:#0b3c6b}td.chg-ns{background:#eeeeee;color:#555}
 """
 MAX_EXPLORER_ITEMS = 2000  # beyond this many, only the flipped items are listed (scores.jsonl has them all)
 ARM_SHORT = {"text_llm_text": "TT", "speech_llm_text": "ST", "speech_llm_speech": "SS"}
@@ -161,6 +168,8 @@ def table_html(subsets: dict[str, dict[str, Any]], proxy: bool = False) -> str:
     head = ('<tr><th class="name">subset</th><th>n</th><th class="name">metric</th>'
             + "".join(f"<th>{esc(ARM_TITLES[a])}</th>" for a in ARMS)
             + f"<th>{'forgetting vs proxy' if proxy else 'forgetting'}</th><th>inequivalence</th></tr>")
+    forgetting = "forgetting vs proxy" if proxy else "forgetting"
+    labels = ["subset", "n", "metric", *(ARM_TITLES[a] for a in ARMS), forgetting, "inequivalence"]
     rows = []
     for subset, entry in subsets.items():
         cells = [f'<td class="name subset">{esc(subset)}</td><td>{esc(entry.get("n"))}</td>'
@@ -170,8 +179,16 @@ def table_html(subsets: dict[str, dict[str, Any]], proxy: bool = False) -> str:
             css = ' class="empty"' if text == "–" else ""
             cells.append(f'<td{css} title="{esc(tip)}">{esc(text)}</td>')
         cells += [gap_cell(entry.get("forgetting")), gap_cell(entry.get("inequivalence"))]
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
+        rows.append("<tr>" + labelled("".join(cells), labels) + "</tr>")
+    return (f'<div class="scroll"><table class="stack"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+            "</div>")
+
+
+def labelled(cells: str, labels: list[str]) -> str:
+    """Each ``<td`` of a row given its column's name as ``data-label``: on a narrow screen the table stacks into one
+    card per row and shows the name beside each value (so the gap columns are never off-screen)."""
+    parts = cells.split("<td")
+    return parts[0] + "".join(f'<td data-label="{esc(label)}"{rest}' for label, rest in zip(labels, parts[1:]))
 
 
 def legend_html(confidence: Any) -> str:
@@ -331,11 +348,23 @@ def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None
         f'<h2>Notes</h2><ul class="notes">{notes}</ul>',
         packages_html(manifest),
     ]
+    return page_html("speechlm-eval gap report", body)
+
+
+def page_html(title: str, body: Iterable[str]) -> str:
+    """The page shell every report shares: one stylesheet, the CSP (no script, nothing remote), a phone viewport."""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>speechlm-eval gap report</title><style>{CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+            f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(part for part in body if part) + "\n</body></html>\n")
+
+
+def inline_html(text: str) -> str:
+    """One line of the reports' Markdown (``**bold**``, ```code```) as escaped HTML, so no raw Markdown shows."""
+    out = esc(text)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
 
 
 def write_html(run_dir: Path, results: dict[str, Any], figures: list[tuple[str, bytes]] | None = None,

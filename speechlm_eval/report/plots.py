@@ -94,9 +94,9 @@ def plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def tick_label(name: str, limit: int = 18) -> str:
-    """A subset name fit for a tick: shortened with an ellipsis, drawn as plain text."""
-    return plain(name if len(name) <= limit else name[: limit - 1] + "…")
+def tick_label(name: str, limit: int = 20) -> str:
+    """A subset name fit for a tick: each line shortened with an ellipsis, drawn as plain text."""
+    return "\n".join(plain(line if len(line) <= limit else line[: limit - 1] + "…") for line in name.split("\n"))
 
 
 def _finish_panel(ax: Axes, members: Sequence[str], metric: str, ylabel: str) -> None:
@@ -111,7 +111,8 @@ def _finish_panel(ax: Axes, members: Sequence[str], metric: str, ylabel: str) ->
 def _label_groups(ax: Axes, names: Sequence[str]) -> None:
     labels = [tick_label(n) for n in names]
     # Tilt when the labels would collide: many groups, or several groups with long names.
-    tilt = len(labels) > 3 or (len(labels) > 1 and max(map(len, labels)) > 10)
+    widest = max(len(line) for label in labels for line in label.split("\n"))
+    tilt = len(labels) > 3 or (len(labels) > 1 and widest > 10 and "\n" not in "".join(labels))
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30 if tilt else 0, ha="right" if tilt else "center",
                        rotation_mode="anchor" if tilt else "default")
@@ -169,9 +170,13 @@ def gaps_figure(subsets: dict[str, dict[str, Any]]) -> Figure | None:
                 value = float(gap["value"])
                 below, above = _yerr(value, gap.get("ci_low"), gap.get("ci_high"))
                 colour = GAP_COLOURS[gap_name]
-                ax.errorbar(x + (k - 0.5) * 0.3, value, yerr=[[below], [above]], fmt="o", capsize=3,
-                            color=colour, markerfacecolor=colour if significant(gap) else "white", markersize=6,
-                            elinewidth=1.2, zorder=3)
+                broken = bool(gap.get("front_end_failure"))
+                ax.errorbar(x + (k - 0.5) * 0.3, value, yerr=[[below], [above]], fmt="X" if broken else "o",
+                            capsize=3, color=colour, markerfacecolor=colour if significant(gap) else "white",
+                            markersize=7 if broken else 6, elinewidth=1.2, zorder=3)
+                if broken:
+                    ax.annotate("front-end failure", (x + (k - 0.5) * 0.3, value), xytext=(4, 0),
+                                textcoords="offset points", fontsize=7, color="#a0180b", va="center")
         _finish_panel(ax, members, metric, f"gap ({metric} points)")
     handles = [Line2D([], [], color=c, marker="o", linestyle="", label=g) for g, c in GAP_COLOURS.items()]
     handles.append(Line2D([], [], color="#666666", marker="o", markerfacecolor="white", linestyle="",
@@ -180,6 +185,14 @@ def gaps_figure(subsets: dict[str, dict[str, Any]]) -> Figure | None:
     fig.suptitle("Paired gaps with 95% bootstrap CIs (above 0: the speech model / speech input does worse)",
                  fontsize=10)
     return fig
+
+
+MIN_BUCKET_N = 5  # a WER bucket with fewer items is labelled with its n instead of drawn
+
+
+def _bucket_n(gap: dict[str, Any] | None) -> int:
+    n = (gap or {}).get("n")
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else 0
 
 
 def perception_shape_ok(perception: Any) -> bool:
@@ -203,6 +216,8 @@ def wer_split_figure(subsets: dict[str, dict[str, Any]], perception: Any) -> Fig
         return None
     buckets = [str(b) for b in perception["buckets"]]
     gaps: dict[str, list[dict[str, Any] | None]] = perception["inequivalence"]
+    if not any(_bucket_n(g) >= MIN_BUCKET_N for row in gaps.values() for g in row):
+        return None
     metric_of = {s: {"metric": (subsets.get(s) or {}).get("metric", "score")} for s in gaps}
     groups = by_metric(metric_of, gaps)
     fig, axes = _panels(groups)
@@ -213,16 +228,62 @@ def wer_split_figure(subsets: dict[str, dict[str, Any]], perception: Any) -> Fig
             for k, gap in enumerate(gaps[subset]):
                 if not gap or not _finite(gap.get("value")):
                     continue
+                position = x + (k - (len(buckets) - 1) / 2) * width
+                n = _bucket_n(gap)
+                if n < MIN_BUCKET_N:  # a 1-item bucket's ±100 would be the tallest bar: say n, draw nothing
+                    ax.annotate(f"n={n}\nnot drawn", (position, 0.0), xytext=(0, 3), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=6, color="#666666")
+                    continue
                 value = float(gap["value"])
                 below, above = _yerr(value, gap.get("ci_low"), gap.get("ci_high"))
-                ax.bar(x + (k - (len(buckets) - 1) / 2) * width, value, width * 0.92,
+                ax.bar(position, value, width * 0.92,
                        color=BUCKET_COLOURS[k % len(BUCKET_COLOURS)], yerr=[[below], [above]], capsize=2,
                        error_kw={"elinewidth": 1, "ecolor": "#222222"})
+                ax.annotate(f"n={n}", (position, 0.0), xytext=(0, -9 if value >= 0 else 3), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=6, color="#333333", path_effects=_LABEL_HALO)
         _finish_panel(ax, members, metric, f"inequivalence ({metric} points)")
     handles = [Patch(color=BUCKET_COLOURS[k % len(BUCKET_COLOURS)], label=plain(f"WER {b}"))
                for k, b in enumerate(buckets)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
-    fig.suptitle("Inequivalence by WER of the spoken prompt, with 95% CIs", fontsize=10)
+    fig.suptitle(f"Inequivalence by WER of the spoken prompt, with 95% CIs (n per bar; buckets under "
+                 f"{MIN_BUCKET_N} items not drawn)", fontsize=10)
+    return fig
+
+
+def before_after_figure(rows: Sequence[dict[str, Any]], title: str, ylabel: str) -> Figure | None:
+    """Before (light) and after (full colour) bars with 95% CIs per ``row``, one panel per metric; the change is
+    written above each pair, starred when the paired test is significant.
+
+    ``rows``: ``{"label", "metric", "colour", "before": {"value", "ci_low", "ci_high"}, "after": {...}, "change",
+    "significant"}``.
+    """
+    rows = [r for r in rows if _finite((r.get("before") or {}).get("value")) and _finite((r.get("after") or {}).get("value"))]
+    if not rows:
+        return None
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row["metric"]), []).append(row)
+    fig, axes = _panels({m: [r["label"] for r in members] for m, members in groups.items()})
+    width = 0.36
+    for ax, (metric, members) in zip(axes, groups.items()):
+        ax.axhline(0.0, color="#444444", linewidth=0.9, zorder=1)
+        for x, row in enumerate(members):
+            tops = []
+            for k, (when, alpha) in enumerate((("before", 0.4), ("after", 1.0))):
+                entry = row[when]
+                value = float(entry["value"])
+                below, above = _yerr(value, entry.get("ci_low"), entry.get("ci_high"))
+                ax.bar(x + (k - 0.5) * width, value, width * 0.92, color=row["colour"], alpha=alpha,
+                       yerr=[[below], [above]], capsize=3, error_kw={"elinewidth": 1, "ecolor": "#222222"})
+                tops.append(value + above)
+            star = "*" if row.get("significant") else ""
+            ax.annotate(f"{row['change']:+.1f}{star}", (x, max(tops)), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7, fontweight="bold" if star else "normal",
+                        path_effects=_LABEL_HALO)
+        _finish_panel(ax, [r["label"] for r in members], metric, plain(ylabel))
+    handles = [Patch(color="#888888", alpha=0.4, label="before"), Patch(color="#888888", label="after")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    fig.suptitle(plain(title), fontsize=10)
     return fig
 
 
@@ -231,6 +292,18 @@ def figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None}, facecolor="white")
     return buffer.getvalue()
+
+
+def render_figures(makers: Sequence[tuple[str, Any]]) -> list[tuple[str, bytes]]:
+    """``[(caption, png)]`` of the figures the ``(caption, make)`` pairs return (``None``: left out), rendered under
+    matplotlib's default style so a user's rc settings cannot change the bytes."""
+    out = []
+    with matplotlib.style.context("default"), matplotlib.rc_context(_RC):
+        for caption, make in makers:
+            fig = make()
+            if fig is not None:
+                out.append((caption, figure_png(fig)))
+    return out
 
 
 def report_figures(results: dict[str, Any]) -> list[tuple[str, bytes]]:
