@@ -168,7 +168,7 @@ def table_html(subsets: dict[str, dict[str, Any]], proxy: bool = False) -> str:
     head = ('<tr><th class="name">subset</th><th>n</th><th class="name">metric</th>'
             + "".join(f"<th>{esc(ARM_TITLES[a])}</th>" for a in ARMS)
             + f"<th>{'forgetting vs proxy' if proxy else 'forgetting'}</th><th>inequivalence</th></tr>")
-    forgetting = "forgetting vs proxy" if proxy else "forgetting"
+    forgetting = "forgetting vs proxy" if proxy else "forgetting"  # the column's name, beside each stacked value
     labels = ["subset", "n", "metric", *(ARM_TITLES[a] for a in ARMS), forgetting, "inequivalence"]
     rows = []
     for subset, entry in subsets.items():
