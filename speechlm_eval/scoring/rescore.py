@@ -20,7 +20,10 @@ from speechlm_eval.scoring.mmau import aggregate_official_json
 from speechlm_eval.scoring.registry import Scorer, get_scorer
 
 # Columns VoiceBench's scripts add to the dataset's: main.py's answer and api_judge.py's judge outputs.
-OUTPUT_COLUMNS: frozenset[str] = frozenset({"response", "score"})
+OUTPUT_COLUMNS: frozenset[str] = frozenset({"response", "score", "speechlm_eval"})
+# ``speechlm-eval export --format voicebench`` writes {"id", "arm"} of the gap run under this key, so a re-score draws
+# the same seeded fallbacks as the run did; files from other tools do not have it.
+PROVENANCE_COLUMN = "speechlm_eval"
 MMAU_REQUIRED_KEYS: tuple[str, ...] = ("answer", "choices", "task", "difficulty")
 MMAU_SUMMARY_KEYS: tuple[str, ...] = ("total_accuracy", "n", "task", "difficulty", "sub_category")
 
@@ -197,6 +200,14 @@ def per_item_line(index: int, item_id: Any, score: Score | None, graded: bool) -
     }
 
 
+def _draw_keys(row: Mapping[str, Any], item_id: str) -> tuple[str, ...]:
+    """The keys of an item's seeded fallback draw: the gap run's (id, arm) for a file it exported, else the id."""
+    provenance = row.get(PROVENANCE_COLUMN)
+    if isinstance(provenance, Mapping) and isinstance(provenance.get("id"), str) and isinstance(provenance.get("arm"), str):
+        return provenance["id"], provenance["arm"]
+    return (item_id,)
+
+
 def rescore_voicebench(path: Path, subset: str, *, seed: int = 0, split: str | None = None) -> Rescored:
     """Score a VoiceBench output file (dataset columns + ``response``; for open/qa the ``result-`` file with ``score``).
 
@@ -212,9 +223,10 @@ def rescore_voicebench(path: Path, subset: str, *, seed: int = 0, split: str | N
     items = rows_to_items(rows, subset, split or default_split(subset), path)
     responses = prompt_keyed_responses(rows) if scorer.name == "ifeval" else [row["response"] for _, row in rows]
     scored_items: Sequence[Any] = with_judgements(items, responses, rows) if scorer.judged else items
+    rngs = [item_rng(seed, *_draw_keys(row, item.id)) for (_, row), item in zip(rows, items, strict=True)]
     try:
-        scores = [scorer.score(item, response, item_rng(seed, item.id))
-                  for item, response in zip(scored_items, responses, strict=True)]
+        scores = [scorer.score(item, response, rng)
+                  for item, response, rng in zip(scored_items, responses, rngs, strict=True)]
         metrics = scorer.aggregate(scored_items, scores)
     except (ValueError, LookupError, TypeError) as error:
         raise RescoreError(f"{path}: {error}") from None
