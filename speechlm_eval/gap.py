@@ -99,6 +99,12 @@ class GapConfig:
                                     "given the spoken vs typed question (inequivalence).", comma=True)
     lm_eval_include: str | None = _opt(None, "Folder of local lm-eval task YAMLs (offline use; only local tasks are "
                                        "indexed when all named tasks are found there).")
+    lm_eval_apply_chat_template: bool = _opt(False, "lm-eval's --apply_chat_template for the two text arms of "
+                                             "--lm-eval-tasks (default: lm-eval's raw prompt, as --model hf).")
+    lm_eval_num_fewshot: int | None = _opt(None, "lm-eval's --num_fewshot for --lm-eval-tasks (default: each "
+                                           "task's own).", min=0)
+    lm_eval_gen_kwargs: str | None = _opt(None, "lm-eval's --gen_kwargs for the generation tasks of "
+                                          "--lm-eval-tasks, e.g. 'max_gen_toks=64'.")
     probe_instruction: str | None = _opt(None, "Instruction sent with the audio for the perception probe (default: "
                                          "'Transcribe the speech in the audio exactly.').")
     system_prompt: str | None = _opt(None, "System turn of every prompt, the same for both models: TEXT, or 'none' "
@@ -225,7 +231,9 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
         "seed": config.seed,
         "diagnostics": config.diagnostics,
         "probe_instruction": config.probe_instruction,
-    } | ({"lm_eval_tasks": list(config.lm_eval_tasks)} if config.lm_eval_tasks else {}) | (
+    } | ({"lm_eval_tasks": list(config.lm_eval_tasks), "lm_eval_options": {
+        "apply_chat_template": config.lm_eval_apply_chat_template, "num_fewshot": config.lm_eval_num_fewshot,
+        "gen_kwargs": config.lm_eval_gen_kwargs}} if config.lm_eval_tasks else {}) | (
         {"system_prompt": config.system_prompt} if config.system_prompt is not None else {}) | (
         {"preset": config.preset} if config.preset != "none" else {})
 
@@ -300,7 +308,9 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
 
             run_lmeval_tasks(models["speech_llm"], models["text_llm"], list(config.lm_eval_tasks),
                              config.lm_eval_include, run.path, limit=config.limit, batch_size=config.batch_size,
-                             seed=config.seed, spoken=True, tts=tts)
+                             seed=config.seed, spoken=True, tts=tts,
+                             apply_chat_template=config.lm_eval_apply_chat_template,
+                             num_fewshot=config.lm_eval_num_fewshot, gen_kwargs=config.lm_eval_gen_kwargs)
         judge_run(run.path, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
         results = build_report(run.path)
     state.wait_for_everyone()

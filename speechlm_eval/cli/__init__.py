@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from speechlm_eval.cli import check, distill, export, families, gap, organism, report, score
+from speechlm_eval.cli import check, distill, export, families, gap, lmeval, organism, report, score
 
 app = typer.Typer(
     help="Measure what a speech LLM lost when it learned to listen (forgetting, modality inequivalence), and repair "
@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in (gap, report, score, check, export, distill, organism, families):
+for command in (gap, report, score, check, export, lmeval, distill, organism, families):
     command.register(app)
 
 

@@ -9,11 +9,14 @@ enters this path; the spoken counterpart is :mod:`speechlm_eval.lmeval.spoken`.
 
 Usage: ``import speechlm_eval.lmeval`` (it registers the model), then
 ``lm_eval.simple_evaluate(model="speechlm", model_args="pretrained=PATH", tasks=[...])``, or from a shell
-``python -m speechlm_eval.lmeval.run --model speechlm --model_args pretrained=PATH --tasks ...``.
+``speechlm-eval lm-eval --model_args pretrained=PATH --tasks ...`` (lm-eval's own command line, with this model
+registered; plain ``lm_eval --model speechlm`` cannot see it: lm-eval finds models only in modules that were imported
+before it parses ``--model``, and it scans no plugin entry points, so it never imports speechlm_eval).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -23,6 +26,17 @@ from lm_eval.models.huggingface import HFLM
 from speechlm_eval.models.base import SpeechLM
 from speechlm_eval.models.registry import LoadOptions, load_model
 from speechlm_eval.progress import Stage, stage
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to load on, falling back as ``--model hf`` does: lm-eval hands every model ``cuda`` unless told
+    otherwise, and on a host without CUDA that becomes the best device there is (our ``auto``) instead of a crash."""
+    if device in (None, "", "auto"):
+        return "auto"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("device %r requested but CUDA is not available: using auto", device)
+        return "auto"
+    return str(device)
 
 
 class _CountingHook:
@@ -75,7 +89,7 @@ class SpeechLMHarness(HFLM):
     ) -> None:
         if isinstance(pretrained, str):
             options = LoadOptions(
-                device=device or "auto",
+                device=resolve_device(device),
                 dtype=str(dtype).removeprefix("torch."),
                 revision=revision,
                 trust_remote_code=bool(trust_remote_code),

@@ -80,8 +80,10 @@ def harness_records(samples: dict[str, list[dict[str, Any]]], arm: str) -> list[
 
 
 def evaluate_harness_arm(model: Any, tasks: Sequence[str], task_manager: Any, *, limit: int | float | None,
-                         batch_size: int, seed: int, apply_chat_template: bool = False) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on an already built lm-eval model, logging every sample."""
+                         batch_size: int, seed: int, apply_chat_template: bool = False, num_fewshot: int | None = None,
+                         gen_kwargs: str | None = None) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on an already built lm-eval model, logging every sample (``num_fewshot`` and
+    ``gen_kwargs`` as lm-eval's ``--num_fewshot`` / ``--gen_kwargs``)."""
     import lm_eval
 
     return lm_eval.simple_evaluate(
@@ -89,6 +91,8 @@ def evaluate_harness_arm(model: Any, tasks: Sequence[str], task_manager: Any, *,
         tasks=list(tasks),
         task_manager=task_manager,
         limit=limit,
+        num_fewshot=num_fewshot,
+        gen_kwargs=gen_kwargs,
         batch_size=batch_size,
         log_samples=True,
         random_seed=seed,
@@ -115,6 +119,8 @@ def run_lmeval_tasks(
     load_options: LoadOptions = LoadOptions(),
     tts: Any = None,
     apply_chat_template: bool = False,
+    num_fewshot: int | None = None,
+    gen_kwargs: str | None = None,
 ) -> dict[str, list[str]]:
     """Run lm-eval ``tasks`` on the speech LLM's text path and on the text LLM, writing their records.
 
@@ -154,7 +160,8 @@ def run_lmeval_tasks(
         adapter = load_model(str(model), load_options) if isinstance(model, (str, Path)) else model
         harness = SpeechLMHarness(adapter, batch_size=batch_size)
         results = evaluate_harness_arm(harness, tasks, manager, limit=limit, batch_size=batch_size, seed=seed,
-                                       apply_chat_template=apply_chat_template)
+                                       apply_chat_template=apply_chat_template, num_fewshot=num_fewshot,
+                                       gen_kwargs=gen_kwargs)
         write_records(root / f"{arm}.jsonl", harness_records(results.get("samples", {}), arm))
         summary = {k: v for k, v in results.items() if k != "samples"}
         write_text_atomic(root / f"{arm}.results.json",

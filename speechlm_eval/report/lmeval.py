@@ -40,13 +40,34 @@ def lmeval_results(run: RunDir | Path, seed: int = 0, n_resamples: int = 10_000)
     for arm, records in by_arm.items():
         for record in records.values():
             subsets.setdefault(record["subset"], {}).setdefault(arm, {})[record["id"]] = record
-    fragment = {subset: _subset_entry(subsets[subset], seed, n_resamples) for subset in sorted(subsets)}
+    fragment: dict[str, Any] = {}
+    for subset in sorted(subsets):
+        # One prompt format per row: lm-eval's own prompt for the two harness arms (forgetting), the chat template for
+        # the log-likelihood arms (inequivalence), so no row compares numbers made two ways.
+        harness = {a: r for a, r in subsets[subset].items() if a not in LMEVAL_SPOKEN_ARMS}
+        spoken = {a: r for a, r in subsets[subset].items() if a in LMEVAL_SPOKEN_ARMS}
+        if harness:
+            fragment[subset] = dict(_subset_entry(harness, seed, n_resamples), prompt_format=HARNESS_FORMAT)
+        if spoken:
+            fragment[spoken_name(subset)] = dict(_subset_entry(spoken, seed, n_resamples, harness),
+                                                 prompt_format=SPOKEN_FORMAT)
     notes_path = run.lmeval_dir / NOTES_FILE
     if notes_path.exists():
         for task, task_notes in read_notes(notes_path).items():
-            if f"lmeval:{task}" in fragment:
-                fragment[f"lmeval:{task}"]["notes"] = task_notes
+            for name in (f"lmeval:{task}", spoken_name(f"lmeval:{task}")):
+                if name in fragment:
+                    fragment[name]["notes"] = task_notes
     return fragment
+
+
+HARNESS_FORMAT = "lm-eval's prompt (as --model hf scores it)"
+SPOKEN_FORMAT = "the speech LLM's chat template, log-likelihood of each choice given the typed vs spoken question"
+SPOKEN_SUFFIX = " (spoken, log-lik.)"
+
+
+def spoken_name(subset: str) -> str:
+    """The results.json name of a task's spoken log-likelihood row: ``lmeval:<task> (spoken, log-lik.)``."""
+    return subset + SPOKEN_SUFFIX
 
 
 def read_notes(path: Path) -> dict[str, list[str]]:
@@ -55,8 +76,10 @@ def read_notes(path: Path) -> dict[str, list[str]]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _subset_entry(arms: dict[str, dict[str, dict[str, Any]]], seed: int, n_resamples: int) -> dict[str, Any]:
-    harness = [r for arm in HARNESS_ARMS for r in arms.get(arm, {}).values()]
+def _subset_entry(arms: dict[str, dict[str, dict[str, Any]]], seed: int, n_resamples: int,
+                  metric_from: dict[str, dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    source = metric_from if metric_from else arms
+    harness = [r for arm in HARNESS_ARMS for r in source.get(arm, {}).values()]
     metric = primary_metric(harness) if harness else "acc"
     ids = sorted({i for records in arms.values() for i in records}, key=_doc_order)
     values = [r.get(metric) for records in arms.values() for r in records.values() if r.get(metric) is not None]
@@ -86,15 +109,6 @@ def _subset_entry(arms: dict[str, dict[str, dict[str, Any]]], seed: int, n_resam
             b = np.array([arms[second][i][metric] for i in both], dtype=float)
             entry[gap] = paired_gap(a, b, scale=scale, n_resamples=n_resamples, seed=seed).to_dict()
     return entry
-
-
-def _scored(record: dict[str, Any] | None, metric: str) -> bool:
-    return record is not None and record.get("error") is None and record.get(metric) is not None
-
-
-def _doc_order(record_id: str) -> tuple[str, int]:
-    task, _, doc_id = record_id.rpartition("/")
-    return task, int(doc_id) if doc_id.isdigit() else -1
 
 
 def _scored(record: dict[str, Any] | None, metric: str) -> bool:

@@ -75,7 +75,9 @@ def lmeval_lines(subsets: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "## lm-eval: spoken vs typed multiple choice (log-likelihood)", "",
              "Both arms use the speech LLM's chat template; only the modality of the question differs, so the gap "
-             "is free of answer-extraction noise. (The text-arm columns above use lm-eval's raw prompt.)", "",
+             "is free of answer-extraction noise. Each task has two rows above, one prompt format each: `lmeval:<task>` scores "
+             "the two text arms with lm-eval's own prompt (its chat template with --lm-eval-apply-chat-template), "
+             "`lmeval:<task> (spoken, log-lik.)` holds these two arms and their inequivalence.", "",
              "| task | n | " + " | ".join(LMEVAL_SPOKEN_TITLES.values()) + " | inequivalence |", "|---|---|---|---|---|"]
     for name, e in rows:
         cells = []

@@ -30,7 +30,7 @@ from speechlm_eval.lmeval import (  # noqa: E402
     task_manager_for,
 )
 from speechlm_eval.lmeval.run import run_spoken_arms  # noqa: E402
-from speechlm_eval.report.lmeval import lmeval_results  # noqa: E402
+from speechlm_eval.report.lmeval import HARNESS_FORMAT, SPOKEN_FORMAT, lmeval_results, spoken_name  # noqa: E402
 from speechlm_eval.lmeval.spoken import gold_indices  # noqa: E402
 from speechlm_eval.models.base import Prompt  # noqa: E402
 from speechlm_eval.models.registry import LoadOptions, load_model  # noqa: E402
@@ -216,8 +216,9 @@ def test_spoken_arms_measure_inequivalence(speech, manager, task, tts, tmp_path)
     # The long question is an error record, counted, and left out of the pairing; the short ones fit the window.
     assert "encoder window" in speech_ll[LONG_DOC]["error"] and speech_ll[LONG_DOC]["audio_seconds"] > 10
     assert all(speech_ll[i]["error"] is None and speech_ll[i]["audio_seconds"] < 10 for i in range(LONG_DOC))
-    entry = lmeval_results(tmp_path, n_resamples=2000)[f"lmeval:{TASK}"]
+    entry = lmeval_results(tmp_path, n_resamples=2000)[spoken_name(f"lmeval:{TASK}")]
     assert list(entry["arms"]) == list(SPOKEN_ARMS) and "forgetting" not in entry
+    assert entry["prompt_format"] == SPOKEN_FORMAT
     assert entry["arms"][SPOKEN_ARMS[1]]["errors"] == 1 and entry["arms"][SPOKEN_ARMS[1]]["n"] == n_docs - 1
     assert entry["arms"][SPOKEN_ARMS[0]]["errors"] == 0 and entry["arms"][SPOKEN_ARMS[0]]["n"] == n_docs
     assert entry["inequivalence"]["n"] == n_docs - 1
@@ -243,8 +244,12 @@ def test_run_lmeval_tasks_end_to_end_with_a_generation_task(tiny_pair, tmp_path)
                              batch_size=8, seed=0, spoken=True, load_options=CPU)
     fragment = lmeval_results(tmp_path, seed=0, n_resamples=2000)
     mc, gen = fragment[f"lmeval:{TASK}"], fragment[f"lmeval:{GEN_TASK}"]
-    assert list(mc["arms"]) == ["text_llm_text", "speech_llm_text", *SPOKEN_ARMS]
-    assert mc["forgetting"]["n"] == N_DOCS and mc["inequivalence"]["n"] == N_DOCS - 1
+    # One prompt format per row: lm-eval's prompt for forgetting, the chat template for the spoken log-likelihoods.
+    spoken = fragment[spoken_name(f"lmeval:{TASK}")]
+    assert list(mc["arms"]) == ["text_llm_text", "speech_llm_text"] and mc["prompt_format"] == HARNESS_FORMAT
+    assert list(spoken["arms"]) == list(SPOKEN_ARMS) and "forgetting" not in spoken and "inequivalence" not in mc
+    assert mc["forgetting"]["n"] == N_DOCS and spoken["inequivalence"]["n"] == N_DOCS - 1
+    assert spoken_name(f"lmeval:{GEN_TASK}") not in fragment
     # A generation task is a forgetting probe too (its per-document exact_match), but it cannot be asked as spoken MC.
     assert gen["metric"] == "exact_match" and list(gen["arms"]) == ["text_llm_text", "speech_llm_text"]
     assert gen["forgetting"]["n"] == N_DOCS and "inequivalence" not in gen
@@ -252,12 +257,26 @@ def test_run_lmeval_tasks_end_to_end_with_a_generation_task(tiny_pair, tmp_path)
     assert "notes" not in mc
 
 
+def test_speechlm_eval_lm_eval_argv_and_device_fallback():
+    from speechlm_eval.cli.lmeval import lm_eval_argv
+    from speechlm_eval.lmeval.model import resolve_device
+
+    assert lm_eval_argv(["--tasks", "x"]) == ["run", "--model", "speechlm", "--tasks", "x"]
+    assert lm_eval_argv(["run", "--model", "hf", "--tasks", "x"]) == ["run", "--model", "hf", "--tasks", "x"]
+    assert lm_eval_argv(["ls", "tasks"]) == ["ls", "tasks"]
+    assert resolve_device(None) == "auto" and resolve_device("cpu") == "cpu"
+    if not __import__("torch").cuda.is_available():
+        assert resolve_device("cuda") == "auto"  # lm-eval's default device on a CPU-only host: no crash
+
+
 @pytest.mark.slow
 def test_lm_eval_command_line_with_speechlm(tiny_pair, tmp_path):
+    """`speechlm-eval lm-eval` is lm-eval's command line with `speechlm` registered; no --model, no --device needed
+    on a CPU-only host (lm-eval would hand the model "cuda")."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "speechlm_eval.lmeval.run", "--model", "speechlm",
+    command = [sys.executable, "-m", "speechlm_eval.cli", "lm-eval",
                "--model_args", f"pretrained={tiny_pair[0]}", "--tasks", TASK, "--include_path", str(TASKS_DIR),
-               "--device", "cpu", "--limit", "3", "--output_path", str(tmp_path / "out")]
+               "--limit", "3", "--output_path", str(tmp_path / "out")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "speechlm_tiny_mc" in done.stdout and list((tmp_path / "out").rglob("results_*.json"))
