@@ -1,7 +1,8 @@
 """The command line: one module per command, one framework (typer), options generated from each command's config
 dataclass. Commands only parse options and call library functions; everything is callable from Python too.
 
-Exit codes, for every command: 0 ok, 1 a failed gate (``check`` found a regression), 2 unusable input.
+Exit codes, for every command: 0 ok, 1 a failed gate (``check``: a regression or a broken candidate), 2 unusable
+input, 3 an internal error (a bug).
 """
 
 from __future__ import annotations
@@ -36,7 +37,24 @@ def configure(log_level: Optional[str] = typer.Option(
 
 
 def main() -> None:
-    app()
+    """The ``speechlm-eval`` entry point. An exception no check anticipated is a bug: its traceback is printed and the
+    exit code is 3, so it cannot pass for ``check``'s exit 1 (a failed gate)."""
+    import sys
+    import traceback
+
+    from speechlm_eval.cli.common import EXIT_INTERNAL
+
+    try:
+        app(standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:  # noqa: BLE001 - the last line of defence
+        traceback.print_exc()
+        print("speechlm-eval: internal error (a bug, not a problem with your input); please report it with the "
+              "traceback above", file=sys.stderr)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

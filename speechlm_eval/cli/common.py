@@ -12,6 +12,7 @@ from rich.markup import escape
 EXIT_OK = 0
 EXIT_REGRESSION = 1  # `check`: a significant regression (a failed gate)
 EXIT_BAD_INPUT = 2  # unusable input: a bad option, file, model path or run directory
+EXIT_INTERNAL = 3  # a bug: an exception no check anticipated (the traceback is printed), never confused with 1
 
 console = Console(stderr=True)
 

@@ -31,7 +31,7 @@ class LoadOptions:
 
     Attributes:
         data_dir: a local copy of VoiceBench (``save_to_disk`` or the hub's parquet snapshot); ``None`` = the HF hub.
-        revision: the HF dataset revision to load (overrides the pinned one).
+        revision: the HF dataset revision to load (default: the hub's current main; nothing is pinned).
         mmau_json: path of MMAU's ``mmau-test-mini.json``.
         mmau_audio_dir: folder with MMAU's ``<id>.wav`` clips.
         limit: keep only the first N items of each requested subset.

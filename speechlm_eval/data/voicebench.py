@@ -29,7 +29,7 @@ REPO_ID = "hlt-lab/voicebench"
 VOICEBENCH_REVISION: str | None = None
 REVISION_NOTE = (
     "hlt-lab/voicebench is NOT revision-pinned by speechlm-eval (no verified commit hash containing bbh and "
-    "wildvoice was found); data was loaded from the hub's current `main` unless --revision was given. "
+    "wildvoice was found); data was loaded from the hub's current `main` unless --voicebench-revision was given. "
     "Upstream VoiceBench code does not pin it either, and bbh was re-uploaded in 2025."
 )
 

@@ -219,6 +219,38 @@ def resolve_distill_config(config: DistillConfig, *also: Any) -> DistillConfig:
     return config
 
 
+def our_reading_for(config: DistillConfig) -> dict[str, str]:
+    """The settings the paper leaves open, as *this* run used them (a resolved config): what the manifest and the
+    report state, so they never describe defaults the run overrode. :data:`OUR_READING` holds the plain defaults."""
+    lora = (f"LoRA r={config.lora_r}, α={config.lora_alpha}, dropout {config.lora_dropout} on "
+            f"{config.lora_targets or 'the family default modules (language model attention)'}" if config.lora
+            else "full fine-tune of the language model")
+    frozen = "audio encoder frozen, projector trained" if config.train_projector else "audio encoder and projector frozen"
+    teacher = (f"cached as its top-{config.topk} log-probs per response token (sparse)" if config.topk > 0
+               else "full vocabulary on the fly (no cache)")
+    targets = "the dataset's response" if config.targets == "dataset" else "the teacher's own greedy reply"
+    filters = {"max_words": config.max_words, "max_chars": config.max_chars,
+               "max_response_words": config.max_response_words}
+    return {
+        "loss": f"{config.kind} per response token at temperature {config.temperature:g}, scaled by τ², averaged over "
+                "the response tokens of the batch (paper: 'KL divergence with temperature scaling'; direction, τ and "
+                "reduction ours)",
+        "weights": f"λ_TT = {config.lambda_tt:g}, λ_ST = {config.lambda_st:g}, CE weight {config.ce:g}",
+        "teacher": teacher,
+        "targets": f"{targets}, cut to {config.max_response_tokens} tokens, end-of-turn token appended",
+        "prompts": "the system prompt stays text in both channels; only the question is spoken (S→T)",
+        "trained": f"{lora}; {frozen}",
+        "optimizer": f"AdamW lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.warmup_ratio:.0%} linear "
+                     f"warmup then cosine decay, {config.epochs} epoch(s), batch {config.batch_size} x "
+                     f"{config.grad_accum} micro-batch(es), gradient clipping at norm {config.max_grad_norm:g}",
+        "precision": "bf16 weights and autocast on GPU, fp32 on CPU" if config.dtype == "auto" else config.dtype,
+        "data": f"{config.max_examples or 'all'} rows read before filtering; speakable filter "
+                + json.dumps(filters, sort_keys=True),
+        "speech": f"{config.tts_engine}, voice {config.tts_voice}, {config.tts_rate} words per minute; clips longer "
+                  "than the student's audio window dropped",
+    }
+
+
 def config_fields() -> list[Any]:
     """The ``DistillConfig`` fields with their help text, for the command line."""
     return list(fields(DistillConfig))

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from speechlm_eval.distill.config import DEFAULT_EVAL_SUITE, OUR_READING, DistillConfig, EvalConfig, resolve_distill_config
+from speechlm_eval.distill.config import DEFAULT_EVAL_SUITE, DistillConfig, EvalConfig, our_reading_for, resolve_distill_config
 from speechlm_eval.distill.train import distill
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ def distill_and_compare(config: DistillConfig, evaluation: EvalConfig | None = N
                 f"- **Channels**: {config.channels}; loss {config.kind}, τ = {config.temperature}, "
                 f"λ_TT = {config.lambda_tt}, λ_ST = {config.lambda_st}, CE = {config.ce}; "
                 f"{'LoRA' if config.lora else 'full fine-tune'}; data {shown(config.data)}",
-                "- Defaults that are our reading of the paper, not the paper's: "
-                + ", ".join(sorted(OUR_READING)), *[f"- {n}" for n in evaluation.notes]]
+                "- Where the paper is silent, this run used (our reading, not the paper's): "
+                + "; ".join(f"{k}: {v}" for k, v in our_reading_for(config).items()),
+                *[f"- {n}" for n in evaluation.notes]]
     log.info("distill 4/4: before/after report -> %s", out / "report.md")
     write_before_after(out, before, after, preamble)
     return out / "report.md"

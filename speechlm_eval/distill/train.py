@@ -4,7 +4,8 @@ T→T: the student *reads* the query, S→T: the student *hears* it (TTS); in bo
 student's next-token distributions over the response are pulled to the teacher's. One readable recipe: the training
 loop is :func:`distill`, top to bottom; the helpers below it are small and single-purpose.
 
-Every default the paper does not state is *our reading*; :data:`OUR_READING` lists them for manifests and reports.
+Every default the paper does not state is *our reading*: :data:`OUR_READING` lists the plain defaults, and
+:func:`our_reading_for` what a run actually used (written to its manifest and report).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from speechlm_eval.distill.config import (
     AUDIO_CHANNELS,
     KD_CHANNELS,
     MANIFEST_SCHEMA,
-    OUR_READING,
+    our_reading_for,
     ConfigError,
     DistillConfig,
     resolve_distill_config,
@@ -561,8 +562,8 @@ def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
         remove_interrupted_writes(out)
         if not manifest.exists():
             # Written first, so a run killed before training still owns OUT (its data and cache are reused on resume).
-            _write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": config.to_dict(), "our_reading": OUR_READING,
-                                   "finished": False})
+            _write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": config.to_dict(),
+                                   "our_reading": our_reading_for(config), "finished": False})
     accelerator.wait_for_everyone()
 
 
@@ -576,7 +577,7 @@ def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "config": config.to_dict(),
-        "our_reading": OUR_READING,
+        "our_reading": our_reading_for(config),  # as this run used them, not the plain defaults
         "channels": list(channels),
         "student": student_identity,
         "data": {"source": config.data, "targets": config.targets, "examples": n_examples, "counts": data_counts},
@@ -750,7 +751,7 @@ def save_student(model: torch.nn.Module, processor: Any, out: Path, config: Dist
       original student, and by ``load_model``), then, unless ``--no-merge``, ``OUT/checkpoint``: the merged student;
     - with a full fine-tune, ``OUT/checkpoint``. Both carry the processor and the distillation config.
     """
-    record = {"config": config.to_dict(), "our_reading": OUR_READING}
+    record = {"config": config.to_dict(), "our_reading": our_reading_for(config)}
     if config.lora:
         adapter = out / "adapter"
         _replace_folder(adapter, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from speechlm_eval.data.item import Item
 from speechlm_eval.distill.data import LeakageError, attach_audio, speech_prompt, text_prompt
-from speechlm_eval.distill.config import OUR_READING, ConfigError, DistillConfig
+from speechlm_eval.distill.config import ConfigError, DistillConfig, our_reading_for
 from speechlm_eval.distill.teacher_cache import TeacherCache
 from speechlm_eval.distill.vocab import KDSupport
 from speechlm_eval.distill.train import (
@@ -132,7 +132,11 @@ def test_log_manifest_and_data_report(trained):
     config, _, seconds = trained
     rows = log_rows(config.out)
     manifest = json.loads((config.out / "manifest.json").read_text())
-    assert manifest["finished"] and manifest["total_steps"] == len(rows) and manifest["our_reading"] == OUR_READING
+    assert manifest["finished"] and manifest["total_steps"] == len(rows)
+    # The manifest's "our reading" is what this run used, not the plain defaults (this run overrides some of them).
+    assert manifest["our_reading"] == our_reading_for(config)
+    assert f"lr {config.lr:g}" in manifest["our_reading"]["optimizer"]
+    assert f"{config.epochs} epoch(s)" in manifest["our_reading"]["optimizer"]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     for row in rows:
         assert {"step", "lr", "loss", "loss_tt", "loss_st", "grad_norm", "examples_seen"} <= set(row)
@@ -293,3 +297,14 @@ def test_two_processes_under_torchrun_complete(tiny_pair, tmp_path):
     saved = {p.name for p in (out / "train_state").glob("step-*/*")}
     assert {"rng-rank0.json", "rng-rank1.json", "rng-rank0.safetensors", "rng-rank1.safetensors"} <= saved
     assert load_model(str(out / "checkpoint")).accepts_audio
+
+
+def test_our_reading_describes_the_settings_the_run_used() -> None:
+    from speechlm_eval.distill.config import OUR_READING, resolve_distill_config
+
+    organism = our_reading_for(resolve_distill_config(DistillConfig()))
+    assert "full fine-tune" in organism["trained"] and "lr 0.0003" in organism["optimizer"]
+    assert "voice en-gb" in organism["speech"] and "teacher's own greedy reply" in organism["targets"]
+    assert organism.keys() == OUR_READING.keys()
+    standard = our_reading_for(resolve_distill_config(DistillConfig(student="s", teacher="t")))
+    assert standard["trained"].startswith("LoRA r=16") and "lr 0.0001" in standard["optimizer"]
