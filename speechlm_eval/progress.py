@@ -60,7 +60,6 @@ def configure_logging(level: str | None = None) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(name.upper())
-    logger.propagate = False
 
 
 def progress_interval() -> float:

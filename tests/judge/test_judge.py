@@ -277,6 +277,19 @@ def test_retries_are_bounded_and_the_error_hides_the_key(server: LocalOpenAI, tm
     assert not list(tmp_path.rglob("*.json"))  # nothing cached for a failed call
 
 
+def test_judging_reports_its_progress(server: LocalOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    monkeypatch.setenv("SPEECHLM_EVAL_PROGRESS_INTERVAL", "0.01")
+    caplog.set_level(logging.INFO, logger="speechlm_eval.progress")
+    items = [open_item(i, f"Question {i}?") for i in range(3)]
+    judge_records(items, ["A.", "B.", "C."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "speechlm_eval.progress"]
+    assert lines[0].startswith("judge openai:m: 0/3 items") and lines[-1].startswith("judge openai:m: 3/3 items")
+    assert lines[-1].endswith("[done]")
+
+
 def test_client_errors_are_not_retried(server: LocalOpenAI, tmp_path: Path) -> None:
     server.failures = [(401, "bad key", {})]
     with pytest.raises(JudgeError, match="HTTP 401") as raised:

@@ -238,7 +238,10 @@ def test_spoken_arms_measure_inequivalence(speech, manager, task, tts, tmp_path)
 
 
 @pytest.mark.slow
-def test_run_lmeval_tasks_end_to_end_with_a_generation_task(tiny_pair, tmp_path):
+def test_run_lmeval_tasks_end_to_end_with_a_generation_task(tiny_pair, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="speechlm_eval.progress")
     speech_dir, text_dir = tiny_pair
     notes = run_lmeval_tasks(str(speech_dir), str(text_dir), [TASK, GEN_TASK], str(TASKS_DIR), tmp_path,
                              batch_size=8, seed=0, spoken=True, load_options=CPU)
@@ -255,6 +258,11 @@ def test_run_lmeval_tasks_end_to_end_with_a_generation_task(tiny_pair, tmp_path)
     assert gen["forgetting"]["n"] == N_DOCS and "inequivalence" not in gen
     assert "not multiple_choice" in gen["notes"][0] and notes[GEN_TASK] == gen["notes"]  # kept in lmeval/notes.json
     assert "notes" not in mc
+    # Every lm-eval stage reports its progress (a plain line when stderr is not a terminal).
+    done = [r.getMessage() for r in caplog.records if r.name == "speechlm_eval.progress" and "[done]" in r.getMessage()]
+    for stage in ("lm-eval loglikelihood", "lm-eval generate_until", "lm-eval typed log-likelihood",
+                  "lm-eval spoken log-likelihood"):
+        assert any(line.startswith(stage) for line in done), (stage, done)
 
 
 def test_speechlm_eval_lm_eval_argv_and_device_fallback():
