@@ -226,8 +226,10 @@ def our_reading_for(config: DistillConfig) -> dict[str, str]:
             f"{config.lora_targets or 'the family default modules (language model attention)'}" if config.lora
             else "full fine-tune of the language model")
     frozen = "audio encoder frozen, projector trained" if config.train_projector else "audio encoder and projector frozen"
-    teacher = (f"cached as its top-{config.topk} log-probs per response token (sparse)" if config.topk > 0
-               else "full vocabulary on the fly (no cache)")
+    tails = {"sampled": f"its exact tempered tail mass and {config.tail_samples} ids sampled from the tail",
+             "bucket": "the tail mass as one rest class", "renormalize": "renormalised over the top-k (no tail)"}
+    teacher = (f"cached as its top-{config.topk} log-probs per response token, {tails[config.effective_topk_tail]}"
+               if config.topk > 0 else "full vocabulary on the fly (no cache)")
     targets = "the dataset's response" if config.targets == "dataset" else "the teacher's own greedy reply"
     filters = {"max_words": config.max_words, "max_chars": config.max_chars,
                "max_response_words": config.max_response_words}
