@@ -343,49 +343,40 @@ def build_teacher_cache(
         tail_samples=tail_samples, tail_temperature=tail_temperature,
     )
     todo = [i for i, example_id in enumerate(example_ids) if example_id not in cache]
-    shown = stage("teacher cache", total=len(todo), unit="examples", enabled=bool(todo))
-    with shown:
-        _fill_cache(teacher_model, prompts, targets, example_ids, cache, todo, batch_size, k, vocab, chunk_size,
-                    examples_per_shard, shown)
-    return cache
-
-
-def _fill_cache(teacher_model: Any, prompts: Sequence[Any], targets: Sequence[Any], example_ids: Sequence[str],
-                cache: TeacherCache, todo: list[int], batch_size: int, k: int, vocab: int, chunk_size: int,
-                examples_per_shard: int, shown: Any) -> None:
-    """The teacher over the uncached examples, a shard written every ``examples_per_shard`` and at the end."""
     pending_ids: list[str] = []
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        with torch.no_grad():
-            logits, _, mask = teacher_model.continuation_logits(
-                [prompts[i] for i in batch], [targets[i] for i in batch]
-            )
-        for row, i in enumerate(batch):
-            n = int(mask[row].sum())
-            if n == 0:
-                empty = torch.zeros((0, k))
-                if tail_samples:
-                    none = torch.zeros((0, tail_samples))
-                    pending.append(TopK(empty, empty.long(), torch.zeros(0), tail_indices=none.long(),
-                                        tail_logprobs=none, tail_stats=torch.zeros((0, 2)),
-                                        tail_temperature=tail_temperature))
+    with stage("teacher cache", total=len(todo), unit="examples", enabled=bool(todo)) as shown:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            with torch.no_grad():
+                logits, _, mask = teacher_model.continuation_logits(
+                    [prompts[i] for i in batch], [targets[i] for i in batch]
+                )
+            for row, i in enumerate(batch):
+                n = int(mask[row].sum())
+                if n == 0:
+                    empty = torch.zeros((0, k))
+                    if tail_samples:
+                        none = torch.zeros((0, tail_samples))
+                        pending.append(TopK(empty, empty.long(), torch.zeros(0), tail_indices=none.long(),
+                                            tail_logprobs=none, tail_stats=torch.zeros((0, 2)),
+                                            tail_temperature=tail_temperature))
+                    else:
+                        pending.append((empty, empty.long(), torch.zeros(0)))
                 else:
-                    pending.append((empty, empty.long(), torch.zeros(0)))
-            else:
-                # (n, V): right-aligned real tokens, over the KD support (the teacher's real vocabulary by default)
-                tokens = support.teacher_logits(logits[row, -n:]) if support is not None \
-                    else cut_padded_vocab(logits[row, -n:], vocab)
-                # Tail draws seeded by the example, so a resumed or re-batched build draws the same ids.
-                generator = torch.Generator(device=tokens.device).manual_seed(example_seed(example_ids[i]))
-                top = topk_from_logits(tokens, k, chunk_size, tail_samples=tail_samples,
-                                       tail_temperature=tail_temperature, generator=generator)
-                pending.append(top if tail_samples else (top.logprobs, top.indices, top.rest_logprob))
-            pending_ids.append(example_ids[i])
-        del logits
-        shown.advance(len(batch))
-        if len(pending_ids) >= examples_per_shard:
-            cache.write(pending_ids, pending)
-            pending_ids, pending = [], []
-    cache.write(pending_ids, pending)
+                    # (n, V): right-aligned real tokens, over the KD support (the teacher's real vocabulary by default)
+                    tokens = support.teacher_logits(logits[row, -n:]) if support is not None \
+                        else cut_padded_vocab(logits[row, -n:], vocab)
+                    # Tail draws seeded by the example, so a resumed or re-batched build draws the same ids.
+                    generator = torch.Generator(device=tokens.device).manual_seed(example_seed(example_ids[i]))
+                    top = topk_from_logits(tokens, k, chunk_size, tail_samples=tail_samples,
+                                           tail_temperature=tail_temperature, generator=generator)
+                    pending.append(top if tail_samples else (top.logprobs, top.indices, top.rest_logprob))
+                pending_ids.append(example_ids[i])
+            del logits
+            shown.advance(len(batch))
+            if len(pending_ids) >= examples_per_shard:
+                cache.write(pending_ids, pending)
+                pending_ids, pending = [], []
+        cache.write(pending_ids, pending)
+    return cache

@@ -15,7 +15,6 @@ MMAU's prediction JSON and lm-eval-style results, so the run can be re-scored, s
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field

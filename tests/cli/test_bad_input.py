@@ -27,7 +27,7 @@ def assert_clean_exit_2(result: Any, message: str) -> None:
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # no exception escaped the command
     assert "Traceback" not in result.output
-    assert f"error: " in result.output and message in " ".join(result.output.split()), result.output
+    assert "error: " in result.output and message in " ".join(result.output.split()), result.output
 
 
 @pytest.fixture
