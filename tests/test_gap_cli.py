@@ -263,8 +263,12 @@ def test_lm_eval_tasks_join_the_same_results_and_report(tiny_pair, tmp_path):
                  "--lm-eval-tasks", "speechlm_tiny_mc", "--lm-eval-include", str(tasks), "--no-diagnostics")
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
+    # One prompt format per row: lm-eval's prompt (forgetting), the chat template's log-likelihoods (inequivalence).
     task = results["subsets"]["lmeval:speechlm_tiny_mc"]
-    assert {"text_llm_text", "speech_llm_text", "speech_llm_speech_ll", "speech_llm_text_ll"} <= set(task["arms"])
-    assert task["forgetting"]["n"] == 12 and task["inequivalence"]["n"] == 11  # one question is too long to speak
+    spoken = results["subsets"]["lmeval:speechlm_tiny_mc (spoken, log-lik.)"]
+    assert set(task["arms"]) == {"text_llm_text", "speech_llm_text"}
+    assert set(spoken["arms"]) == {"speech_llm_speech_ll", "speech_llm_text_ll"}
+    assert task["forgetting"]["n"] == 12 and spoken["inequivalence"]["n"] == 11  # one question is too long to speak
+    assert "inequivalence" not in task and "forgetting" not in spoken
     assert set(results["overall"]["arms"]) == {"text_llm_text", "speech_llm_text", "speech_llm_speech"}
     assert "## lm-eval: spoken vs typed" in (out / "report.md").read_text()
