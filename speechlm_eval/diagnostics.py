@@ -73,8 +73,13 @@ def _common_vocab(*models: SpeechLM) -> int:
 
 
 def _my_share(run_dir: Path, name: str, todo: list[Item]) -> tuple[Path, list[Item]]:
-    """This process's records file and disjoint share of the items (several processes under torchrun/accelerate)."""
+    """This process's records file and disjoint share of the items (several processes under torchrun/accelerate).
+
+    Callers build ``todo`` from what the run directory already holds; the barrier keeps any process from writing this
+    stage's records before every process has read them, so all shard the same list.
+    """
     state = process_state()
+    state.wait_for_everyone()
     path = RunDir(run_dir).records_path(name, state.process_index, state.num_processes)
     return path, shard(todo, state.process_index, state.num_processes)
 

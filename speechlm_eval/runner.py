@@ -91,6 +91,9 @@ def run_arm(
     rank, world = state.process_index, state.num_processes
     run = RunDir(run_dir)
     done = run.completed_ids(plan.name)
+    # Every process must shard the same pending list: none may append this arm's records before all have read them
+    # (a rank that read another's fresh records would shard a shorter list, and items would fall between shards).
+    state.wait_for_everyone()
     pending = [i for i in plan.items if i.id not in done]
     mine = shard(sorted_for_batching(pending, plan), rank, world)
     stats = ArmProgress(plan.name, total=len(mine), skipped=len(plan.items) - len(pending))
