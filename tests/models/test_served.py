@@ -1,0 +1,287 @@
+"""ServedModel: request shape and identity offline; against a real ``transformers serve`` on 127.0.0.1, greedy parity
+with the in-process adapters, no lost prompt through injected faults, fast failure on refusals, and the audio path."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import itertools
+import json
+import time
+import traceback
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechlm_eval.models.base import GenerationConfig, ModelInputError, Prompt
+from speechlm_eval.models.served import (
+    EndpointError,
+    EndpointUnavailable,
+    NotServable,
+    RetryPolicy,
+    ServedModel,
+    load_served,
+    parse_retry_after,
+    public_url,
+)
+from tests.fixtures.served import SHIPPED_SPEECH_LLM, SHIPPED_TEXT_LLM, FaultProxy, LocalServer, organism_server
+
+KEY_ENV = "SPEECHLM_EVAL_TEST_SERVED_KEY"
+SECRET = "sk-test-do-not-leak-0123456789"
+GREEDY = GenerationConfig(max_new_tokens=8)
+FAST_RETRY = RetryPolicy(max_attempts=6, base_delay_s=0.05, max_delay_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def organism_text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A real ``transformers serve`` of the shipped organism text LLM, for this module's tests."""
+    yield from organism_server("text", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def organism_speech_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A real ``transformers serve`` of the shipped organism speech LLM (Qwen2-Audio)."""
+    yield from organism_server("speech", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def organism_items():
+    from speechlm_eval.data.suite import load_suite, parse_suite
+
+    items, _ = load_suite(parse_suite("organism:organism_mcq@seed0"))
+    assert len(items) == 144
+    return items
+
+
+@pytest.fixture(scope="module")
+def text_prompts(organism_items) -> list[Prompt]:
+    return [Prompt(text=item.text) for item in organism_items]
+
+
+def in_process(path, prompts, config=GREEDY, batch_size=8):
+    """The in-process adapter's answers, batched as the runner batches them (left-padded, 8 at a time)."""
+    from speechlm_eval.models.registry import load_model
+
+    model = load_model(str(path))
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        answers += model.generate(prompts[start : start + batch_size], config)
+    return model, answers
+
+
+def assert_no_secret(error: BaseException) -> None:
+    text = "".join(traceback.format_exception(error))
+    assert SECRET not in text and SECRET not in str(error)
+
+
+# ----- offline: request shape, identity, client-side checks -----
+
+def test_request_body_text_greedy_and_sampling():
+    model = ServedModel("m", "http://127.0.0.1:9")
+    assert model.base_url == "http://127.0.0.1:9/v1" and model.endpoint == "http://127.0.0.1:9/v1/chat/completions"
+    body = model.request_body(Prompt(text="Hi?"), GenerationConfig(max_new_tokens=7, seed=3))
+    assert body == {"messages": [{"role": "user", "content": "Hi?"}], "max_tokens": 7, "seed": 3,
+                    "temperature": 0.0}
+    sampled = model.request_body(Prompt(text="Hi?", system="Be brief."),
+                                 GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, seed=1))
+    assert sampled["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert (sampled["temperature"], sampled["top_p"], sampled["seed"]) == (0.7, 0.9, 1)
+
+
+def test_audio_part_precedes_text_and_is_lossless():
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, 8000).astype(np.float32)
+    (user,) = ServedModel("m", "http://h/v1").messages(Prompt(audio=audio, text="What is said?"))
+    assert [part["type"] for part in user["content"]] == ["input_audio", "text"]
+    part = user["content"][0]["input_audio"]
+    assert part["format"] == "wav"
+    decoded, rate = sf.read(io.BytesIO(base64.b64decode(part["data"])), dtype="float32")
+    assert rate == 16_000 and decoded.ndim == 1 and np.array_equal(decoded, audio)
+    (alone,) = ServedModel("m", "http://h/v1").messages(Prompt(audio=audio))
+    assert [part["type"] for part in alone["content"]] == ["input_audio"]
+
+
+def test_describe_and_repr_hold_no_credentials(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    model = load_served("org/model", f"https://user:{SECRET}@api.example.test:8443/v1?api-key={SECRET}#x",
+                        api_key_env=KEY_ENV)
+    described = model.describe()
+    text = json.dumps(described) + repr(model) + model.endpoint
+    assert SECRET not in text and "user" not in text
+    assert described["family"] == "served" and described["id"] == "org/model"
+    assert described["base_url"] == "https://api.example.test:8443/v1"
+    assert described["api_key_env"] == KEY_ENV
+    assert public_url("http://[::1]:8000/v1/?q=1") == "http://[::1]:8000/v1"
+
+
+def test_teacher_forcing_is_not_servable():
+    model = ServedModel("m", "http://h/v1")
+    with pytest.raises(NotServable, match="continuation"):
+        model.continuation_logprobs([Prompt(text="q")], ["a"])
+    with pytest.raises(NotImplementedError, match="logits"):
+        model.continuation_logits([Prompt(text="q")], ["a"])
+
+
+def test_client_side_refusals_and_length_estimate():
+    clip = np.zeros(16_000 * 7, dtype=np.float32)
+    with pytest.raises(ModelInputError, match="text-only"):
+        ServedModel("m", "http://h/v1", accepts_audio=False).generate([Prompt(audio=clip)], GREEDY)
+    with pytest.raises(ModelInputError, match="at most 6 s"):
+        ServedModel("m", "http://h/v1", max_audio_seconds=6.0).generate([Prompt(audio=clip)], GREEDY)
+    model = ServedModel("m", "http://h/v1")
+    assert model.prompt_length(Prompt(text="x" * 40)) == 11
+    assert model.prompt_length(Prompt(audio=np.zeros(32_000, dtype=np.float32))) == 1 + 50
+    with pytest.raises(ValueError, match="http"):
+        ServedModel("m", "127.0.0.1:8000")
+
+
+def test_retry_after_and_backoff():
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert parse_retry_after({"retry-after": "soon"}) is None and parse_retry_after({}) is None
+    policy = RetryPolicy(base_delay_s=1.0, max_delay_s=4.0)
+    assert policy.backoff(1, 2.5) == 2.5 and policy.backoff(1, 10_000.0) == 120.0
+    assert all(0.0 <= policy.backoff(n, None) <= 4.0 for n in range(1, 12))
+
+
+# ----- a real server: transformers serve, text LLM -----
+
+@pytest.mark.slow
+def test_text_llm_greedy_parity(organism_text_server, text_prompts):
+    """(a) All 144 organism items: the served text LLM answers exactly as the in-process adapter (text, token
+    counts, finish reason), although the server decodes each prompt alone and the adapter 8 left-padded at a time."""
+    _, expected = in_process(SHIPPED_TEXT_LLM, text_prompts)
+    got = load_served(organism_text_server.model, organism_text_server.base_url).generate(text_prompts, GREEDY)
+    matches = sum(a == b for a, b in zip(got, expected))
+    print(f"\nserved text LLM vs in-process: {matches}/{len(expected)} identical")
+    assert len(got) == len(text_prompts)
+    assert [g.text for g in got] == [e.text for e in expected]
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_faults_lose_nothing(organism_text_server, text_prompts):
+    """(b) Through 429 + Retry-After, 500s and dropped connections (before and after the server answered), every
+    prompt is answered once more than its faults, with the same answers, and Retry-After is waited out."""
+    direct = load_served(organism_text_server.model, organism_text_server.base_url).generate(text_prompts, GREEDY)
+    with FaultProxy(organism_text_server.root_url, retry_after="1") as proxy:
+        model = ServedModel(organism_text_server.model, proxy.base_url, retry=FAST_RETRY)
+        got = model.generate(text_prompts, GREEDY)
+    assert got == direct
+    counts = proxy.log.counts()
+    assert counts["forward"] == len(text_prompts)
+    assert min(counts["429"], counts["500"], counts["drop"], counts["drop_after"]) > 0
+    for attempts in proxy.log.attempts.values():
+        actions = [action for action, _ in attempts]
+        assert actions[-1] == "forward" and actions.count("forward") == 1
+        for (action, at), (_, next_at) in itertools.pairwise(attempts):
+            if action == "429":
+                assert next_at - at >= 0.9, "Retry-After: 1 was not honoured"
+    # One request per prompt was planned from its body: retries sent exactly the faults' count more, no extra.
+    bodies_planned = sum(len(a) for a in proxy.log.attempts.values())
+    assert bodies_planned == len(text_prompts) + sum(counts[a] for a in ("429", "500", "drop", "drop_after"))
+
+
+@pytest.mark.slow
+def test_timeouts_retried_and_exhaustion_reported(organism_text_server, text_prompts, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    few = text_prompts[:3]
+    with FaultProxy(organism_text_server.root_url, plan=lambda body: ["stall"], stall_s=2.5) as proxy:
+        model = ServedModel(organism_text_server.model, proxy.base_url, timeout_s=1.0, retry=FAST_RETRY,
+                            api_key_env=KEY_ENV)
+        assert len(model.generate(few, GREEDY)) == 3
+    assert proxy.log.counts() == {"stall": 3, "forward": 3}
+    assert proxy.log.authorization == {f"Bearer {SECRET}"}  # the key is sent, to the server only
+
+    with FaultProxy(organism_text_server.root_url, plan=lambda body: ["503"] * 10) as proxy:
+        model = ServedModel(organism_text_server.model, proxy.base_url, api_key_env=KEY_ENV,
+                            retry=RetryPolicy(max_attempts=3, base_delay_s=0.01))
+        with pytest.raises(EndpointUnavailable, match="failed 3 attempt") as caught:
+            model.generate(few[:1], GREEDY)
+    assert proxy.base_url in str(caught.value) and "HTTP 503" in str(caught.value)
+    assert_no_secret(caught.value)
+    assert proxy.log.counts() == {"503": 3}
+
+
+@pytest.mark.slow
+def test_refusals_fail_fast_without_the_key(organism_text_server, text_prompts, monkeypatch):
+    """(c) An unknown model name (transformers serve pinned to a path answers 400) fails at the first answer, naming
+    the endpoint and the server's reason; 401 and 404 are not retried either; the key never shows."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    model = load_served("no-such-model", organism_text_server.base_url, api_key_env=KEY_ENV)
+    start = time.monotonic()
+    with pytest.raises(EndpointError, match="HTTP 400") as caught:
+        model.generate(text_prompts[:2], GREEDY)
+    assert time.monotonic() - start < 5.0
+    message = str(caught.value)
+    assert organism_text_server.base_url in message and "pinned" in message and "no-such-model" in message
+    assert isinstance(caught.value, ModelInputError)
+    assert_no_secret(caught.value)
+    for status in ("401", "404"):
+        with FaultProxy(organism_text_server.root_url, plan=lambda body, s=status: [s] * 10) as proxy:
+            model = ServedModel(organism_text_server.model, proxy.base_url, api_key_env=KEY_ENV, retry=FAST_RETRY)
+            with pytest.raises(EndpointError, match=f"HTTP {status}") as caught:
+                model.generate(text_prompts[:1], GREEDY)
+        assert proxy.log.counts() == {status: 1}
+        assert_no_secret(caught.value)
+
+
+@pytest.mark.slow
+def test_runner_records_only_the_culprit(organism_text_server, organism_items):
+    """A prompt the endpoint always refuses gets its own error record; its batch-mates keep their answers and are
+    not asked twice when the runner retries the batch item by item."""
+    from speechlm_eval.runner import ArmPlan, answer_batch
+
+    batch = organism_items[:4]
+    culprit = batch[2]
+
+    def refuse_culprit(body: bytes) -> list[str]:
+        return ["400"] * 10 if json.loads(body)["messages"][-1]["content"] == culprit.text else []
+
+    with FaultProxy(organism_text_server.root_url, plan=refuse_culprit) as proxy:
+        model = ServedModel(organism_text_server.model, proxy.base_url, retry=FAST_RETRY)
+        plan = ArmPlan("text_llm_text", model, list(batch), with_audio=False)
+        records = answer_batch(plan, batch, GREEDY, audio_source=lambda item: None)
+    by_id = {r["id"]: r for r in records}
+    assert set(by_id) == {item.id for item in batch}
+    assert by_id[culprit.id]["error"] is not None and "HTTP 400" in by_id[culprit.id]["error"]["message"]
+    assert all(by_id[i.id]["error"] is None and by_id[i.id]["response"] for i in batch if i is not culprit)
+    assert proxy.log.counts() == {"forward": 3, "400": 2}
+
+
+@pytest.mark.slow
+def test_generate_from_inside_an_event_loop(organism_text_server, text_prompts):
+    model = load_served(organism_text_server.model, organism_text_server.base_url)
+
+    async def caller():
+        return model.generate(text_prompts[:2], GREEDY)
+
+    assert len(asyncio.run(caller())) == 2
+
+
+# ----- a real server: transformers serve, Qwen2-Audio speech LLM -----
+
+@pytest.mark.slow
+def test_speech_llm_text_and_audio_parity(organism_speech_server, organism_items, text_prompts):
+    """(d) The served Qwen2-Audio answers the 144 items, typed and spoken (espeak-ng, sent as input_audio WAV), as
+    the in-process adapter does."""
+    from speechlm_eval.speech import CachedTTS, get_tts
+
+    tts = CachedTTS(get_tts("espeak-ng"))
+    audio_prompts = [Prompt(audio=tts.synthesize(item.text_to_speak())) for item in organism_items]
+    local, expected_text = in_process(SHIPPED_SPEECH_LLM, text_prompts)
+    expected_audio = [a for start in range(0, len(audio_prompts), 8)
+                      for a in local.generate(audio_prompts[start : start + 8], GREEDY)]
+    model = load_served(organism_speech_server.model, organism_speech_server.base_url,
+                        max_audio_seconds=local.max_audio_seconds)
+    got_text = model.generate(text_prompts, GREEDY)
+    got_audio = model.generate(audio_prompts, GREEDY)
+    text_matches = sum(a == b for a, b in zip(got_text, expected_text))
+    audio_matches = sum(a == b for a, b in zip(got_audio, expected_audio))
+    print(f"\nserved speech LLM vs in-process: text {text_matches}/144, audio {audio_matches}/144 identical")
+    assert got_text == expected_text
+    assert got_audio == expected_audio
+    # The audio really reached the model: spoken prompts are longer (audio tokens) than the bare chat template.
+    assert min(g.n_prompt_tokens for g in got_audio) > 30
