@@ -10,6 +10,7 @@ Layout (every number in a report derives from these files)::
     lmeval/<arm>.jsonl            lm-eval per-document records (and <arm>.results.json, lm-eval's own summary)
     scores.jsonl                  per item: question, reference, each arm's response, score, parsed flag, extracted
                                   answer, and the item's contribution to each gap ("which items flipped")
+    usage.jsonl                   served endpoints' calls, retries and tokens (one line per endpoint, process, session)
     results.json, report.md, report.html, plots/    rebuilt from the files above by ``speechlm-eval report``
 
 Arms and gaps are defined here once, as data.
@@ -254,7 +255,7 @@ def prepare_output_dir(path: str | Path, request: Mapping[str, Any], *, previous
 # -------------------------------------------------------------------------------------------------------- run dir
 
 RUN_OUTPUTS = ("records", "judgements", "lmeval", "items.jsonl", "manifest.json", "results.json", "scores.jsonl",
-               "report.md", "report.html", "plots")
+               "report.md", "report.html", "plots", "usage.jsonl", "usage.jsonl.lock")
 
 
 class RunDir:
@@ -286,6 +287,10 @@ class RunDir:
     @property
     def lmeval_dir(self) -> Path:
         return self.path / "lmeval"
+
+    @property
+    def usage_path(self) -> Path:
+        return self.path / "usage.jsonl"
 
     def records_path(self, stream: str, rank: int = 0, world_size: int = 1) -> Path:
         """``records/<stream>.jsonl``, or this rank's file while several processes write."""
@@ -401,3 +406,28 @@ class RunDir:
     def lmeval_records(self) -> dict[str, list[dict[str, Any]]]:
         """``{arm: [records]}`` of the lm-eval records under ``lmeval/`` (file stem = arm), sorted by arm name."""
         return {path.stem: read_records(path) for path in sorted(self.lmeval_dir.glob("*.jsonl"))}
+
+    # -- endpoint usage
+    def append_usage(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append usage rows (``role``, ``model``, ``endpoint``, counts, ``cost_usd``), one per endpoint and process.
+
+        Appended, never rewritten: a resumed or sharded run adds its own lines, and the report sums them, so what
+        every session spent stays counted. A lock keeps lines of concurrent processes whole.
+        """
+        from filelock import FileLock
+
+        from speechlm_eval.records import dumps
+
+        lines = "".join(dumps(json_safe({"id": r.get("role", "endpoint"), **r})) + "\n" for r in rows)
+        if not lines:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.usage_path) + ".lock"):
+            with open(self.usage_path, "a", encoding="utf-8") as handle:
+                handle.write(lines)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def usage_rows(self) -> list[dict[str, Any]]:
+        """Every usage row appended so far (``[]`` for a run that called no endpoint)."""
+        return read_records(self.usage_path) if self.usage_path.exists() else []

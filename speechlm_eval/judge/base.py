@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
+from speechlm_eval.endpoint import RetryPolicy  # noqa: F401 - the judge's policy type, re-exported
 from speechlm_eval.judge.prompts import JUDGE_SYSTEM, PROMPT_SOURCE, prompt_digests
 from speechlm_eval.scoring.judged import JUDGE_NONE_NOTE
 
@@ -33,22 +34,10 @@ class JudgeSettings:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff for HTTP judges.
-
-    The k-th retry waits ``min(max_delay_s, initial_delay_s * multiplier**(k-1))`` seconds, or what a 429/503's
-    ``Retry-After`` asks (capped the same way). Upstream retries 25 times, 30 s apart.
-    """
-
-    max_attempts: int = 8
-    initial_delay_s: float = 2.0
-    multiplier: float = 2.0
-    max_delay_s: float = 60.0
-    request_timeout_s: float = 120.0
-
-    def delay(self, failed_attempts: int) -> float:
-        return min(self.max_delay_s, self.initial_delay_s * self.multiplier ** (failed_attempts - 1))
+# The judge's retry policy is the shared endpoint client's (one policy for everything that calls a server), with the
+# patience of a hosted judge: upstream retries 25 times, 30 s apart; we back off from 2 s up to 60 s over 8 attempts.
+JUDGE_RETRY = RetryPolicy(max_attempts=8, initial_delay_s=2.0, multiplier=2.0, max_delay_s=60.0,
+                          request_timeout_s=120.0)
 
 
 @dataclass(frozen=True)
@@ -62,6 +51,8 @@ class Judge:
         complete: one filled prompt -> its ``n`` output strings (each stripped, as upstream strips them).
         workers: how many prompts may be in flight at once.
         details: manifest-only facts that do not change outputs (e.g. a local model's path).
+        usage: for an endpoint judge, ``() -> dict`` of this process's calls, retries and tokens (see
+            :class:`speechlm_eval.endpoint.Usage`); ``None`` for a local model.
     """
 
     spec: str
@@ -69,6 +60,7 @@ class Judge:
     complete: Callable[[str], list[str]]
     workers: int = 1
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    usage: Callable[[], dict[str, Any]] | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe entry for the run manifest."""

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible chat-completions judge backend (``--judge openai:MODEL``), over plain HTTP with bounded
-retries; the API key comes from the environment and never reaches a file, a manifest or a message."""
+"""The OpenAI-compatible chat-completions judge backend (``--judge openai:MODEL``), over the shared endpoint client
+(:mod:`speechlm_eval.endpoint`: the ``openai`` package, one retry/timeout policy, usage counted); the API key comes
+from the environment and never reaches a file, a manifest or a message."""
 
 from __future__ import annotations
 
@@ -7,38 +8,47 @@ import http.client
 import json
 import logging
 import os
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict
 from typing import Any
 
-from speechlm_eval.judge.base import Judge, JudgeError, JudgeSettings, RetryPolicy
+from speechlm_eval.endpoint import ChatEndpoint, EndpointError, EndpointUnavailable, Price, RetryPolicy, run_sync
+from speechlm_eval.judge.base import Judge, JudgeError, JudgeSettings
 
 log = logging.getLogger(__name__)
 
 BASE_URL_ENV = "SPEECHLM_EVAL_JUDGE_BASE_URL"
 API_KEY_ENVS = ("SPEECHLM_EVAL_JUDGE_API_KEY", "OPENAI_API_KEY")  # first one set wins
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-RETRYABLE_HTTP_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-def openai_judge(spec: str, model: str, settings: JudgeSettings, retry: RetryPolicy, workers: int) -> Judge:
+def openai_judge(spec: str, model: str, settings: JudgeSettings, retry: RetryPolicy, workers: int,
+                 price: Price | None = None) -> Judge:
     base_url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     key = _api_key()
     if key is None and urllib.parse.urlsplit(base_url).hostname == "api.openai.com":
         raise JudgeError(f"judge {spec!r} needs an API key: set {' or '.join(API_KEY_ENVS)}")
-    url = base_url.rstrip("/") + "/chat/completions"
+    try:
+        endpoint = ChatEndpoint(base_url, api_key=key, retry=retry)
+    except ValueError as error:
+        raise JudgeError(f"{BASE_URL_ENV}: {error}") from None
     # The port is left out of the cache key: the same server moved to another port answers the same.
     identity = {"backend": "openai", "model": model, "base_url": _public_url(base_url, port=False),
                 **settings.to_dict()}
+    fallback = NFallback()
 
     def complete(prompt: str) -> list[str]:
-        return _post_with_retries(url, key, _request_body(model, settings, prompt), settings.n, retry)
+        return run_sync(_complete(endpoint, _request_body(model, settings, prompt), settings.n, fallback))
+
+    def usage() -> dict[str, Any]:
+        return {"model": model, "endpoint": endpoint.url, "n_fallback": fallback.active,
+                **endpoint.usage.to_dict(price)}
 
     return Judge(spec=spec, identity=identity, complete=complete, workers=max(1, workers),
-                 details={"retry": asdict(retry), "endpoint": _public_url(base_url)})
+                 details={"retry": asdict(retry), "endpoint": _public_url(base_url)}, usage=usage)
 
 
 def check_endpoint(model: str, timeout_s: float = 15.0) -> None:
@@ -71,10 +81,19 @@ def check_endpoint(model: str, timeout_s: float = 15.0) -> None:
         raise JudgeError(f"judge endpoint {_public_url(base_url)} does not serve model {model!r} (it serves: {shown})")
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+class NFallback:
+    """Whether this endpoint was seen to ignore ``n`` (then each prompt's ``n`` outputs come from single calls)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.active = False
+
+    def switch_on(self, url: str, asked: int, got: int) -> None:
+        with self._lock:
+            if not self.active:
+                log.warning("%s answered %d choice(s) for n=%d: it ignores `n`; each missing output now comes from "
+                            "a single call (same settings, n=1)", url, got, asked)
+            self.active = True
 
 
 def _api_key() -> str | None:
@@ -95,6 +114,11 @@ def _public_url(url: str, *, port: bool = True) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
+def _scrub(text: str, key: str | None) -> str:
+    """``text`` with the API key blanked, in case a server or proxy echoed it back."""
+    return text.replace(key, "***") if key else text
+
+
 def _request_body(model: str, settings: JudgeSettings, prompt: str) -> dict[str, Any]:
     """The chat-completions request ``api_judge.py`` makes (its ``stop=None`` goes out as null, as openai's does)."""
     return {
@@ -110,67 +134,42 @@ def _request_body(model: str, settings: JudgeSettings, prompt: str) -> dict[str,
     }
 
 
-def _post_with_retries(url: str, key: str | None, body: dict[str, Any], n: int, retry: RetryPolicy) -> list[str]:
-    data = json.dumps(body).encode("utf-8")
-    last_error = ""
-    for attempt in range(1, retry.max_attempts + 1):
-        try:
-            return _choices(_post_json(url, key, data, retry.request_timeout_s), n, key)
-        except _Retryable as error:
-            last_error = str(error)
-            if attempt == retry.max_attempts:
-                break
-            wait = min(retry.max_delay_s, error.retry_after if error.retry_after is not None else retry.delay(attempt))
-            log.warning("judge request failed (attempt %d/%d: %s); retrying in %.1f s",
-                        attempt, retry.max_attempts, _scrub(last_error, key), wait)
-            time.sleep(wait)
-    raise JudgeError(_scrub(f"judge request to {url} failed after {retry.max_attempts} attempts; "
-                            f"last error: {last_error}", key))
+async def _complete(endpoint: ChatEndpoint, body: dict[str, Any], n: int, fallback: NFallback) -> list[str]:
+    """The ``n`` stripped outputs for one prompt, in the order returned (upstream keeps that order).
 
-
-def _post_json(url: str, key: str | None, data: bytes, timeout: float) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as error:
-        message = f"HTTP {error.code}: {error.read()[:500].decode('utf-8', 'replace')}"
-        if error.code in RETRYABLE_HTTP_STATUS:
-            raise _Retryable(message, _retry_after(error.headers.get("Retry-After"))) from None
-        raise JudgeError(_scrub(f"judge endpoint {url} refused the request ({message})", key)) from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as error:  # network, timeout, reset
-        raise _Retryable(f"{type(error).__name__}: {error}") from None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise _Retryable(f"response is not JSON: {raw[:200]!r}") from None
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # the HTTP-date form: fall back to our own backoff
-        return None
-
-
-def _choices(payload: Any, n: int, key: str | None) -> list[str]:
-    """The stripped text of each choice, in the order returned (upstream keeps that order)."""
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    if not isinstance(choices, list) or not choices:
-        # Upstream retries when the client returns nothing; an error object with status 200 lands here too.
-        raise _Retryable(f"response has no choices: {json.dumps(payload)[:300]}")
-    contents = [c.get("message", {}).get("content") if isinstance(c, dict) else None for c in choices]
-    if not all(isinstance(c, str) for c in contents):
-        raise JudgeError(_scrub(f"a judge choice has no text content: {json.dumps(payload)[:300]}", key))
-    if len(contents) != n:
-        raise JudgeError(f"asked the judge for n={n} completions and got {len(contents)}: the endpoint may not "
-                         "support `n`")
+    An endpoint that answers fewer than ``n`` choices ignores ``n`` (many local servers do): the outputs it gave are
+    kept and the rest come from calls with ``n=1`` and the same settings, so each output is still one sample at the
+    judge's temperature. Once seen, later prompts go to single calls straight away.
+    """
+    async with endpoint.client() as client:
+        contents: list[str] = []
+        if not fallback.active:
+            contents = _contents(await _create(endpoint, client, body), endpoint)
+            if len(contents) > n:
+                raise JudgeError(f"asked the judge for n={n} completions and got {len(contents)}")
+            if len(contents) < n:
+                fallback.switch_on(endpoint.url, n, len(contents))
+        single = {**body, "n": 1}
+        while len(contents) < n:
+            contents += _contents(await _create(endpoint, client, single), endpoint)[:1]
     return [c.strip() for c in contents]
 
 
-def _scrub(text: str, key: str | None) -> str:
-    """``text`` with the API key masked, in case an endpoint echoes it back."""
-    return text.replace(key, "***") if key else text
+async def _create(endpoint: ChatEndpoint, client: Any, body: dict[str, Any]) -> Any:
+    """One call through the shared client, its failures worded as judge errors (key blanked, no client chain)."""
+    try:
+        return await endpoint.create(client, body)
+    except EndpointError as error:
+        raise JudgeError(f"judge endpoint {error.url} refused the request (HTTP {error.status}: {error.detail})") \
+            from None
+    except EndpointUnavailable as error:
+        raise JudgeError(f"judge request to {error.url} failed after {error.attempts} attempts; last error: "
+                         f"{error.last_problem}") from None
+
+
+def _contents(response: Any, endpoint: ChatEndpoint) -> list[str]:
+    """The text of each choice; a choice without text is an error (a judge output must be text to be parsed)."""
+    contents = [getattr(getattr(c, "message", None), "content", None) for c in response.choices]
+    if not all(isinstance(c, str) for c in contents):
+        raise JudgeError(endpoint.scrub(f"a judge choice has no text content: {str(response)[:300]}"))
+    return contents

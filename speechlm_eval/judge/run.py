@@ -6,9 +6,17 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from speechlm_eval.judge.base import Judge, JudgeError, JudgeSettings, RetryPolicy, describe_judge, identity_digest
+from speechlm_eval.judge.base import (
+    JUDGE_RETRY,
+    Judge,
+    JudgeError,
+    JudgeSettings,
+    RetryPolicy,
+    describe_judge,
+    identity_digest,
+)
 from speechlm_eval.judge.cache import default_cache_dir, read_cached, write_cached
 from speechlm_eval.judge.http import openai_judge
 from speechlm_eval.judge.local import hf_judge
@@ -18,6 +26,9 @@ from speechlm_eval.rundir import RunDir
 from speechlm_eval.scoring.judged import response_key
 from speechlm_eval.scoring.registry import is_judged
 
+if TYPE_CHECKING:
+    from speechlm_eval.endpoint import Price
+
 log = logging.getLogger(__name__)
 
 
@@ -25,24 +36,26 @@ def load_judge(
     spec: str,
     *,
     settings: JudgeSettings = JudgeSettings(),
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy = JUDGE_RETRY,
     workers: int = 4,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    price: Price | None = None,
 ) -> Judge | None:
     """The judge a ``--judge`` spec names; ``None`` for ``none``.
 
     ``openai:MODEL`` posts to ``$SPEECHLM_EVAL_JUDGE_BASE_URL`` (default OpenAI) with the key from
     ``$SPEECHLM_EVAL_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``, ``workers`` requests at a time (upstream uses 4).
     ``hf:PATH`` samples ``settings.n`` answers from a local model, seeded per prompt from ``seed``; the model is
-    loaded on the first cache miss only (``device``/``dtype`` as for our model adapters).
+    loaded on the first cache miss only (``device``/``dtype`` as for our model adapters). ``price`` (an endpoint
+    judge's USD per million tokens) turns its token usage into a cost.
     """
     backend, _, target = spec.partition(":")
     if spec.strip() == "none":
         return None
     if backend == "openai" and target:
-        return openai_judge(spec, target, settings, retry, workers)
+        return openai_judge(spec, target, settings, retry, workers, price)
     if backend == "hf" and target:
         return hf_judge(spec, target, settings, seed, device, dtype)
     raise JudgeError(f"unknown judge {spec!r}; use openai:MODEL (e.g. openai:gpt-4o-mini), hf:PATH or none")
@@ -132,21 +145,31 @@ def judgement_rows(
 
 
 def judge_run(run_dir: str | Path, spec: str, *, seed: int = 0, device: str = "auto", dtype: str = "auto",
-              cache_dir: Path | None = None) -> dict[str, Any]:
+              cache_dir: Path | None = None, prices: Mapping[str, Price] | None = None) -> dict[str, Any]:
     """Judge every answered item of the judge-scored subsets in every arm; returns the judge's manifest entry.
 
     Judge outputs go to ``judgements/<arm>.jsonl`` (one row per item, keyed by the judged response's hash) and the
-    judge's identity into the manifest, so ``speechlm-eval report`` can rebuild the scores from files alone.
+    judge's identity into the manifest, so ``speechlm-eval report`` can rebuild the scores from files alone. An
+    endpoint judge's calls, retries and tokens (cost when ``prices`` names its model) are appended to the run's
+    usage log; cache hits cost nothing and count nothing.
     """
     run = RunDir(run_dir)
-    judge = load_judge(spec, seed=seed, device=device, dtype=dtype)
+    backend, _, target = spec.partition(":")
+    price = (prices or {}).get(target) if backend == "openai" else None
+    judge = load_judge(spec, seed=seed, device=device, dtype=dtype, price=price)
     description = describe_judge(judge)
     manifest = run.read_manifest()
     judged = [r for r in run.items(with_judgements=False) if r.scorer is not None and is_judged(r.scorer)]
     if judge is not None and judged:
         order = [r.id for r in judged]
-        for arm, arm_records in run.arm_records().items():
-            run.write_judgements(arm, judge_arm_rows(judged, arm_records, judge, cache_dir), order)
+        try:
+            for arm, arm_records in run.arm_records().items():
+                run.write_judgements(arm, judge_arm_rows(judged, arm_records, judge, cache_dir), order)
+        finally:  # calls already made cost money even when a later one failed
+            if judge.usage is not None:
+                usage = judge.usage()
+                if usage["attempts"]:
+                    run.append_usage([{"role": "judge", **usage}])
     manifest.judge = description
     run.write_manifest(manifest)
     return description

@@ -16,35 +16,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
+import contextlib
+import dataclasses
 import hashlib
 import io
 import os
-import random
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import numpy as np
 
 from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.endpoint import (  # noqa: F401 - re-exported: a served model's errors and policy
+    ChatEndpoint,
+    EndpointError,
+    EndpointUnavailable,
+    Price,
+    RetryPolicy,
+    Usage,
+    parse_retry_after,
+    public_url,
+    run_sync,
+)
 from speechlm_eval.models.base import Generation, GenerationConfig, ModelInputError, Prompt
-
-if TYPE_CHECKING:  # the client library is only needed once a request is sent
-    from openai import AsyncOpenAI
 
 FAMILY = "served"
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_MAX_ATTEMPTS = 6
-# Retry-After beyond this is treated as "come back much later": waiting longer would stall the whole batch.
-MAX_RETRY_AFTER_S = 120.0
-# Status codes worth asking again: the server was busy, restarting or briefly broken. 501/505 are permanent.
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-# Without a key, local servers (vllm/sglang/transformers serve) accept any bearer token; vLLM documents "EMPTY".
-PLACEHOLDER_KEY = "EMPTY"
 # Answers kept from failed batches; the runner collects them right away, so this only bounds a caller that does not.
 MAX_RECOVERED = 4096
 AUDIO_TOKENS_PER_SECOND = 25  # Whisper-style encoders after pooling (Qwen2-Audio): only used to sort batches
@@ -52,61 +50,6 @@ AUDIO_TOKENS_PER_SECOND = 25  # Whisper-style encoders after pooling (Qwen2-Audi
 
 class NotServable(NotImplementedError):
     """An operation an OpenAI-compatible chat endpoint cannot perform (teacher-forced log-probs / logits)."""
-
-
-class EndpointError(ModelInputError):
-    """The endpoint refused a request for good (400/401/403/404/422 ...): asking again cannot help."""
-
-
-class EndpointUnavailable(RuntimeError):
-    """The endpoint kept failing (429/5xx/timeouts/dropped connections) for one prompt until attempts ran out."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter, honouring the server's ``Retry-After``.
-
-    Attributes:
-        max_attempts: requests per prompt in all (1 = no retry).
-        base_delay_s: the first backoff; attempt ``n`` waits up to ``base_delay_s * 2**(n-1)``.
-        max_delay_s: cap on one backoff.
-    """
-
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    base_delay_s: float = 0.5
-    max_delay_s: float = 30.0
-
-    def backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)
-        # Full jitter: concurrent prompts that failed together must not come back together.
-        return random.uniform(0.0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
-
-
-def public_url(url: str) -> str:
-    """``url`` without user-info, query or fragment: the form that may appear in manifests and messages.
-
-    A credential can ride in ``https://user:key@host/`` or ``?api-key=...``; neither must reach a file or a log.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal needs its brackets back
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-
-
-def api_base_url(url: str) -> str:
-    """The base URL the client appends ``/chat/completions`` to: a bare ``http://host:port`` gets ``/v1``.
-
-    Any other path is kept, because providers mount the API under their own prefixes (``/api/v1``, ``/openai/v1``).
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {public_url(url)!r}")
-    path = parts.path.rstrip("/")
-    return urlunsplit((parts.scheme, parts.netloc, path or "/v1", parts.query, ""))
 
 
 def encode_wav(audio: np.ndarray, subtype: str = "FLOAT") -> str:
@@ -125,24 +68,6 @@ def encode_wav(audio: np.ndarray, subtype: str = "FLOAT") -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` when absent or unreadable."""
-    if not headers:
-        return None
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
 def _prompt_key(prompt: Prompt, config: GenerationConfig) -> str:
     """A content digest of one request, so an answer already received is never asked for twice."""
     digest = hashlib.sha256()
@@ -152,44 +77,21 @@ def _prompt_key(prompt: Prompt, config: GenerationConfig) -> str:
     return digest.hexdigest()
 
 
-def _run_sync(coroutine: Any) -> Any:
-    """Run ``coroutine`` to completion from synchronous code, even when this thread already runs an event loop.
-
-    ``asyncio.run`` refuses to nest (notebooks, async callers), so such a caller gets a short-lived worker thread.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coroutine)
-        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
-            box["error"] = error
-
-    worker = threading.Thread(target=target, name="served-model-generate")
-    worker.start()
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 class ServedModel:
-    """A model answering through an OpenAI-compatible chat-completions endpoint.
+    """A model answering through an OpenAI-compatible chat-completions endpoint (or several replicas of it).
 
     Attributes:
         name: the model name sent in every request (what the server was started with / lists in ``/v1/models``).
-        base_url: the API base (ends in ``/v1`` for vLLM, SGLang and ``transformers serve``).
+        endpoints: one :class:`~speechlm_eval.endpoint.ChatEndpoint` per replica URL; each request goes to the
+            replica with the fewest requests in flight, so replicas without a router in front still share the load.
         accepts_audio: whether prompts may carry audio (sent as ``input_audio`` parts).
         max_audio_seconds: longest clip sent; longer ones fail client-side with :class:`ModelInputError`, because
             servers tend to truncate them to the encoder window silently (``None`` = no check).
-        concurrency: requests in flight at once within one :meth:`generate` call.
+        concurrency: requests in flight at once within one :meth:`generate` call (over all replicas).
         extra_body: extra JSON fields sent with every request (server-specific knobs such as vLLM's ``top_k``;
             ``transformers serve`` answers 422 to fields it does not know).
-        retry: the backoff schedule; when given it replaces ``max_attempts``.
+        retry: the backoff schedule and per-request timeout (``timeout_s`` overrides the latter).
+        price: USD per million tokens, for the cost in the report (``None`` = not priced).
     """
 
     family = FAMILY
@@ -197,37 +99,45 @@ class ServedModel:
     def __init__(
         self,
         name: str,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         api_key_env: str = "OPENAI_API_KEY",
         concurrency: int = 32,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         accepts_audio: bool = True,
         max_audio_seconds: float | None = None,
         audio_subtype: str = "FLOAT",
         extra_body: Mapping[str, Any] | None = None,
         retry: RetryPolicy | None = None,
+        price: Price | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        policy = retry if retry is not None else RetryPolicy(max_attempts=max_attempts,
+                                                             request_timeout_s=DEFAULT_TIMEOUT_S)
+        if timeout_s is not None:
+            if timeout_s <= 0:
+                raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+            policy = dataclasses.replace(policy, request_timeout_s=float(timeout_s))
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("a served model needs at least one base URL")
+        # Read once, kept only in memory (inside the endpoints): never in describe(), repr() or a message.
+        key = os.environ.get(api_key_env) or None
+        self.endpoints = [ChatEndpoint(url, api_key=key, retry=policy) for url in urls]
         self.name = name
-        self.base_url = api_base_url(base_url)
-        self.endpoint = public_url(self.base_url) + "/chat/completions"
+        self.base_url = self.endpoints[0].base_url
+        self.endpoint = ", ".join(e.url for e in self.endpoints)
         self.api_key_env = api_key_env
         self.concurrency = concurrency
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = policy.request_timeout_s
         self.accepts_audio = accepts_audio
         self.max_audio_seconds = max_audio_seconds
         self.audio_subtype = audio_subtype
         self.extra_body = dict(extra_body or {})
-        self.retry = retry if retry is not None else RetryPolicy(max_attempts=max_attempts)
-        # Read once, kept only in memory: never in describe(), repr() or a message (see _scrub).
-        self.__api_key = os.environ.get(api_key_env) or None
+        self.retry = policy
+        self.price = price
         # Answers that arrived in a batch that failed elsewhere: the runner re-asks that batch item by item, and
         # those items must not cost a second request (nor, when sampling, change their answer).
         self._recovered: dict[str, Generation] = {}
@@ -254,7 +164,7 @@ class ServedModel:
         keys = [_prompt_key(p, config) for p in prompts]
         done = {i: self._recovered.pop(k) for i, k in enumerate(keys) if k in self._recovered}
         todo = [i for i in range(len(prompts)) if i not in done]
-        outcomes = _run_sync(self._generate_async([prompts[i] for i in todo], config)) if todo else []
+        outcomes = run_sync(self._generate_async([prompts[i] for i in todo], config)) if todo else []
         failures: list[BaseException] = []
         for i, outcome in zip(todo, outcomes):
             if isinstance(outcome, BaseException):
@@ -304,7 +214,7 @@ class ServedModel:
         return {
             "family": FAMILY,
             "id": self.name,
-            "base_url": public_url(self.base_url),
+            "base_url": ", ".join(e.public_base_url for e in self.endpoints),
             "api": "openai-chat-completions",
             "client": "openai",
             "client_version": client_version,
@@ -319,6 +229,16 @@ class ServedModel:
             # What the server loaded (revision, dtype, device) is not observable through this API.
             "revision": None,
         }
+
+    def usage(self) -> dict[str, Any]:
+        """Requests, retries, failures and the server-reported tokens of this process (all replicas), with the
+        cost when priced."""
+        total = Usage()
+        for endpoint in self.endpoints:
+            for name in ("calls", "attempts", "failed", "prompt_tokens", "completion_tokens", "audio_prompt_tokens",
+                         "unreported"):
+                setattr(total, name, getattr(total, name) + getattr(endpoint.usage, name))
+        return {"model": self.name, "endpoint": ", ".join(e.url for e in self.endpoints), **total.to_dict(self.price)}
 
     # ----- requests -----
 
@@ -362,115 +282,57 @@ class ServedModel:
             raise ModelInputError(f"audio is {seconds:.2f} s long but {self.name} takes at most "
                                   f"{self.max_audio_seconds:.0f} s; the server would truncate it")
 
-    def _client(self) -> AsyncOpenAI:
-        try:
-            from openai import AsyncOpenAI
-        except ImportError as error:
-            raise ImportError("a served model needs the openai client: pip install openai") from error
-        # max_retries=0: retries are ours, so that Retry-After caps, the attempt count and the error text are
-        # under this module's control and the same for every server.
-        return AsyncOpenAI(api_key=self.__api_key or PLACEHOLDER_KEY, base_url=self.base_url,
-                           timeout=self.timeout_s, max_retries=0)
-
     async def _generate_async(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[Any]:
         """Each prompt's Generation or its exception, in input order."""
         semaphore = asyncio.Semaphore(self.concurrency)
-        async with self._client() as client:
+        in_flight = [0] * len(self.endpoints)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(e.client()) for e in self.endpoints]
 
             async def one(prompt: Prompt) -> Generation:
                 async with semaphore:
-                    return await self._complete(client, self.request_body(prompt, config))
+                    k = min(range(len(clients)), key=in_flight.__getitem__)  # least busy replica
+                    in_flight[k] += 1
+                    try:
+                        body = {"model": self.name, **self.request_body(prompt, config)}
+                        response = await self.endpoints[k].create(clients[k], body, self.extra_body)
+                    finally:
+                        in_flight[k] -= 1
+                    return _to_generation(response)
 
             # return_exceptions: one prompt's failure must not cancel answers already on their way.
             return await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
 
-    async def _complete(self, client: AsyncOpenAI, body: dict[str, Any]) -> Generation:
-        """One chat completion with retries; the key never appears in what is raised."""
-        import openai
 
-        last_problem = "no attempt made"
-        for attempt in range(1, self.retry.max_attempts + 1):
-            retry_after: float | None = None
-            try:
-                response = await client.chat.completions.create(model=self.name, **body,
-                                                                extra_body=self.extra_body or None)
-            except openai.APIStatusError as error:
-                detail = self._scrub(_error_detail(error))
-                if error.status_code not in RETRYABLE_STATUS:
-                    raise EndpointError(
-                        f"{self.endpoint} answered HTTP {error.status_code} for model {self.name!r}: {detail}"
-                    ) from None
-                last_problem = f"HTTP {error.status_code}: {detail}"
-                retry_after = parse_retry_after(error.response.headers)
-            except openai.APITimeoutError:
-                last_problem = f"no answer within {self.timeout_s:g} s"
-            except openai.APIConnectionError as error:
-                cause = error.__cause__ or error
-                last_problem = self._scrub(f"connection failed ({type(cause).__name__}: {cause})")
-            else:
-                return self._to_generation(response)
-            if attempt < self.retry.max_attempts:
-                await asyncio.sleep(self.retry.backoff(attempt, retry_after))
-        # `from None`: the client's exception chain carries the request, whose headers hold the key.
-        raise EndpointUnavailable(
-            f"{self.endpoint} failed {self.retry.max_attempts} attempt(s) for model {self.name!r}; "
-            f"last: {last_problem}"
-        ) from None
-
-    def _to_generation(self, response: Any) -> Generation:
-        choices = getattr(response, "choices", None) or []
-        if not choices:
-            raise EndpointError(f"{self.endpoint} answered without any choice for model {self.name!r}")
-        choice = choices[0]
-        # Only "length" means the budget ran out; "stop" (and tool/filter stops) end the answer like an EOS.
-        finish = "length" if choice.finish_reason == "length" else "eos"
-        usage = getattr(response, "usage", None)
-        # 0 = the server reported no usage (token counts are only recorded, never scored).
-        n_prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-        n_new = int(getattr(usage, "completion_tokens", 0) or 0)
-        return Generation(text=choice.message.content or "", n_prompt_tokens=n_prompt, n_new_tokens=n_new,
-                          finish_reason=finish)
-
-    def _scrub(self, text: str) -> str:
-        """``text`` with the API key blanked, in case a server or proxy echoed it back."""
-        if self.__api_key and self.__api_key != PLACEHOLDER_KEY:
-            text = text.replace(self.__api_key, "***")
-        return text
-
-
-def _error_detail(error: Any, limit: int = 500) -> str:
-    """The server's own explanation from an error body (OpenAI ``error.message`` or FastAPI ``detail``)."""
-    body = getattr(error, "body", None)
-    detail: Any = None
-    if isinstance(body, dict):
-        inner = body.get("error")
-        if isinstance(inner, dict):
-            detail = inner.get("message")
-        else:
-            detail = inner or body.get("detail") or body.get("message")
-        if detail is None:
-            detail = body
-    elif body is not None:
-        detail = body
-    text = str(detail if detail is not None else getattr(error, "message", "") or "no detail")
-    return text if len(text) <= limit else text[:limit] + "..."
+def _to_generation(response: Any) -> Generation:
+    choice = response.choices[0]
+    # Only "length" means the budget ran out; "stop" (and tool/filter stops) end the answer like an EOS.
+    finish = "length" if choice.finish_reason == "length" else "eos"
+    usage = getattr(response, "usage", None)
+    # 0 = the server reported no usage (token counts are only recorded, never scored).
+    n_prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    n_new = int(getattr(usage, "completion_tokens", 0) or 0)
+    return Generation(text=choice.message.content or "", n_prompt_tokens=n_prompt, n_new_tokens=n_new,
+                      finish_reason=finish)
 
 
 def load_served(
     model: str,
-    base_url: str,
+    base_url: str | Sequence[str],
     *,
     api_key_env: str = "OPENAI_API_KEY",
     concurrency: int = 32,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     accepts_audio: bool = True,
     max_audio_seconds: float | None = None,
+    price: Price | None = None,
 ) -> ServedModel:
-    """A :class:`ServedModel` for ``model`` at ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``).
+    """A :class:`ServedModel` for ``model`` at ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``, or several replicas).
 
     Nothing is sent until :meth:`ServedModel.generate`; the key is read from ``api_key_env`` (unset = none, fine for
     local servers).
     """
     return ServedModel(model, base_url, api_key_env=api_key_env, concurrency=concurrency, timeout_s=timeout_s,
-                       max_attempts=max_attempts, accepts_audio=accepts_audio, max_audio_seconds=max_audio_seconds)
+                       max_attempts=max_attempts, accepts_audio=accepts_audio, max_audio_seconds=max_audio_seconds,
+                       price=price)

@@ -212,7 +212,8 @@ def test_openai_request_is_upstreams_and_key_stays_secret(server: LocalOpenAI, t
     for request in server.requests:
         body = request["body"]
         assert request["path"] == "/v1/chat/completions"
-        assert request["headers"]["Authorization"] == f"Bearer {SECRET}"
+        headers = {k.lower(): v for k, v in request["headers"].items()}  # HTTP header names are case-free
+        assert headers["authorization"] == f"Bearer {SECRET}"
         assert body["model"] == "gpt-4o-mini"
         assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"]) == (3, 0.5, 0.95, 1024)
         assert (body["frequency_penalty"], body["presence_penalty"], body["stop"]) == (0, 0, None)
@@ -297,10 +298,24 @@ def test_client_errors_are_not_retried(server: LocalOpenAI, tmp_path: Path) -> N
     assert len(server.requests) == 1 and SECRET not in str(raised.value)
 
 
-def test_endpoint_ignoring_n_is_an_error(server: LocalOpenAI, tmp_path: Path) -> None:
+def test_endpoint_ignoring_n_falls_back_to_single_calls(server: LocalOpenAI, tmp_path: Path) -> None:
+    """An endpoint that answers one choice for n=3 (many local servers): the choice is kept and the other two come
+    from n=1 calls with the same settings; once seen, later prompts go to single calls directly. The outputs are
+    cached under the same key as an n-honouring endpoint's, and the usage says what happened."""
     server.n_choices = 1
+    judge = load_judge("openai:m", retry=FAST_RETRY)
+    items = [open_item(0), open_item(1, "Name a colour.")]
+    outputs = judge_records(items, ["A.", "B."], judge, tmp_path)
+    assert [len(o) for o in outputs] == [3, 3]
+    assert [r["body"]["n"] for r in server.requests] == [3, 1, 1, 1, 1, 1]
+    first = server.requests[0]["body"]
+    assert all({**r["body"], "n": 3} == first for r in server.requests[1:3])  # same settings, same prompt
+    usage = judge.usage()
+    assert usage["n_fallback"] and (usage["calls"], usage["attempts"], usage["failed"]) == (6, 6, 0)
+    assert cache_path(tmp_path, judge.identity, judge_prompt(items[0], "A.")).is_file()
+    server.n_choices = 5
     with pytest.raises(JudgeError, match="n=3"):
-        judge_records([open_item(0)], ["A."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
+        judge_records([open_item(2, "More?")], ["C."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
 
 
 def test_concurrent_requests_keep_item_order(server: LocalOpenAI, tmp_path: Path) -> None:
