@@ -95,14 +95,20 @@ def run_distribution_diagnostics(
     batch_size: int = 8,
     max_tokens: int = 256,
     system: str | None = None,
+    reference_arm: str | None = None,
 ) -> None:
     """KL/JSD per item on its fixed response; skipped where the response is missing or the audio fails.
 
     Text LLM vs speech LLM is compared over the tokens both vocabularies share (:func:`shared_vocabulary`), each
     side's distribution renormalised over that support when the vocabularies differ (audio tokens, reassigned special
     ids); a record says why when the comparison cannot be made (``kl_text_llm_vs_speech_llm_skipped``).
+
+    ``reference_arm``: whose answers are the fixed responses (default: the text LLM's when it is given, else the
+    speech LLM's text-arm answers); a served text LLM without logits still provides its answers, with
+    ``text_llm=None``.
     """
-    reference_arm = TEXT_LLM_TEXT if text_llm is not None else SPEECH_LLM_TEXT
+    if reference_arm is None:
+        reference_arm = TEXT_LLM_TEXT if text_llm is not None else SPEECH_LLM_TEXT
     run = RunDir(run_dir)
     responses = run.records(reference_arm)
     shared = shared_vocabulary(speech_llm.tokenizer, text_llm.tokenizer) if text_llm is not None else None  # type: ignore[attr-defined]

@@ -20,6 +20,8 @@ from speechlm_eval.rundir import (
     ARMS,
     DIAGNOSTICS,
     PERCEPTION,
+    PARITY,
+    TEXT_LLM_TEXT,
     ItemRow,
     Manifest,
     RunDir,
@@ -29,6 +31,8 @@ from speechlm_eval.rundir import (
 )
 
 DEFAULT_SUITE = "bundled"
+DEFAULT_BATCH_SIZE = 8
+ROLE_NAMES = {"speech_llm": "speech LLM", "text_llm": "text LLM"}
 NO_TEXT_MODEL_NOTE = (
     "No --text-model given: the text_llm_text arm was not run and forgetting is not measured. The speech "
     "LLM's own text path is not a reference for forgetting; pass its text backbone (e.g. "
@@ -66,7 +70,9 @@ class GapConfig:
     resume: bool = _opt(False, "Continue a killed run in --out without recomputing any record.")
     overwrite: bool = _opt(False, "Delete an existing run in --out and start over.")
     limit: int | None = _opt(None, "Keep the first N items of each subset (smoke runs).", min=1)
-    batch_size: int = _opt(8, "Prompts per generate call (padded left, sorted by length).", min=1)
+    batch_size: int | None = _opt(None, f"Prompts per in-process generate call (padded left, sorted by length; "
+                                  f"default {DEFAULT_BATCH_SIZE}). A served model gets --concurrency prompts per call.",
+                                  min=1)
     max_new_tokens: int | None = _opt(None, f"New-token budget per answer (default {DEFAULT_MAX_NEW_TOKENS}; "
                                       "8 for the embedded organism).", min=1)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N. auto = this process's device under torchrun/accelerate, "
@@ -75,6 +81,26 @@ class GapConfig:
     seed: int = _opt(0, "Seed for sampling, scoring fallbacks and bootstrap resampling.")
     model_family: str | None = _opt(None, "Force the speech LLM's family (default: from its config).")
     text_model_family: str | None = _opt(None, "Force the text LLM's family (default: from its config).")
+    base_url: list[str] = _opt([], "OpenAI-compatible endpoint serving --model (vllm serve, SGLang, transformers "
+                               "serve, a provider), e.g. http://127.0.0.1:8000/v1: the speech LLM is asked over HTTP "
+                               "(--model = the served model name) instead of loaded. Repeat or comma-separate for "
+                               "replicas (each request goes to the least busy one).", comma=True)
+    text_base_url: list[str] = _opt([], "OpenAI-compatible endpoint serving --text-model (as --base-url).",
+                                    comma=True)
+    api_key_env: str = _opt("OPENAI_API_KEY", "Environment variable holding the served endpoints' API key (unset: "
+                            "none, fine for local servers). The key is never written anywhere.")
+    concurrency: int = _opt(32, "Requests in flight at once per served model (also its prompts per batch).", min=1)
+    prices: list[str] = _opt([], "MODEL=INPUT/OUTPUT: USD per million prompt/completion tokens of a served model or "
+                             "the openai judge (model name as sent), for the cost in the report; repeatable.",
+                             flag="--price")
+    local_model: str | None = _opt(None, "The served --model's checkpoint on this machine (path or hub id), loaded "
+                                   "in-process for --parity-check and for what an endpoint cannot do (KL/JSD "
+                                   "diagnostics, lm-eval log-likelihoods). Default: --model when it is a local path.")
+    local_text_model: str | None = _opt(None, "The served --text-model's checkpoint on this machine (as "
+                                        "--local-model).")
+    parity_check: int | None = _opt(None, "Prompt parity of served models: answer the first K items of each served "
+                                    "arm in-process too (--local-model), one prompt at a time, and report how many "
+                                    "greedy answers are identical and the prompt token counts on each side.", min=1)
     model_revision: str | None = _opt(None, "Hub revision (commit/tag) of --model.")
     text_model_revision: str | None = _opt(None, "Hub revision (commit/tag) of --text-model.")
     trust_remote_code: bool = _opt(False, "Allow checkpoints' own Python code (only for sources you trust).")
@@ -128,7 +154,11 @@ def resolve_defaults(config: GapConfig) -> GapConfig:
     if config.model is None:
         if config.text_model is not None:
             raise ConfigError("--text-model needs --model (the embedded default brings its own pair)")
+        if config.base_url:
+            raise ConfigError("--base-url needs --model: the name the endpoint serves the speech LLM under")
         apply_embedded(config, gap_defaults())
+    if config.text_base_url and config.text_model is None:
+        raise ConfigError("--text-base-url needs --text-model: the name the endpoint serves the text LLM under")
     config.suites = list(config.suites) or [DEFAULT_SUITE]
     config.arms = list(config.arms) or list(ARMS)
     unknown = [a for a in config.arms if a not in ARMS]
@@ -139,9 +169,84 @@ def resolve_defaults(config: GapConfig) -> GapConfig:
     if config.text_model is None:
         config.arms = [a for a in config.arms if ARM_BY_NAME[a].model != "text_llm"]
         config.notes.append(NO_TEXT_MODEL_NOTE)
+    if config.batch_size is None:
+        config.batch_size = DEFAULT_BATCH_SIZE
     if config.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    resolve_served(config)
     return config
+
+
+def is_served(config: GapConfig, role: str) -> bool:
+    """Whether ``role`` ("speech_llm" / "text_llm") is asked through an endpoint rather than loaded."""
+    return bool(config.base_url if role == "speech_llm" else config.text_base_url)
+
+
+def local_checkpoint(config: GapConfig, role: str) -> str | None:
+    """The in-process checkpoint of a served model: ``--local-model``/``--local-text-model``, else the served name
+    when it is a local directory (``transformers serve PATH`` serves a checkpoint under its path)."""
+    given = config.local_model if role == "speech_llm" else config.local_text_model
+    name = config.model if role == "speech_llm" else config.text_model
+    if given is not None:
+        return given
+    return name if name is not None and Path(name).expanduser().is_dir() else None
+
+
+def resolve_served(config: GapConfig) -> None:
+    """Check what served models can do as configured, before anything loads; note in the report what they cannot."""
+    from speechlm_eval.endpoint import api_base_url, parse_prices
+
+    try:
+        parse_prices(config.prices)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for flag, urls in (("--base-url", config.base_url), ("--text-base-url", config.text_base_url)):
+        for url in urls:
+            try:
+                api_base_url(url)
+            except ValueError as error:
+                raise ConfigError(f"{flag}: {error}") from None
+    served = [role for role in ("speech_llm", "text_llm") if is_served(config, role)
+              and any(ARM_BY_NAME[a].model == role for a in config.arms)]
+    if config.parity_check is not None and not served:
+        raise ConfigError("--parity-check compares a served model with its in-process checkpoint; it needs "
+                          "--base-url or --text-base-url")
+    without_local = [role for role in served if local_checkpoint(config, role) is None]
+    flags = {"speech_llm": "--local-model", "text_llm": "--local-text-model"}
+    if without_local and (config.parity_check is not None or config.lm_eval_tasks):
+        need = "--parity-check" if config.parity_check is not None else "--lm-eval-tasks"
+        raise ConfigError(f"{need} needs the served model's checkpoint in this process: pass "
+                          f"{' and '.join(flags[r] for r in without_local)} PATH")
+    if served:
+        config.notes.append(served_note(config, served, without_local))
+
+
+def served_note(config: GapConfig, served: list[str], without_local: list[str]) -> str:
+    """What the report must say about served models: where the answers came from, and what could not run."""
+    from speechlm_eval.endpoint import public_url
+
+    def where(role: str) -> str:
+        name = config.model if role == "speech_llm" else config.text_model
+        urls = config.base_url if role == "speech_llm" else config.text_base_url
+        return f"{ROLE_NAMES[role]} `{portable_path(name, config.out)}` at {', '.join(public_url(u) for u in urls)}"
+
+    note = (f"Served: {'; '.join(where(r) for r in served)}. Answers come from an OpenAI-compatible endpoint "
+            "(temperature 0 sent explicitly; the same prompts and token budget as in-process); the perception probe "
+            "(generation) runs through it too.")
+    if "speech_llm" in without_local:
+        if config.diagnostics:
+            note += (" Distribution diagnostics (per-token KL/JSD) not run: a served model exposes no logits.")
+        note += (" Spoken log-likelihood multiple choice (lm-eval) is not available either: a chat endpoint cannot "
+                 "score a given continuation.")
+    elif "text_llm" in without_local and config.diagnostics:
+        note += (" KL/JSD between text LLM and speech LLM not run: the served text LLM exposes no logits (the "
+                 "speech LLM's text-vs-speech divergence ran, on the text LLM's answers).")
+    if without_local:
+        flags = " / ".join("--local-model" if r == "speech_llm" else "--local-text-model" for r in without_local)
+        note += f" Pass {flags} PATH to run them in-process on the same checkpoint."
+    elif config.diagnostics:
+        note += " Logit-based diagnostics ran in-process on the served models' local checkpoints."
+    return note
 
 
 def load_items(config: GapConfig) -> tuple[list[Item], list[dict[str, Any]]]:
@@ -235,7 +340,16 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
         "apply_chat_template": config.lm_eval_apply_chat_template, "num_fewshot": config.lm_eval_num_fewshot,
         "gen_kwargs": config.lm_eval_gen_kwargs}} if config.lm_eval_tasks else {}) | (
         {"system_prompt": config.system_prompt} if config.system_prompt is not None else {}) | (
-        {"preset": config.preset} if config.preset != "none" else {})
+        {"preset": config.preset} if config.preset != "none" else {}) | served_identity(config)
+
+
+def served_identity(config: GapConfig) -> dict[str, Any]:
+    """Which models answer through an endpoint (in the request only when some do, so in-process runs keep theirs).
+
+    The URL is left out: a server restarted on another port may continue the run it started.
+    """
+    served = {role: True for role in ("speech_llm", "text_llm") if is_served(config, role)}
+    return {"served": served} if served else {}
 
 
 def run_gap(config: GapConfig, *, console: Any = None) -> Path:
@@ -290,15 +404,24 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     state.wait_for_everyone()
 
     order = [i.id for i in items]
-    run_arms(config, items, models, audio_source, console, system)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        run.merge(config.arms, order)
-    state.wait_for_everyone()
-    if config.diagnostics:
-        run_diagnostics(config, items, models, audio_source, system)
+    local = LocalModels(config, models)
+    usage = UsageLog(run, models, state.process_index)
+    try:
+        run_arms(config, items, models, audio_source, console, system, after_arm=usage.flush)
         state.wait_for_everyone()
+        if state.is_main_process:
+            run.merge(config.arms, order)
+            if config.parity_check is not None:
+                run_parity(config, items, models, local, audio_source, console)
+                run.merge([PARITY], order)
+        state.wait_for_everyone()
+        if config.diagnostics:
+            run_diagnostics(config, items, models, local, audio_source, system)
+            state.wait_for_everyone()
+    finally:  # what the endpoints were asked is counted even when the run stops half-way
+        usage.flush()
     if state.is_main_process:
+        from speechlm_eval.endpoint import parse_prices
         from speechlm_eval.judge.run import judge_run
         from speechlm_eval.report.build import build_report
 
@@ -306,12 +429,13 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         if config.lm_eval_tasks:
             from speechlm_eval.lmeval.run import run_lmeval_tasks
 
-            run_lmeval_tasks(models["speech_llm"], models["text_llm"], list(config.lm_eval_tasks),
+            run_lmeval_tasks(local.get("speech_llm"), local.get("text_llm"), list(config.lm_eval_tasks),
                              config.lm_eval_include, run.path, limit=config.limit, batch_size=config.batch_size,
                              seed=config.seed, spoken=True, tts=tts,
                              apply_chat_template=config.lm_eval_apply_chat_template,
                              num_fewshot=config.lm_eval_num_fewshot, gen_kwargs=config.lm_eval_gen_kwargs)
-        judge_run(run.path, config.judge, seed=config.seed, device=config.device, dtype=config.dtype)
+        judge_run(run.path, config.judge, seed=config.seed, device=config.device, dtype=config.dtype,
+                  prices=parse_prices(config.prices))
         results = build_report(run.path)
     state.wait_for_everyone()
     if state.is_main_process:
@@ -341,6 +465,84 @@ def pair_entries(config: GapConfig, models: dict[str, Any], system_entry: dict[s
     return entries
 
 
+class LocalModels:
+    """The in-process model of each role, for what needs logits or a checkpoint: the model itself when it was
+    loaded, the served model's local checkpoint (loaded on first use, once) when it is served, else ``None``."""
+
+    def __init__(self, config: GapConfig, models: dict[str, Any]) -> None:
+        self.config, self.models = config, models
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, role: str) -> Any:
+        model = self.models.get(role)
+        if model is None or not is_served(self.config, role):
+            return model
+        if role not in self._loaded:
+            path = local_checkpoint(self.config, role)
+            self._loaded[role] = None if path is None else load_checkpoint(self.config, role, path)
+        return self._loaded[role]
+
+    def available(self, role: str) -> bool:
+        """Whether :meth:`get` gives a model, without loading one."""
+        if self.models.get(role) is None:
+            return False
+        return not is_served(self.config, role) or local_checkpoint(self.config, role) is not None
+
+
+class UsageLog:
+    """Appends what each served model was asked since the last flush to the run's usage log (one line per model).
+
+    Flushed after every arm and at the end, so a killed run keeps the usage of the arms it finished; lines are
+    deltas, so the report's sums count every request once.
+    """
+
+    COUNTS = ("calls", "attempts", "failed", "prompt_tokens", "completion_tokens", "audio_prompt_tokens",
+              "unreported")
+
+    def __init__(self, run: RunDir, models: dict[str, Any], rank: int) -> None:
+        self.run, self.models, self.rank = run, models, rank
+        self._written: dict[str, dict[str, Any]] = {}
+
+    def flush(self) -> None:
+        rows = []
+        for role, model in self.models.items():
+            usage = getattr(model, "usage", None)
+            if not callable(usage):
+                continue
+            now, before = usage(), self._written.get(role, {})
+            delta = {k: now[k] - int(before.get(k, 0)) for k in self.COUNTS}
+            if delta["attempts"]:
+                price = getattr(model, "price", None)
+                cost = price.cost(delta["prompt_tokens"], delta["completion_tokens"]) if price is not None else None
+                rows.append({**now, **delta, "retries": max(0, delta["attempts"] - delta["calls"] - delta["failed"]),
+                             "cost_usd": cost, "role": role, "rank": self.rank,
+                             "model": portable_path(now["model"], self.run.path)})
+                self._written[role] = now
+        if rows:
+            self.run.append_usage(rows)
+
+
+def arm_batch_size(config: GapConfig, model: Any) -> int:
+    """Prompts per generate call: a served model gets its concurrency (a smaller batch would leave the server idle
+    between batches), an in-process one ``--batch-size``."""
+    concurrency = getattr(model, "concurrency", None)
+    return int(concurrency) if concurrency else int(config.batch_size or DEFAULT_BATCH_SIZE)
+
+
+def run_parity(config: GapConfig, items: list[Item], models: dict[str, Any], local: LocalModels, audio_source: Any,
+               console: Any) -> None:
+    """Answer the first ``--parity-check`` items of each served arm in-process too (records/parity.jsonl)."""
+    from speechlm_eval.parity import ParityArm, run_parity_check
+
+    arms = []
+    for name in config.arms:
+        arm = ARM_BY_NAME[name]
+        if models.get(arm.model) is not None and is_served(config, arm.model):
+            arms.append(ParityArm(name, local.get(arm.model), with_audio=arm.audio))
+    run_parity_check(Path(config.out), items, arms, int(config.parity_check or 0), generation_config(config),
+                     audio_source)
+
+
 def describe_portably(model: Any, run_dir: Path) -> dict[str, Any]:
     """A model's manifest identity with its local path written as :func:`portable_path` writes it."""
     description = dict(model.describe())
@@ -349,40 +551,82 @@ def describe_portably(model: Any, run_dir: Path) -> dict[str, Any]:
     return description
 
 
-def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], audio_source: Any,
-                    system: str | None = None) -> None:
-    """Judge-free diagnostics after the arms: per-token KL/JSD and the perception (transcription) probe."""
+def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], local: LocalModels,
+                    audio_source: Any, system: str | None = None) -> None:
+    """Judge-free diagnostics after the arms: per-token KL/JSD and the perception (transcription) probe.
+
+    KL/JSD need logits, so they run on in-process models only (a served model's local checkpoint when given); the
+    probe is generation, so it asks the speech LLM wherever it answers.
+    """
     from speechlm_eval.diagnostics import PROBE_INSTRUCTION, run_distribution_diagnostics, run_perception_probe
 
     out = Path(config.out)
-    run_distribution_diagnostics(out, items, models["speech_llm"], models["text_llm"], audio_source,
-                                 batch_size=config.batch_size, system=system)
-    run_perception_probe(out, [i for i in items if i.has_text_equivalent], models["speech_llm"], audio_source,
-                         instruction=config.probe_instruction or PROBE_INSTRUCTION, batch_size=config.batch_size,
+    if local.available("speech_llm"):
+        text_llm = local.get("text_llm") if local.available("text_llm") else None
+        reference = TEXT_LLM_TEXT if TEXT_LLM_TEXT in config.arms and models["text_llm"] is not None else None
+        run_distribution_diagnostics(out, items, local.get("speech_llm"), text_llm, audio_source,
+                                     batch_size=int(config.batch_size or DEFAULT_BATCH_SIZE), system=system,
+                                     reference_arm=reference)
+    speech_llm = models["speech_llm"]
+    run_perception_probe(out, [i for i in items if i.has_text_equivalent], speech_llm, audio_source,
+                         instruction=config.probe_instruction or PROBE_INSTRUCTION,
+                         batch_size=arm_batch_size(config, speech_llm),
                          max_new_tokens=min(256, 4 * int(config.max_new_tokens or 64)), system=system)
 
 
 def load_models(config: GapConfig) -> dict[str, Any]:
+    """The two models of a run: served ones (a base URL given: no checkpoint read, no family detected) and in-process
+    ones (family from the checkpoint's config). Both configs are resolved before any weights load."""
     from speechlm_eval.models.registry import LoadOptions, detect_family, get_family
 
-    def load(name: str, family: str | None, revision: str | None):
+    def resolve(name: str, family: str | None, revision: str | None):
         options = LoadOptions(device=config.device, dtype=config.dtype, revision=revision,
                               trust_remote_code=config.trust_remote_code)
         chosen = get_family(family) if family else detect_family(name, options)
         return chosen, options
 
-    speech_family, speech_options = load(config.model, config.model_family, config.model_revision)
-    if not speech_family.accepts_audio and any(ARM_BY_NAME[a].audio for a in config.arms):
-        raise ConfigError(f"--model {config.model} is a text-only checkpoint (family {speech_family.name}); "
-                          "the speech arm needs a speech LLM (e.g. Qwen2-Audio)")
+    speech_family = speech_options = None
+    if not is_served(config, "speech_llm"):
+        speech_family, speech_options = resolve(config.model, config.model_family, config.model_revision)
+        if not speech_family.accepts_audio and any(ARM_BY_NAME[a].audio for a in config.arms):
+            raise ConfigError(f"--model {config.model} is a text-only checkpoint (family {speech_family.name}); "
+                              "the speech arm needs a speech LLM (e.g. Qwen2-Audio)")
     text_family = text_options = None
-    if config.text_model is not None:
-        text_family, text_options = load(config.text_model, config.text_model_family, config.text_model_revision)
+    if config.text_model is not None and not is_served(config, "text_llm"):
+        text_family, text_options = resolve(config.text_model, config.text_model_family, config.text_model_revision)
     # Both configs resolved: only now are weights loaded.
-    return {
-        "speech_llm": speech_family.load(config.model, speech_options),
-        "text_llm": text_family.load(config.text_model, text_options) if text_family else None,
-    }
+    speech = (served_model(config, "speech_llm") if speech_family is None
+              else speech_family.load(config.model, speech_options))
+    text = None
+    if config.text_model is not None:
+        text = (served_model(config, "text_llm") if text_family is None
+                else text_family.load(config.text_model, text_options))
+    return {"speech_llm": speech, "text_llm": text}
+
+
+def served_model(config: GapConfig, role: str) -> Any:
+    """The :class:`~speechlm_eval.models.served.ServedModel` of a role (nothing is sent until it generates)."""
+    from speechlm_eval.endpoint import parse_prices
+    from speechlm_eval.models.served import load_served
+
+    name = config.model if role == "speech_llm" else config.text_model
+    urls = config.base_url if role == "speech_llm" else config.text_base_url
+    try:
+        return load_served(str(name), list(urls), api_key_env=config.api_key_env, concurrency=config.concurrency,
+                           accepts_audio=role == "speech_llm", price=parse_prices(config.prices).get(str(name)))
+    except ValueError as error:
+        raise ConfigError(f"{'--base-url' if role == 'speech_llm' else '--text-base-url'}: {error}") from None
+
+
+def load_checkpoint(config: GapConfig, role: str, path: str) -> Any:
+    """A served model's local checkpoint, in-process (family from its config, as an in-process run loads it)."""
+    from speechlm_eval.models.registry import LoadOptions, detect_family, get_family
+
+    family = config.model_family if role == "speech_llm" else config.text_model_family
+    revision = config.model_revision if role == "speech_llm" else config.text_model_revision
+    options = LoadOptions(device=config.device, dtype=config.dtype, revision=revision,
+                          trust_remote_code=config.trust_remote_code)
+    return (get_family(family) if family else detect_family(path, options)).load(path, options)
 
 
 def make_audio_source(config: GapConfig):
@@ -404,8 +648,9 @@ def make_audio_source(config: GapConfig):
 
 
 def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], audio_source: Any,
-             console: Any, system: str | None = None) -> None:
-    """Each arm in turn, with its progress (:mod:`speechlm_eval.progress`) and a warning when items got errors."""
+             console: Any, system: str | None = None, after_arm: Any = None) -> None:
+    """Each arm in turn, with its progress (:mod:`speechlm_eval.progress`) and a warning when items got errors;
+    ``after_arm`` (if given) runs after each arm."""
     import logging
 
     from speechlm_eval.distributed import process_state
@@ -416,6 +661,8 @@ def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], a
     state = process_state()
     for plan in plans:
         stats = run_arm(plan, Path(config.out), generation=generation_config(config),
-                        batch_size=config.batch_size, audio_source=audio_source)
+                        batch_size=arm_batch_size(config, plan.model), audio_source=audio_source)
         if stats.errors and state.is_main_process:
             logging.getLogger(__name__).warning("%s: %d item(s) got error records", plan.name, stats.errors)
+        if after_arm is not None:
+            after_arm()

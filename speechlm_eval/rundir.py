@@ -6,6 +6,7 @@ Layout (every number in a report derives from these files)::
     items.jsonl                   one ItemRow per item (no audio)
     records/<arm>.jsonl           one record per item and arm (records/<arm>.rank<k>.jsonl while k processes run)
     records/diagnostics.jsonl     the judge-free distribution diagnostics, records/perception.jsonl the probe
+    records/parity.jsonl          served vs in-process answers of the first K items (gap --parity-check)
     judgements/<arm>.jsonl        LLM-judge outputs for the judge-scored subsets, keyed by the judged response
     lmeval/<arm>.jsonl            lm-eval per-document records (and <arm>.results.json, lm-eval's own summary)
     scores.jsonl                  per item: question, reference, each arm's response, score, parsed flag, extracted
@@ -81,6 +82,7 @@ LMEVAL_GAPS: dict[str, Gap] = {
 # Record streams beside the arms (records/<name>.jsonl).
 DIAGNOSTICS = "diagnostics"
 PERCEPTION = "perception"
+PARITY = "parity"  # served vs in-process answers of the same items (gap --parity-check)
 
 # -------------------------------------------------------------------------------------------------------- item rows
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.served import LocalServer, organism_server
 from tests.fixtures.tiny_models import build_pair
 
 
@@ -30,3 +32,16 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def tiny_identical_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A pair whose student LM equals the text model exactly (no noise)."""
     return build_pair(tmp_path_factory.mktemp("tiny0"), student_noise=0.0)
+
+
+@pytest.fixture(scope="session")
+def organism_text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A real ``transformers serve`` of the shipped organism text LLM on 127.0.0.1 (shared by the served tests; skips
+    without the serving extra)."""
+    yield from organism_server("text", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def organism_speech_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A real ``transformers serve`` of the shipped organism speech LLM (Qwen2-Audio, takes input_audio)."""
+    yield from organism_server("speech", tmp_path_factory)

@@ -14,6 +14,7 @@ from speechlm_eval.metrics.paired import mean_ci, paired_gap
 from speechlm_eval.records import json_safe, write_json_atomic, write_text_atomic
 from speechlm_eval.report.diagnostics import diagnostics_results
 from speechlm_eval.report.frontend import front_end_results
+from speechlm_eval.report.served import parity_results, usage_results
 from speechlm_eval.rundir import GAPS, SPEECH_ARM, ItemRow, RunDir
 from speechlm_eval.scoring.base import item_rng
 from speechlm_eval.scoring.judged import JUDGE_NONE_NOTE, MissingJudgement
@@ -227,6 +228,11 @@ def build_results_and_scores(run_dir: Path) -> tuple[dict[str, Any], list[dict[s
     results = {"schema": RESULTS_SCHEMA, "subsets": subsets, "unscored": unscored, "front_end": front_end}
     results["overall"] = leaderboard_overall(subsets)
     results["diagnostics"] = diagnostics_results(run, item_scores, scales, seed, n_resamples)
+    parity, usage = parity_results(run), usage_results(run)
+    if parity is not None:  # only runs with served models have these; other runs' results stay as they were
+        results["parity"] = parity
+    if usage:
+        results["usage"] = usage
     results["manifest"] = manifest.to_dict()
     return results, item_score_rows(grouped, records, item_scores)
 

@@ -17,7 +17,17 @@ import matplotlib
 
 from speechlm_eval.records import write_text_atomic
 from speechlm_eval.report.frontend import FRONT_END_HEADLINE, FRONT_END_TITLE
-from speechlm_eval.report.markdown import GAPS_NOTE, PROXY_NOTE, diagnostics_lines, fmt, fmt_gap, overall_lines, report_notes
+from speechlm_eval.report.markdown import (
+    GAPS_NOTE,
+    PROXY_NOTE,
+    diagnostics_lines,
+    fmt,
+    fmt_gap,
+    overall_lines,
+    parity_lines,
+    report_notes,
+    usage_lines,
+)
 from speechlm_eval.report.plots import report_figures, significant
 from speechlm_eval.rundir import ARM_TITLES, ARMS
 # No scripts, no remote anything: images only from data: URIs, styles only from the inline <style>.
@@ -124,6 +134,9 @@ def gap_cell(gap: dict[str, Any] | None) -> str:
 
 
 def _model_line(model: dict[str, Any]) -> str:
+    if model.get("family") == "served":
+        return (f"<code>{esc(model.get('id'))}</code> (served at {esc(model.get('base_url'))}, "
+                f"{esc(model.get('api'))}, concurrency {esc(model.get('concurrency'))})")
     revision = model.get("commit") or model.get("revision") or "local"
     return (f"<code>{esc(model.get('id'))}</code> ({esc(model.get('family'))}, {esc(model.get('dtype'))}, "
             f"revision {esc(revision)})")
@@ -343,7 +356,8 @@ def render_html(results: dict[str, Any], figures: list[tuple[str, bytes]] | None
         "<h2>Plots</h2>",
         figures_html(report_figures(results) if figures is None else figures) or "<p>No scored subsets to plot.</p>",
         markdown_sections_html(overall_lines(results.get("overall"))
-                               + diagnostics_lines(results.get("diagnostics") or {})),
+                               + diagnostics_lines(results.get("diagnostics") or {})
+                               + parity_lines(results.get("parity")) + usage_lines(results.get("usage"))),
         explorer_html(scores),
         f'<h2>Notes</h2><ul class="notes">{notes}</ul>',
         packages_html(manifest),

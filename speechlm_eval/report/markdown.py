@@ -153,6 +153,61 @@ def diagnostics_lines(diagnostics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def model_line(title: str, m: dict[str, Any]) -> str:
+    """The header line of one model: where a served model answered, or how an in-process one was loaded."""
+    if m.get("family") == "served":
+        return (f"- **{title}**: `{m['id']}` (served at {m.get('base_url')}, {m.get('api')}, concurrency "
+                f"{m.get('concurrency')})")
+    return (f"- **{title}**: `{m.get('id')}` ({m.get('family')}, {m.get('dtype')}, revision "
+            f"{m.get('commit') or m.get('revision') or 'local'})")
+
+
+def parity_lines(parity: dict[str, Any] | None) -> list[str]:
+    """The prompt-parity check: identical greedy answers and prompt token counts, then every difference."""
+    if not parity or not parity.get("arms"):
+        return []
+    lines = ["", "## Prompt parity: served vs in-process", "",
+             "The first items of each served arm answered again in-process on the same checkpoint, one prompt at a "
+             "time; identical = the same greedy answer text. Prompt tokens: the server's reported count vs the "
+             "in-process count.", "",
+             "| arm | compared | identical | prompt tokens, served (mean) | prompt tokens, in-process (mean) | "
+             "equal token counts |", "|---|---|---|---|---|---|"]
+    for arm, e in parity["arms"].items():
+        tokens = e["prompt_tokens"]
+        share = f" ({100 * e['identical'] / e['compared']:.1f}%)" if e["compared"] else ""
+        lines.append(f"| {ARM_TITLES.get(arm, arm)} | {e['compared']} of {e['n']} | {e['identical']}{share} | "
+                     f"{fmt(tokens['served_mean'], 1)} | {fmt(tokens['in_process_mean'], 1)} | "
+                     f"{tokens['equal']} of {e['compared']} |")
+    differences = [(arm, d) for arm, e in parity["arms"].items() for d in e["differences"]]
+    not_compared = [(arm, d) for arm, e in parity["arms"].items() for d in e["not_compared"]]
+    if differences:
+        lines += ["", "Differences:", ""]
+        lines += [f"- {ARM_TITLES.get(arm, arm)} · `{d['id']}`: served {d['served']!r} "
+                  f"({d['served_prompt_tokens']} prompt tokens) vs in-process {d['in_process']!r} "
+                  f"({d['in_process_prompt_tokens']})" for arm, d in differences]
+    if not_compared:
+        lines += ["", "Not compared:", ""] + [f"- {ARM_TITLES.get(arm, arm)} · `{d['id']}`: {d['reason']}"
+                                              for arm, d in not_compared]
+    return lines
+
+
+def usage_lines(usage: list[dict[str, Any]] | None) -> list[str]:
+    """What the endpoints were asked: calls, retries, failures, tokens (as the servers reported them), cost."""
+    if not usage:
+        return []
+    lines = ["", "## Endpoint usage", "",
+             "Summed over every process and session of this run; tokens as the servers reported them; cost from "
+             "--price (– when not priced).", "",
+             "| role | model | endpoint | calls | retries | failed | prompt tokens | completion tokens | cost (USD) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for u in usage:
+        cost = "–" if u.get("cost_usd") is None else f"{u['cost_usd']:.4f}"
+        role = u["role"].replace("_", " ") + (" (n ignored: single calls)" if u.get("n_fallback") else "")
+        lines.append(f"| {role} | `{u['model']}` | {u['endpoint']} | {u['calls']} | {u['retries']} | {u['failed']} | "
+                     f"{u['prompt_tokens']} | {u['completion_tokens']} | {cost} |")
+    return lines
+
+
 def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None = None) -> str:
     """``report.md``; ``plots`` = ``[(caption, relative PNG path), ...]`` written beside it (none: no Plots section)."""
     manifest = results["manifest"]
@@ -160,9 +215,7 @@ def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None
     lines = ["# speechlm-eval gap report", ""] + front_end_lines(results)
     for role, title in (("speech_llm", "Speech LLM"), ("text_llm", "Text LLM")):
         if role in models:
-            m = models[role]
-            lines.append(f"- **{title}**: `{m.get('id')}` ({m.get('family')}, {m.get('dtype')}, revision "
-                         f"{m.get('commit') or m.get('revision') or 'local'})")
+            lines.append(model_line(title, models[role]))
     reference = manifest.get("text_llm_reference")
     if reference:
         lines.append(f"- **Text LLM is the speech LLM's {reference['label']}**: {reference['reason']}")
@@ -199,6 +252,8 @@ def render_markdown(results: dict[str, Any], plots: list[tuple[str, str]] | None
     lines += lmeval_lines(results["subsets"])
     lines += overall_lines(results.get("overall"))
     lines += diagnostics_lines(results.get("diagnostics") or {})
+    lines += parity_lines(results.get("parity"))
+    lines += usage_lines(results.get("usage"))
     notes = report_notes(results)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
