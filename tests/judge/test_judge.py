@@ -318,6 +318,28 @@ def test_endpoint_ignoring_n_falls_back_to_single_calls(server: LocalOpenAI, tmp
         judge_records([open_item(2, "More?")], ["C."], load_judge("openai:m", retry=FAST_RETRY), tmp_path)
 
 
+def test_judge_run_logs_usage_and_cost_of_the_calls_it_made(server: LocalOpenAI, tmp_path: Path) -> None:
+    from speechlm_eval.endpoint import Price
+    from speechlm_eval.judge.run import judge_run
+    from speechlm_eval.rundir import ItemRow, Manifest, RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_manifest(Manifest(request={}))
+    run.write_items([ItemRow.from_item(open_item(i, f"Question {i}?"), scorer="open") for i in range(2)])
+    run.records_dir.mkdir()
+    run.records_path("speech_llm_text").write_text("".join(
+        json.dumps({"id": f"commoneval/test/{i}", "response": f"A{i}.", "error": None}) + "\n" for i in range(2)))
+    description = judge_run(run.path, "openai:m", cache_dir=tmp_path / "cache", prices={"m": Price(1.0, 2.0)})
+    assert description["backend"] == "openai" and len(server.requests) == 2
+    (line,) = run.usage_rows()
+    assert (line["role"], line["model"], line["calls"], line["attempts"]) == ("judge", "m", 2, 2)
+    assert line["unreported"] == 2 and line["cost_usd"] == 0.0  # this server reports no tokens
+    judge_run(run.path, "openai:m", cache_dir=tmp_path / "cache")  # all cached: no call, no usage line
+    assert len(server.requests) == 2 and len(run.usage_rows()) == 1
+    assert len((run.judgements_dir / "speech_llm_text.jsonl").read_text().splitlines()) == 2
+
+
 def test_concurrent_requests_keep_item_order(server: LocalOpenAI, tmp_path: Path) -> None:
     items = [open_item(i, f"Question number {i}?") for i in range(7)]
     responses = [f"Answer {i}." for i in range(7)]
