@@ -33,6 +33,7 @@ from speechlm_eval.rundir import (
 DEFAULT_SUITE = "bundled"
 DEFAULT_BATCH_SIZE = 8
 ROLE_NAMES = {"speech_llm": "speech LLM", "text_llm": "text LLM"}
+AUDIO_ENCODINGS = {"float32": "FLOAT", "pcm16": "PCM_16"}  # --audio-encoding -> soundfile WAV subtype
 NO_TEXT_MODEL_NOTE = (
     "No --text-model given: the text_llm_text arm was not run and forgetting is not measured. The speech "
     "LLM's own text path is not a reference for forgetting; pass its text backbone (e.g. "
@@ -89,6 +90,9 @@ class GapConfig:
                                     comma=True)
     api_key_env: str = _opt("OPENAI_API_KEY", "Environment variable holding the served endpoints' API key (unset: "
                             "none, fine for local servers). The key is never written anywhere.")
+    audio_encoding: str = _opt("float32", "How a served speech LLM gets the audio: float32 (WAV, bit-exact: what the "
+                               "in-process adapter hears) or pcm16 (16-bit WAV, half the upload; for providers that "
+                               "take integer PCM only).")
     concurrency: int = _opt(32, "Requests in flight at once per served model (also its prompts per batch).", min=1)
     prices: list[str] = _opt([], "MODEL=INPUT/OUTPUT: USD per million prompt/completion tokens of a served model or "
                              "the openai judge (model name as sent), for the cost in the report; repeatable.",
@@ -200,6 +204,8 @@ def resolve_served(config: GapConfig) -> None:
         parse_prices(config.prices)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if config.audio_encoding not in AUDIO_ENCODINGS:
+        raise ConfigError(f"--audio-encoding must be one of {', '.join(AUDIO_ENCODINGS)}, got {config.audio_encoding!r}")
     for flag, urls in (("--base-url", config.base_url), ("--text-base-url", config.text_base_url)):
         for url in urls:
             try:
@@ -349,7 +355,10 @@ def served_identity(config: GapConfig) -> dict[str, Any]:
     The URL is left out: a server restarted on another port may continue the run it started.
     """
     served = {role: True for role in ("speech_llm", "text_llm") if is_served(config, role)}
-    return {"served": served} if served else {}
+    if not served:
+        return {}
+    # The encoding changes what a served speech LLM hears (pcm16 rounds the samples).
+    return {"served": served, **({"audio_encoding": config.audio_encoding} if "speech_llm" in served else {})}
 
 
 def run_gap(config: GapConfig, *, console: Any = None) -> Path:
@@ -613,7 +622,8 @@ def served_model(config: GapConfig, role: str) -> Any:
     urls = config.base_url if role == "speech_llm" else config.text_base_url
     try:
         return load_served(str(name), list(urls), api_key_env=config.api_key_env, concurrency=config.concurrency,
-                           accepts_audio=role == "speech_llm", price=parse_prices(config.prices).get(str(name)))
+                           accepts_audio=role == "speech_llm", price=parse_prices(config.prices).get(str(name)),
+                           audio_subtype=AUDIO_ENCODINGS[config.audio_encoding])
     except ValueError as error:
         raise ConfigError(f"{'--base-url' if role == 'speech_llm' else '--text-base-url'}: {error}") from None
 

@@ -185,6 +185,7 @@ def test_served_options_are_checked_before_anything_loads(tmp_path):
         (GapConfig(model="org/m", base_url=url, parity_check=3, out=tmp_path), "--local-model PATH"),
         (GapConfig(model="org/m", base_url=url, lm_eval_tasks=["arc_easy"], out=tmp_path), "--local-model"),
         (GapConfig(model="org/m", base_url=url, prices=["org/m=cheap"], out=tmp_path), "per million"),
+        (GapConfig(model="org/m", base_url=url, audio_encoding="mp3", out=tmp_path), "--audio-encoding"),
     ]
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -327,6 +327,7 @@ def load_served(
     accepts_audio: bool = True,
     max_audio_seconds: float | None = None,
     price: Price | None = None,
+    audio_subtype: str = "FLOAT",
 ) -> ServedModel:
     """A :class:`ServedModel` for ``model`` at ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``, or several replicas).
 
@@ -335,4 +336,4 @@ def load_served(
     """
     return ServedModel(model, base_url, api_key_env=api_key_env, concurrency=concurrency, timeout_s=timeout_s,
                        max_attempts=max_attempts, accepts_audio=accepts_audio, max_audio_seconds=max_audio_seconds,
-                       price=price)
+                       price=price, audio_subtype=audio_subtype)
