@@ -421,7 +421,7 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         if state.is_main_process:
             run.merge(config.arms, order)
             if config.parity_check is not None:
-                run_parity(config, items, models, local, audio_source, console)
+                run_parity(config, items, models, local, audio_source)
                 run.merge([PARITY], order)
         state.wait_for_everyone()
         if config.diagnostics:
@@ -538,8 +538,8 @@ def arm_batch_size(config: GapConfig, model: Any) -> int:
     return int(concurrency) if concurrency else int(config.batch_size or DEFAULT_BATCH_SIZE)
 
 
-def run_parity(config: GapConfig, items: list[Item], models: dict[str, Any], local: LocalModels, audio_source: Any,
-               console: Any) -> None:
+def run_parity(config: GapConfig, items: list[Item], models: dict[str, Any], local: LocalModels,
+               audio_source: Any) -> None:
     """Answer the first ``--parity-check`` items of each served arm in-process too (records/parity.jsonl)."""
     from speechlm_eval.parity import ParityArm, run_parity_check
 

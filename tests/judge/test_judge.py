@@ -303,7 +303,7 @@ def test_endpoint_ignoring_n_falls_back_to_single_calls(server: LocalOpenAI, tmp
     from n=1 calls with the same settings; once seen, later prompts go to single calls directly. The outputs are
     cached under the same key as an n-honouring endpoint's, and the usage says what happened."""
     server.n_choices = 1
-    judge = load_judge("openai:m", retry=FAST_RETRY)
+    judge = load_judge("openai:m", retry=FAST_RETRY, workers=1)  # one at a time: the request order is known
     items = [open_item(0), open_item(1, "Name a colour.")]
     outputs = judge_records(items, ["A.", "B."], judge, tmp_path)
     assert [len(o) for o in outputs] == [3, 3]

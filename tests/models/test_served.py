@@ -146,7 +146,7 @@ def test_text_llm_greedy_parity(organism_text_server, text_prompts):
 def test_faults_lose_nothing(organism_text_server, text_prompts):
     """(b) Through 429 + Retry-After, 500s and dropped connections (before and after the server answered), every
     prompt is answered once more than its faults, with the same answers, and Retry-After is waited out."""
-    prompts = text_prompts[:N_CHECK]
+    prompts = text_prompts[:20]  # every fault schedule of default_plan occurs among them
     direct = load_served(organism_text_server.model, organism_text_server.base_url).generate(prompts, GREEDY)
     with FaultProxy(organism_text_server.root_url, retry_after="1") as proxy:
         model = ServedModel(organism_text_server.model, proxy.base_url, retry=FAST_RETRY)
@@ -269,3 +269,21 @@ def test_speech_llm_text_and_audio_parity(organism_speech_server, organism_items
     assert got_audio == expected_audio
     # The audio really reached the model: spoken prompts are longer (audio tokens) than the bare chat template.
     assert min(g.n_prompt_tokens for g in got_audio) > 30
+
+
+@pytest.mark.slow
+def test_replicas_share_the_load(organism_text_server, text_prompts):
+    """Several base URLs (replicas without a router): requests spread over them, answers as from one server, and the
+    usage adds up over both."""
+    prompts = text_prompts[:12]
+    direct = load_served(organism_text_server.model, organism_text_server.base_url).generate(prompts, GREEDY)
+    with FaultProxy(organism_text_server.root_url, plan=lambda body: []) as one, \
+            FaultProxy(organism_text_server.root_url, plan=lambda body: []) as two:
+        model = load_served(organism_text_server.model, [one.base_url, two.base_url], concurrency=4)
+        assert model.generate(prompts, GREEDY) == direct
+    assert one.log.counts()["forward"] > 0 and two.log.counts()["forward"] > 0
+    assert one.log.counts()["forward"] + two.log.counts()["forward"] == len(prompts)
+    usage = model.usage()
+    assert usage["calls"] == len(prompts) and usage["endpoint"] == f"{one.base_url}/chat/completions, " \
+        f"{two.base_url}/chat/completions"
+    assert model.describe()["base_url"] == f"{one.base_url}, {two.base_url}"
