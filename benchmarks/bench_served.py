@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--arm", choices=["speech_llm_speech", "text_llm_text"], default="speech_llm_speech")
     parser.add_argument("--items", type=int, default=144, help="first N of the organism's 144 items")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed repeats; medians are reported")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the in-process model and of the "
+                        "server (1: what gap uses for models under 100 M parameters on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,7 +83,7 @@ def main() -> None:
     generation = GenerationConfig(max_new_tokens=EMBEDDED_MAX_NEW_TOKENS)
     local = load_model(str(path), LoadOptions(device="cpu"))
 
-    with tempfile.TemporaryDirectory() as logs, serve_local(path, Path(logs)) as server:
+    with tempfile.TemporaryDirectory() as logs, serve_local(path, Path(logs), threads=args.threads) as server:
         runs: dict[str, Callable[[], dict[str, Any]]] = {
             "in-process, 1 item per call": lambda: answer_all(ArmPlan(args.arm, local, items, with_audio), 1,
                                                               generation, audio_source)}
@@ -105,7 +106,7 @@ def main() -> None:
     base = median["in-process, 1 item per call"]
     c1 = median["served, concurrency 1"]
     print(f"arm {args.arm}, {len(items)} items, max_new_tokens {EMBEDDED_MAX_NEW_TOKENS}, "
-          f"medians of {args.repeats} repeats, {torch.get_num_threads()} torch threads in-process")
+          f"medians of {args.repeats} repeats, {torch.get_num_threads()} torch thread(s) in-process and in the server")
     print(f"{'configuration':<30} {'items/s':>9} {'vs in-process':>14} {'vs concurrency 1':>17} {'identical':>10}")
     for name, rate in median.items():
         same = sum(answers[name][i] == reference[i] for i in reference)

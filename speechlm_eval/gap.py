@@ -204,6 +204,10 @@ def resolve_served(config: GapConfig) -> None:
         parse_prices(config.prices)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if (config.base_url or config.text_base_url) and config.preset != "none":
+        raise ConfigError(f"--preset {config.preset} makes in-process decoding follow a checkpoint's generation "
+                          "config; a served model decodes by its server's settings (start the server with the ones you "
+                          "want); leave --preset off with --base-url / --text-base-url")
     if config.audio_encoding not in AUDIO_ENCODINGS:
         raise ConfigError(f"--audio-encoding must be one of {', '.join(AUDIO_ENCODINGS)}, got {config.audio_encoding!r}")
     for flag, urls in (("--base-url", config.base_url), ("--text-base-url", config.text_base_url)):
@@ -315,6 +319,11 @@ def parse_gen_kwargs(spec: str | None) -> dict[str, Any]:
 
 def system_prompt_for(config: GapConfig, speech_llm: Any) -> tuple[str | None, dict[str, Any]]:
     """The system turn every prompt carries, and its manifest entry (policy, text, where it came from)."""
+    if config.system_prompt is None and getattr(speech_llm, "family", None) == "served":
+        # A chat template's default is not observable through the API; sending none lets each template add its own
+        # (the same text for a speech LLM and its backbone's template in the Qwen families).
+        return None, {"policy": "served speech LLM: no system message sent, each chat template's own default applies "
+                                "(--system-prompt TEXT sends one to both models)", "text": None}
     if config.system_prompt is None:
         default = getattr(speech_llm, "default_system_prompt", lambda: None)()
         return default, {"policy": "speech LLM's template default, sent to both models", "text": default}
@@ -421,7 +430,7 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
         if state.is_main_process:
             run.merge(config.arms, order)
             if config.parity_check is not None:
-                run_parity(config, items, models, local, audio_source)
+                run_parity(config, items, models, local, audio_source, system)
                 run.merge([PARITY], order)
         state.wait_for_everyone()
         if config.diagnostics:
@@ -539,7 +548,7 @@ def arm_batch_size(config: GapConfig, model: Any) -> int:
 
 
 def run_parity(config: GapConfig, items: list[Item], models: dict[str, Any], local: LocalModels,
-               audio_source: Any) -> None:
+               audio_source: Any, system: str | None = None) -> None:
     """Answer the first ``--parity-check`` items of each served arm in-process too (records/parity.jsonl)."""
     from speechlm_eval.parity import ParityArm, run_parity_check
 
@@ -547,7 +556,7 @@ def run_parity(config: GapConfig, items: list[Item], models: dict[str, Any], loc
     for name in config.arms:
         arm = ARM_BY_NAME[name]
         if models.get(arm.model) is not None and is_served(config, arm.model):
-            arms.append(ParityArm(name, local.get(arm.model), with_audio=arm.audio))
+            arms.append(ParityArm(name, local.get(arm.model), with_audio=arm.audio, system=system))
     run_parity_check(Path(config.out), items, arms, int(config.parity_check or 0), generation_config(config),
                      audio_source)
 

@@ -28,6 +28,7 @@ class ParityArm:
     name: str
     local: SpeechLM
     with_audio: bool
+    system: str | None = None  # the run's system turn, as the served arm sent it
 
 
 def parity_items(items: Sequence[Item], arm: ParityArm, k: int) -> list[Item]:
@@ -59,7 +60,7 @@ def compare(item: Item, arm: ParityArm, record: dict[str, Any] | None, generatio
         problem = record["error"]["message"] if record is not None else "no record"
         return {"compared": False, "reason": f"served: {problem}"}
     try:
-        (local,) = arm.local.generate([build_prompt(item, arm.with_audio, audio_source)], generation)
+        (local,) = arm.local.generate([build_prompt(item, arm.with_audio, audio_source, arm.system)], generation)
     except Exception as error:  # noqa: BLE001 - the in-process side's own failure is reported, not fatal
         return {"compared": False, "reason": f"in-process: {type(error).__name__}: {error}"}
     return {

@@ -38,7 +38,7 @@ from speechlm_eval.endpoint import (  # noqa: F401 - re-exported: a served model
     public_url,
     run_sync,
 )
-from speechlm_eval.models.base import Generation, GenerationConfig, ModelInputError, Prompt
+from speechlm_eval.models.base import CHECKPOINT_DEFAULTS, Generation, GenerationConfig, ModelInputError, Prompt
 
 FAMILY = "served"
 DEFAULT_TIMEOUT_S = 300.0
@@ -272,6 +272,13 @@ class ServedModel:
             body["temperature"] = 0.0
         return body
 
+    @staticmethod
+    def extra_fields(config: GenerationConfig) -> dict[str, Any]:
+        """``--gen-kwargs`` settings, sent as extra request fields (vLLM and SGLang take e.g. ``repetition_penalty``
+        and ``top_k`` so; ``transformers serve`` answers 422 to fields it does not know). Whether to apply the
+        checkpoint's generation config is the server's own setting, so that key is not sent."""
+        return {k: v for k, v in config.extra if k != CHECKPOINT_DEFAULTS}
+
     def _check_prompt(self, prompt: Prompt) -> None:
         if prompt.audio is None:
             return
@@ -286,6 +293,7 @@ class ServedModel:
         """Each prompt's Generation or its exception, in input order."""
         semaphore = asyncio.Semaphore(self.concurrency)
         in_flight = [0] * len(self.endpoints)
+        extra = {**self.extra_fields(config), **self.extra_body}
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(e.client()) for e in self.endpoints]
 
@@ -295,7 +303,7 @@ class ServedModel:
                     in_flight[k] += 1
                     try:
                         body = {"model": self.name, **self.request_body(prompt, config)}
-                        response = await self.endpoints[k].create(clients[k], body, self.extra_body)
+                        response = await self.endpoints[k].create(clients[k], body, extra)
                     finally:
                         in_flight[k] -= 1
                     return _to_generation(response)
