@@ -31,6 +31,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_gap.py
+	$(PY) benchmarks/bench_served.py
 
 clean:
 	rm -rf $(VENV) runs
