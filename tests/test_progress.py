@@ -105,3 +105,14 @@ def test_short_organism_distill_redirected_to_a_file_logs_every_stage(tmp_path: 
     for phase in ("distill 1/4", "distill 2/4", "distill 3/4", "distill 4/4"):
         assert phase in text
     assert "before / after" in text and "inequivalence" in text
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_micro_organism_build_redirected_to_a_file_logs_every_stage(tmp_path: Path) -> None:
+    text = _run_redirected(tmp_path, "organism", "build", "--out", str(tmp_path / "build"), "--micro")
+    stages = _stages(text)
+    for name, unit in (("text LLM", "steps"), ("clips", "clips"), ("stage A", "steps"), ("stage B", "steps")):
+        assert name in stages, (name, text)
+        assert f"{name}: 0/" in stages[name][0] and unit in stages[name][0]
+        assert stages[name][-1].endswith("[done]") and "(100%)" in stages[name][-1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -112,40 +113,44 @@ def weights_bytes(directory: Path) -> int:
 
 
 class Reporter:
-    """Rich progress: one bar per stage, with its latest loss; silent when ``enabled`` is False."""
+    """The build's progress, one :func:`speechlm_eval.progress.stage` per stage (a rich bar on a terminal, a log line
+    at least every 30 s otherwise) with its latest loss; silent when ``enabled`` is False. Stages run one after
+    another: opening a stage closes the one before."""
 
     def __init__(self, enabled: bool) -> None:
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
+        self.enabled = enabled
+        self._current: Any = None
 
     def __enter__(self) -> "Reporter":
-        if self.progress is not None:
-            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self._close()
+
+    def _close(self) -> None:
+        if self._current is not None:
+            self._current.__exit__(None, None, None)
+            self._current = None
 
     def stage(self, name: str, total: int) -> Callable[..., None]:
-        """A callback ``(advance=1, status="")`` for one stage's bar (also usable as ``on_step(step, loss)``)."""
-        if self.progress is None:
+        """A callback ``(advance=1, status="")`` for one stage's progress (also usable as ``on_step(step, loss)``)."""
+        from speechlm_eval.progress import stage
+
+        self._close()
+        if not self.enabled:
             return lambda *args, **kwargs: None
-        task = self.progress.add_task(name, total=total, status="")
+        unit = "clips" if name == "clips" else "steps"
+        current = self._current = stage(name, total, unit=unit).__enter__()
 
         def update(step: int | None = None, loss: float | None = None, *, advance: int = 1, status: str = "") -> None:
-            text = status or (f"loss {loss:.4f}" if loss is not None else "")
-            self.progress.update(task, advance=advance, status=text)
+            current.advance(advance, postfix=status or (f"loss {loss:.4f}" if loss is not None else None))
 
         return update
 
     def note(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.log(message)
+        self._close()
+        if self.enabled:
+            logging.getLogger(__name__).info("%s", message)
 
 
 def training_clips(
