@@ -1,4 +1,5 @@
-"""``speechlm-eval organism build|experiments``: build the model organism, and run its distillation experiment."""
+"""``speechlm-eval organism build|experiments|tune``: build the model organism, run its distillation experiment, and
+tune the alignment channels on its tuning split."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import typer
 from speechlm_eval.cli.common import bad_input_exits
 from speechlm_eval.cli.options import config_command
 from speechlm_eval.experiments.organism import ExperimentsConfig
+from speechlm_eval.experiments.tuning import TuningConfig
 from speechlm_eval.organism.config import BuildConfig
 
 BUILD_HELP = ("Build the model organism from scratch: world, tokenizer, text LLM, clips, speech LLM (stages A and "
@@ -37,9 +39,22 @@ def experiments(config: ExperimentsConfig) -> None:
     typer.echo(str(path))
 
 
+TUNE_HELP = ("Choose the alignment channels' settings on the organism's tuning split (48 distillation-only facts "
+             "held out of distillation), never on the evaluation suite; writes OUT/tuning.{json,md}.")
+
+
+def tune(config: TuningConfig) -> None:
+    from speechlm_eval.experiments.tuning import tune as run_tune
+
+    with bad_input_exits():
+        path = run_tune(config)
+    typer.echo(str(path))
+
+
 def register(app: typer.Typer) -> None:
     organism_app = typer.Typer(help="The model organism: a tiny text LLM + speech LLM pair that shows forgetting and "
                                "inequivalence (the embedded default).", no_args_is_help=True)
     config_command(organism_app, "build", [BuildConfig], build, help=BUILD_HELP)
     config_command(organism_app, "experiments", [ExperimentsConfig], experiments, help=EXPERIMENTS_HELP)
+    config_command(organism_app, "tune", [TuningConfig], tune, help=TUNE_HELP)
     app.add_typer(organism_app, name="organism")

@@ -1,4 +1,6 @@
-"""The organism's evaluation suite as a benchmark: ``organism:organism_mcq`` (``@seedN`` picks the world's seed).
+"""The organism's evaluation suite as a benchmark: ``organism:organism_mcq`` (``@seedN`` picks the world's seed), and
+its tuning suite ``organism:organism_dev`` (a third of the distillation-only facts; see
+:func:`~speechlm_eval.data.organism_world.dev_facts`). The bare name ``organism`` means the evaluation suite.
 
 The suite is regenerated from the seed (the world is deterministic), so nothing needs to be downloaded or bundled;
 ``LoadOptions.data_dir`` may instead point at a build directory, whose ``organism_mcq.jsonl`` is then read (and must
@@ -13,7 +15,7 @@ from typing import Any
 
 from speechlm_eval.data.item import Item
 from speechlm_eval.data.registry import Benchmark, DataError, LoadOptions, SubsetRequest
-from speechlm_eval.data.organism_world import EVAL_SCORER, EVAL_SUBSET, eval_items, make_world
+from speechlm_eval.data.organism_world import DEV_SUBSET, EVAL_SCORER, EVAL_SUBSET, dev_items, eval_items, make_world
 
 NAME = "organism"
 DEFAULT_SEED = 0
@@ -28,10 +30,13 @@ def seed_of(request: SubsetRequest) -> int:
 
 
 def load_organism(request: SubsetRequest, options: LoadOptions) -> list[Item]:
-    """The evaluation items of the world of the requested seed (text only: the speech arm synthesises them)."""
-    if request.subset != EVAL_SUBSET:
-        raise DataError(f"the organism benchmark has one subset, {EVAL_SUBSET!r}")
+    """The evaluation (or tuning) items of the world of the requested seed (text only: the speech arm speaks them)."""
+    if request.subset not in (EVAL_SUBSET, DEV_SUBSET):
+        raise DataError(f"the organism benchmark's subsets are {EVAL_SUBSET!r} and {DEV_SUBSET!r}")
     seed = seed_of(request)
+    if request.subset == DEV_SUBSET:
+        items = dev_items(make_world(seed))
+        return items if options.limit is None else items[: options.limit]
     items = eval_items(make_world(seed))
     if options.data_dir is not None:
         path = Path(options.data_dir) / f"{EVAL_SUBSET}.jsonl"
@@ -50,7 +55,8 @@ def describe_organism(request: SubsetRequest, options: LoadOptions) -> dict[str,
 BENCHMARK = Benchmark(
     name=NAME,
     load=load_organism,
-    scorer={EVAL_SUBSET: EVAL_SCORER},
-    splits={EVAL_SUBSET: SEED_SPLITS},
+    scorer={EVAL_SUBSET: EVAL_SCORER, DEV_SUBSET: EVAL_SCORER},
+    default_subsets=(EVAL_SUBSET,),
+    splits={EVAL_SUBSET: SEED_SPLITS, DEV_SUBSET: SEED_SPLITS},
     describe=describe_organism,
 )

@@ -52,6 +52,10 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 ATTRIBUTE_BY_NAME = {a.name: a for a in ATTRIBUTES}
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 EVAL_SUBSET = "organism_mcq"  # the subset name of the evaluation suite (scored by the ``mcq`` scorer)
+# The tuning suite: a third of the distillation-only facts, held out of distillation when hyper-parameters are chosen
+# (never the evaluation facts). Like those, they are known to the text LLM and never spoken in the speech stage.
+DEV_SUBSET = "organism_dev"
+DEV_EVERY = 3
 EVAL_SCORER = "mcq"
 
 Split = Literal["eval", "speech", "distill_only"]
@@ -229,8 +233,28 @@ def check_no_eval_leak(world: World, texts: Iterable[str]) -> None:
                 raise ValueError(f"eval question {question!r} appears in training text {text!r}")
 
 
+def dev_facts(world: World) -> list[Fact]:
+    """Every :data:`DEV_EVERY`-th distillation-only fact of each attribute (in the world's sorted order): the tuning
+    split, balanced over attributes. Its facts stand to the speech LLM as the evaluation facts do (typed: learned;
+    spoken: never heard), so a repair's effect on them estimates its effect on the evaluation suite without looking
+    at it."""
+    chosen = {f.key for a in ATTRIBUTES for f in
+              [f for f in world.split("distill_only") if f.attribute == a.name][::DEV_EVERY]}
+    return [f for f in world.split("distill_only") if f.key in chosen]
+
+
 def eval_items(world: World, subset: str = EVAL_SUBSET) -> list[Item]:
     """The evaluation suite as :class:`Item` s (text only: the speech arm synthesises the prompt, as for bundled data)."""
+    return fact_items(world, world.eval_mcqs, subset)
+
+
+def dev_items(world: World) -> list[Item]:
+    """The tuning suite (:func:`dev_facts`) as :class:`Item` s, subset :data:`DEV_SUBSET`."""
+    return fact_items(world, [render_mcq(f) for f in dev_facts(world)], DEV_SUBSET)
+
+
+def fact_items(world: World, mcqs: Sequence[MCQ], subset: str) -> list[Item]:
+    """MCQs as :class:`Item` s of ``subset``, with the fact (and its entity as the key phrase) in ``meta``."""
     return [
         Item(
             id=f"organism/{subset}/{i}",
@@ -241,7 +265,7 @@ def eval_items(world: World, subset: str = EVAL_SUBSET) -> list[Item]:
             meta={"entity": mcq.fact.entity, "attribute": mcq.fact.attribute, "value": mcq.fact.value,
                   "world_seed": world.seed, KEY_PHRASE: mcq.fact.entity},
         )
-        for i, mcq in enumerate(world.eval_mcqs)
+        for i, mcq in enumerate(mcqs)
     ]
 
 

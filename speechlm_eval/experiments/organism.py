@@ -86,8 +86,6 @@ def distill_steps(n_examples: int, batch_size: int, epochs: int) -> int:
 
 def run_arm(name: str, build: Path, out: Path, seed: int, suite: str) -> Path:
     """Train one arm (skipped when its checkpoint exists) and return the checkpoint directory."""
-    from speechlm_eval.distill.config import DistillConfig
-    from speechlm_eval.distill.train import distill
     from speechlm_eval.embedded import ORGANISM_DISTILL_DEFAULTS
     from speechlm_eval.organism.layout import paths_for
 
@@ -102,8 +100,24 @@ def run_arm(name: str, build: Path, out: Path, seed: int, suite: str) -> Path:
         n = sum(1 for line in paths.distill.read_text().splitlines() if line.strip())
         steps = distill_steps(n, ORGANISM_DISTILL_DEFAULTS["batch_size"], ORGANISM_DISTILL_DEFAULTS["epochs"])
         return continue_speech_training(build, checkpoint, steps)
+    return train_distilled(build, out, seed, overrides, data=paths.distill, leakage_suite=suite)
+
+
+def train_distilled(build: Path, out: Path, seed: int, overrides: dict[str, Any], *, data: Path,
+                    leakage_suite: str) -> Path:
+    """``distill`` at the organism's defaults with ``overrides`` on ``data``, checked for leakage against
+    ``leakage_suite``; the trained model ends in ``out/checkpoint`` (skipped when it exists)."""
+    from speechlm_eval.distill.config import DistillConfig
+    from speechlm_eval.distill.train import distill
+    from speechlm_eval.embedded import ORGANISM_DISTILL_DEFAULTS
+    from speechlm_eval.organism.layout import paths_for
+
+    paths = paths_for(build)
+    checkpoint = out / "checkpoint"
+    if (checkpoint / "config.json").exists():
+        return checkpoint
     config = DistillConfig(student=str(paths.speech_llm), teacher=str(paths.text_llm), out=out / "train",
-                           data=str(paths.distill), seed=seed, leakage_suite=suite,
+                           data=str(data), seed=seed, leakage_suite=leakage_suite,
                            **{**ORGANISM_DISTILL_DEFAULTS, **overrides})
     trained = distill(config)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -151,18 +165,19 @@ def combine(summaries: Sequence[Path], out: Path) -> dict[str, Any]:
     return summary
 
 
-def arm_row(seed: int, arm: str, run: Path, change: dict[str, Any] | None, out: Path) -> dict[str, Any]:
+def arm_row(seed: int, arm: str, run: Path, change: dict[str, Any] | None, out: Path,
+            subset_name: str = "organism_mcq") -> dict[str, Any]:
     """One table row: accuracies, gaps with CIs and (for repaired arms) each gap's paired change vs before."""
     results = json.loads((run / "results.json").read_text())
-    subset = results["subsets"]["organism_mcq"]
+    subset = results["subsets"][subset_name]
     row: dict[str, Any] = {"seed": seed, "arm": arm, "run": run.relative_to(out).as_posix(),
                            "accuracy": {a: subset["arms"][a]["score"] / 100.0 for a in subset["arms"]}}
     for gap in GAPS:
         row[gap] = {k: subset[gap][k] for k in ("value", "ci_low", "ci_high", "p_value")}
         if change is not None:
-            c = change["subsets"]["organism_mcq"]["gaps"][gap]
+            c = change["subsets"][subset_name]["gaps"][gap]
             row[f"{gap}_change"] = {k: c[k] for k in ("change", "ci_low", "ci_high", "p_value", "recovered")}
-    perception = results.get("diagnostics", {}).get("perception", {}).get("subsets", {}).get("organism_mcq", {})
+    perception = results.get("diagnostics", {}).get("perception", {}).get("subsets", {}).get(subset_name, {})
     row["key_phrase_heard"] = perception.get("key_phrase_heard")
     return row
 
