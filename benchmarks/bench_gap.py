@@ -9,16 +9,14 @@ runs none); the loop answers the same items with the same checkpoint, token budg
 Both read the same cached TTS clips (synthesised before anything is timed).
 
 Models (``--model``, repeatable): ``organism`` (the shipped model organism's speech LLM, 1.3 M parameters, on
-``--organism-seeds`` worlds of its suite, 144 questions each; its answers end after two tokens) and ``wide`` (a
+its suite's 144 questions; its answers end after two tokens) and ``wide`` (a
 random 4-layer, 512-wide tiny Qwen2-Audio, ``tests.fixtures.tiny.WIDE_SPEC``, on the seed-0 suite, 144 questions).
 Arms: ``speech_llm_text`` (VoiceBench's text modality) and ``speech_llm_speech`` (its audio modality).
 
-``--scaling``: gap's whole process (all three arms and the diagnostics) at 100 and 800 organism items, the time
-ratio (linear = 8x; bound: within 1.15x of it) and each run's peak resident memory (flat in items).
 ``--in-process``: the earlier comparison, inside one process: the runner's batches vs one ``generate`` call per item
 through the same adapter.
 
-Run: ``.venv/bin/python benchmarks/bench_gap.py [--model wide] [--arm speech_llm_speech] [--scaling]``.
+Run: ``.venv/bin/python benchmarks/bench_gap.py [--model wide] [--arm speech_llm_speech] ``.
 Numbers depend on the machine's load: the script prints the load average beside them.
 """
 
@@ -42,11 +40,9 @@ from typing import Any
 ARMS = ("speech_llm_text", "speech_llm_speech")
 WIDE_MAX_NEW_TOKENS = 64
 ORGANISM_MAX_NEW_TOKENS = 32
-SCALING_BOUND = 1.15  # 800 items may take at most this many times 8x the 100-item run
 
 
-def organism_suites(seeds: int) -> list[str]:
-    return [f"organism:organism_mcq@seed{s}" for s in range(seeds)]
+ORGANISM_SUITE = "organism:organism_mcq@seed0"  # one world only: item ids repeat across seeds
 
 
 def model_paths(model: str) -> tuple[Path, Path]:
@@ -134,7 +130,7 @@ def independent_comparison(args: argparse.Namespace, tmp: Path) -> list[dict[str
     rows = []
     for model in args.model or ["organism", "wide"]:
         speech, _ = model_paths(model)
-        suites = organism_suites(args.organism_seeds if model == "organism" else 1)
+        suites = [ORGANISM_SUITE]
         items = tmp / f"items-{model}.jsonl"
         n = write_items(suites, items)
         for arm in args.arm or ARMS:
@@ -147,25 +143,6 @@ def independent_comparison(args: argparse.Namespace, tmp: Path) -> list[dict[str
         print(f"{r['model']:<9} {r['arm']:<18} {r['items']:>5} {r['max_new_tokens']:>6} {r['batch_size']!s:>5} "
               f"{r['gap_items_per_s']:>9.2f} {r['loop_items_per_s']:>9.2f} {r['ratio']:>5.2f}x {r['identical']:>10}")
     return rows
-
-
-def scaling(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Whole gap runs (three arms, diagnostics) at 100 and 800 organism items: time ratio and peak memory."""
-    speech, text = model_paths("organism")
-    suites = organism_suites(10)
-    write_items(suites, tmp / "items-scaling.jsonl")  # TTS cache warm for all 1440 items
-    runs = {}
-    for n in (100, 800):
-        argv = gap_argv(speech, suites, [], tmp / f"scaling-{n}", args, 8, diagnostics=True, text=text,
-                        limit=n // 10)
-        seconds, peak_kib = timed_process(argv)
-        runs[n] = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1)}
-    ratio = runs[800]["seconds"] / runs[100]["seconds"]
-    result = {"runs": runs, "time_ratio_800_vs_100": round(ratio, 2), "linear": 8.0,
-              "within_bound": ratio <= 8.0 * SCALING_BOUND,
-              "peak_memory_ratio": round(runs[800]["peak_rss_mib"] / runs[100]["peak_rss_mib"], 3)}
-    print(json.dumps(result, indent=1))
-    return result
 
 
 def in_process_comparison(args: argparse.Namespace) -> None:
@@ -213,22 +190,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", choices=["organism", "wide"], help="repeatable; default both")
     parser.add_argument("--arm", action="append", choices=list(ARMS), help="repeatable; default both")
-    parser.add_argument("--organism-seeds", type=int, default=10, help="organism worlds (144 items each)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"default {ORGANISM_MAX_NEW_TOKENS} (organism), {WIDE_MAX_NEW_TOKENS} (wide)")
     parser.add_argument("--batch-size", default=None, help="gap's --batch-size (default: gap's own default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--repeats", type=int, default=1, help="alternating repeats per side; medians reported")
-    parser.add_argument("--scaling", action="store_true", help="also: 800 vs 100 items, time and peak memory")
-    parser.add_argument("--scaling-only", action="store_true", help="only the scaling runs")
     parser.add_argument("--in-process", action="store_true", help="also the earlier in-process comparison")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.threads} torch thread(s) per side")
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.scaling_only:
-            independent_comparison(args, Path(tmp))
-        if args.scaling or args.scaling_only:
-            scaling(args, Path(tmp))
+        independent_comparison(args, Path(tmp))
     if args.in_process:
         in_process_comparison(args)
 
