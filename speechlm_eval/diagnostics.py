@@ -12,6 +12,8 @@ Both resume like the arms: items already recorded are not recomputed.
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +28,7 @@ from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
 from speechlm_eval.progress import stage
 from speechlm_eval.records import RecordWriter
 from speechlm_eval.rundir import DIAGNOSTICS, PERCEPTION, SPEECH_LLM_TEXT, TEXT_LLM_TEXT, RunDir
-from speechlm_eval.runner import batches, error_record
+from speechlm_eval.runner import audio_length, batches, error_record
 
 PROBE_INSTRUCTION = "Transcribe the speech in the audio exactly."  # our choice; configurable with --probe-instruction
 
@@ -116,6 +118,7 @@ def run_distribution_diagnostics(
     path, todo = _my_share(run_dir, DIAGNOSTICS, [
         i for i in items if i.has_text_equivalent and i.id not in done
         and responses.get(i.id, {}).get("error") is None and responses.get(i.id, {}).get("response")])
+    todo = sorted(todo, key=lambda i: -audio_length(i))  # similar clip lengths share a batch: least padding
     tokenizer = speech_llm.tokenizer  # type: ignore[attr-defined]
     shown = stage("diagnostics: KL/JSD", total=len(todo), enabled=process_state().is_main_process)
     with shown, RecordWriter(path) as writer:
@@ -216,40 +219,72 @@ def run_perception_probe(
     max_new_tokens: int = 128,
     system: str | None = None,
 ) -> None:
-    """Transcripts + WER of each item's audio against the text that was spoken (items with a text equivalent)."""
+    """Transcripts + WER of each item's audio against the text that was spoken (items with a text equivalent).
+
+    Each transcript's new-token budget is :func:`probe_budget` of the spoken text, at most ``max_new_tokens``; items
+    are batched among those of the same budget (longest clips first), so a transcript never depends on its batch.
+    """
     done = RunDir(run_dir).completed_ids(PERCEPTION)
     path, todo = _my_share(run_dir, PERCEPTION, [i for i in items if i.id not in done and i.text_to_speak()])
-    generation = GenerationConfig(max_new_tokens=max_new_tokens)
+    budgets = {i.id: probe_budget(spoken_tokens(speech_llm, i.text_to_speak() or ""), max_new_tokens) for i in todo}
+    todo = sorted(todo, key=lambda i: (-budgets[i.id], -audio_length(i)))
     shown = stage("perception probe", total=len(todo), enabled=process_state().is_main_process)
     with shown, RecordWriter(path) as writer:
-        for batch in batches(todo, batch_size):
-            records, ready, prompts = [], [], []
-            for item in batch:
-                try:
-                    prompts.append(Prompt(audio=audio_source(item), text=instruction, system=system))
-                    ready.append(item)
-                except Exception as error:  # noqa: BLE001
-                    records.append(error_record(PERCEPTION, item, error))
-            outputs: list[Any] = []
-            if ready:
-                try:
-                    outputs = speech_llm.generate(prompts, generation)
-                except Exception:  # noqa: BLE001 - isolate the culprit
-                    outputs = []
-                    for item, prompt in zip(ready, prompts):
-                        try:
-                            outputs.append(speech_llm.generate([prompt], generation)[0])
-                        except Exception as error:  # noqa: BLE001
-                            outputs.append(error)
-            for item, out in zip(ready, outputs):
-                if isinstance(out, Exception):
-                    records.append(error_record(PERCEPTION, item, out))
-                    continue
-                spoken = item.text_to_speak() or ""
-                record = {"id": item.id, "subset": item.subset, "arm": PERCEPTION, "error": None,
-                          "transcript": out.text, "wer": word_error_rate(spoken, out.text)}
-                if item.meta.get(KEY_PHRASE):
-                    record["key_heard"] = phrase_heard(out.text, str(item.meta[KEY_PHRASE]))
-                records.append(record)
-            writer.write_many(records)
-            shown.advance(len(batch))
+        for budget, group in itertools.groupby(todo, key=lambda i: budgets[i.id]):
+            _probe_group(list(group), budget, speech_llm, audio_source, instruction, batch_size, system, writer,
+                         shown)
+
+
+PROBE_BUDGET_STEP = 16  # budgets are rounded up to a multiple of this, so items fall into few batch groups
+
+
+def probe_budget(spoken_tokens: int, limit: int) -> int:
+    """New-token budget of one transcript: twice the spoken text's tokens plus 8 (a faithful transcript needs about
+    as many tokens as the text; what runs past twice that is babble, and the probe's longest generation), rounded up
+    to a multiple of :data:`PROBE_BUDGET_STEP`, never above ``limit``."""
+    return max(1, min(limit, PROBE_BUDGET_STEP * math.ceil((2 * spoken_tokens + 8) / PROBE_BUDGET_STEP)))
+
+
+def spoken_tokens(model: SpeechLM, text: str) -> int:
+    """Tokens of ``text`` in the model's vocabulary (two per word for a model without a local tokenizer)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return 2 * len(text.split())
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _probe_group(todo: list[Item], budget: int, speech_llm: SpeechLM, audio_source: Callable[[Item], Any],
+                 instruction: str, batch_size: int, system: str | None, writer: RecordWriter, shown: Any) -> None:
+    """The probe's records of items sharing one new-token budget, a batch at a time."""
+    generation = GenerationConfig(max_new_tokens=budget)
+    for batch in batches(todo, batch_size):
+        records, ready, prompts = [], [], []
+        for item in batch:
+            try:
+                prompts.append(Prompt(audio=audio_source(item), text=instruction, system=system))
+                ready.append(item)
+            except Exception as error:  # noqa: BLE001
+                records.append(error_record(PERCEPTION, item, error))
+        outputs: list[Any] = []
+        if ready:
+            try:
+                outputs = speech_llm.generate(prompts, generation)
+            except Exception:  # noqa: BLE001 - isolate the culprit
+                outputs = []
+                for item, prompt in zip(ready, prompts):
+                    try:
+                        outputs.append(speech_llm.generate([prompt], generation)[0])
+                    except Exception as error:  # noqa: BLE001
+                        outputs.append(error)
+        for item, out in zip(ready, outputs):
+            if isinstance(out, Exception):
+                records.append(error_record(PERCEPTION, item, out))
+                continue
+            spoken = item.text_to_speak() or ""
+            record = {"id": item.id, "subset": item.subset, "arm": PERCEPTION, "error": None,
+                      "transcript": out.text, "wer": word_error_rate(spoken, out.text)}
+            if item.meta.get(KEY_PHRASE):
+                record["key_heard"] = phrase_heard(out.text, str(item.meta[KEY_PHRASE]))
+            records.append(record)
+        writer.write_many(records)
+        shown.advance(len(batch))

@@ -31,7 +31,8 @@ from speechlm_eval.rundir import (
 )
 
 DEFAULT_SUITE = "bundled"
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = 8  # what a batch size still unresolved falls back to (a served model's diagnostics)
+AUTO_BATCH_CAP = 64  # --batch-size auto never goes above this: items/s stop rising around 32-64 on CPU
 ROLE_NAMES = {"speech_llm": "speech LLM", "text_llm": "text LLM"}
 AUDIO_ENCODINGS = {"float32": "FLOAT", "pcm16": "PCM_16"}  # --audio-encoding -> soundfile WAV subtype
 NO_TEXT_MODEL_NOTE = (
@@ -71,9 +72,11 @@ class GapConfig:
     resume: bool = _opt(False, "Continue a killed run in --out without recomputing any record.")
     overwrite: bool = _opt(False, "Delete an existing run in --out and start over.")
     limit: int | None = _opt(None, "Keep the first N items of each subset (smoke runs).", min=1)
-    batch_size: int | None = _opt(None, f"Prompts per in-process generate call (padded left, sorted by length; "
-                                  f"default {DEFAULT_BATCH_SIZE}). A served model gets --concurrency prompts per call.",
-                                  min=1)
+    batch_size: str | None = _opt(None, "Prompts per in-process generate call (padded left, sorted by length), a "
+                                  f"number or auto (default): the largest batch up to {AUTO_BATCH_CAP} that fits in "
+                                  "memory, as lm-eval's --batch_size auto (on CPU the cap: memory is not what limits "
+                                  "it there). The diagnostics batch alike. A served model gets --concurrency prompts "
+                                  "per call.")
     max_new_tokens: int | None = _opt(None, f"New-token budget per answer (default {DEFAULT_MAX_NEW_TOKENS}; "
                                       "8 for the embedded organism).", min=1)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N. auto = this process's device under torchrun/accelerate, "
@@ -173,12 +176,39 @@ def resolve_defaults(config: GapConfig) -> GapConfig:
     if config.text_model is None:
         config.arms = [a for a in config.arms if ARM_BY_NAME[a].model != "text_llm"]
         config.notes.append(NO_TEXT_MODEL_NOTE)
-    if config.batch_size is None:
-        config.batch_size = DEFAULT_BATCH_SIZE
-    if config.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
+    config.batch_size = parse_batch_size(config.batch_size)
     resolve_served(config)
     return config
+
+
+def parse_batch_size(value: Any) -> int | str:
+    """``--batch-size``: a positive number, or ``"auto"`` (also when not given; resolved once the models are loaded,
+    by :func:`resolve_batch_size`)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--batch-size must be a number or auto, got {value!r}") from None
+    if size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    return size
+
+
+def resolve_batch_size(config: GapConfig, models: dict[str, Any], items: Sequence[Item], audio_source: Any) -> int:
+    """The batch size of an ``auto`` run: :data:`AUTO_BATCH_CAP` on CPU; on an accelerator the largest power of two up
+    to the cap whose heaviest batch (the longest prompts, audio included, plus the whole new-token budget) runs one
+    forward pass without running out of memory (lm-eval's search, halving from the cap)."""
+    if config.batch_size != "auto":
+        return int(config.batch_size)
+    loaded = [m for m in models.values() if m is not None and hasattr(m, "model")]
+    devices = {next(m.model.parameters()).device.type for m in loaded}
+    if not loaded or devices == {"cpu"}:
+        return AUTO_BATCH_CAP
+    from speechlm_eval.runner import largest_fitting_batch
+
+    return min(largest_fitting_batch(model, items, audio_source, AUTO_BATCH_CAP, int(config.max_new_tokens or 1),
+                                     with_audio=bool(getattr(model, "accepts_audio", False))) for model in loaded)
 
 
 def is_served(config: GapConfig, role: str) -> bool:
@@ -398,6 +428,7 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
                           if hasattr(models["speech_llm"], "model") else "remote",
                           sum(m.describe().get("parameters", 0) or 0 for m in models.values() if m is not None))
     audio_source, tts = make_audio_source(config)
+    config.batch_size = resolve_batch_size(config, models, items, audio_source)
     system, system_entry = system_prompt_for(config, models["speech_llm"])
     manifest = Manifest(
         request=identity,

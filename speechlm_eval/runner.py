@@ -151,6 +151,38 @@ def batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
         yield list(items[start : start + size])
 
 
+def largest_fitting_batch(model: SpeechLM, items: Sequence[Item], audio_source: AudioSource, cap: int,
+                          new_tokens: int, *, with_audio: bool) -> int:
+    """The largest power of two up to ``cap`` at which the heaviest batch of ``items`` fits in the model's memory
+    (lm-eval's ``--batch_size auto``: start at the cap, halve on out-of-memory).
+
+    The trial is one teacher-forced forward pass of the longest prompts (audio when ``with_audio``) followed by
+    ``new_tokens`` continuation tokens, with their logits (the KL/JSD pass's memory, which exceeds generation's);
+    ``1`` when even a single prompt does not fit.
+    """
+    import torch
+
+    plan = ArmPlan("auto", model, [i for i in items if with_audio or i.has_text_equivalent], with_audio=with_audio)
+    heaviest = sorted_for_batching(plan.items, plan)[:cap]
+    if not heaviest:
+        return cap
+    prompts = [build_prompt(item, with_audio, audio_source) for item in heaviest]
+    pad = int(getattr(getattr(model, "tokenizer", None), "pad_token_id", None) or 0)
+    size = cap
+    while size > 1:
+        trial = [prompts[k % len(prompts)] for k in range(size)]
+        try:
+            with torch.no_grad():
+                model.continuation_logits(trial, [[pad] * new_tokens] * size)
+            return size
+        except torch.OutOfMemoryError:
+            size //= 2
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return 1
+
+
 def answer_batch(plan: ArmPlan, batch: Sequence[Item], generation: GenerationConfig,
                  audio_source: AudioSource) -> list[dict[str, Any]]:
     """Records for one batch. A prompt that cannot be built, or a batch that fails, never loses the other items:

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from speechlm_eval.speech.engine import OUTPUT_SAMPLING_RATE, TTSError
 
@@ -68,6 +67,8 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
 def to_output_rate(audio: np.ndarray, sampling_rate: int) -> np.ndarray:
     """Resample mono ``audio`` to 16 kHz float32 in [-1, 1] with a polyphase filter (22050 Hz → 16000 is 320/441)."""
     if sampling_rate != OUTPUT_SAMPLING_RATE:
+        from scipy.signal import resample_poly  # on a cache miss only: scipy.signal costs ~1 s of every start-up
+
         g = gcd(OUTPUT_SAMPLING_RATE, sampling_rate)
         audio = resample_poly(audio.astype(np.float64), OUTPUT_SAMPLING_RATE // g, sampling_rate // g)
     # The filter can overshoot full scale slightly on loud transients.
