@@ -53,3 +53,33 @@ def test_choice_is_the_smallest_dev_inequivalence_per_channel_first_wins_ties() 
             _row("tt_hidden_l1_last", 30.0), _row("tt_hidden_l4_last", 20.0), _row("tt_hidden_l1_both", 20.0),
             _row("tt_prefix_l1", 10.0), _row("tt_prefix_l4", 12.0), _row("tt_self_l1", 5.0)]
     assert choose(rows) == {"st_hidden": "tt_hidden_l4_last", "st_prefix": "tt_prefix_l1", "st_self": "tt_self_l1"}
+
+
+def test_committed_search_is_rendered_from_its_json_and_its_choice_follows_the_rule() -> None:
+    from speechlm_eval.experiments.tuning import render_tuning
+
+    report = Path(__file__).resolve().parents[2] / "reports" / "organism" / "experiments" / "tuning"
+    summary = json.loads((report / "tuning.json").read_text())
+    assert (report / "tuning.md").read_text() == render_tuning(summary)
+    assert summary["suite"].startswith(f"organism:{DEV_SUBSET}@seed")
+    assert {r["arm"] for r in summary["rows"]} == {"before", *TRIALS}
+    assert summary["chosen"] == choose(summary["rows"])
+
+
+def test_the_experiment_arms_use_the_settings_chosen_on_the_tuning_split() -> None:
+    import dataclasses
+
+    from speechlm_eval.distill.config import DistillConfig
+    from speechlm_eval.experiments.organism import ALIGNMENT_ARMS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    report = Path(__file__).resolve().parents[2] / "reports" / "organism" / "experiments" / "tuning"
+    summary = json.loads((report / "tuning.json").read_text())
+    short = {"st_hidden": "hidden", "st_prefix": "prefix", "st_self": "self"}
+    for channel, trial in summary["chosen"].items():
+        chosen = {k: v for k, v in TRIALS[trial].items() if k != "channels"}
+        for arm in (f"align_{short[channel]}", f"kd_tt_align_{short[channel]}"):
+            settings = ALIGNMENT_ARMS[arm]
+            assert channel in settings["channels"].split(",")
+            for key, value in chosen.items():
+                assert settings.get(key, defaults[key]) == value, (arm, key)
