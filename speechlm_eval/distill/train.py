@@ -120,7 +120,8 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
 
     # -- Trainable parameters: LoRA on the language model (or everything but the audio encoder), optimizer, schedule.
     set_seed(config.seed)  # the LoRA init must not depend on which process prepared the data
-    model = make_trainable(student, config)
+    checkpointing = config.checkpointing_on(accelerator.device)
+    model = make_trainable(student, config, checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     plan = [epoch_plan(examples, epoch, config, accelerator.process_index, accelerator.num_processes)
@@ -135,7 +136,8 @@ def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -
     done_step, examples_seen = 0, 0
     if config.resume and (state_dir := latest_train_state(out)) is not None:
         done_step, examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
-    run_facts = {"kd_support": support.describe(), "lora_targets": lora_targets(student, config) if config.lora else None}
+    run_facts = {"kd_support": support.describe(), "lora_targets": lora_targets(student, config) if config.lora else None,
+                 "gradient_checkpointing": checkpointing}
     write_manifest(config, student_identity, data_counts, len(examples), total_steps, channels, finished=False,
                    extra=run_facts,
                    accelerator=accelerator)
@@ -406,8 +408,9 @@ def make_tts(config: DistillConfig) -> Any:
     return CachedTTS(get_tts(config.tts_engine, voice=config.tts_voice, rate=config.tts_rate))
 
 
-def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
-    """Freeze what is not trained: LoRA on the language model (default) or a full fine-tune of it.
+def make_trainable(student: Any, config: DistillConfig, checkpointing: bool = False) -> torch.nn.Module:
+    """Freeze what is not trained: LoRA on the language model (default) or a full fine-tune of it; with
+    ``checkpointing``, recompute activations in backward (``DistillConfig.checkpointing_on``).
 
     The audio encoder is always frozen; the projector trains only with ``train_projector``. The modules are found
     through the model's interface (:class:`~speechlm_eval.models.base.TrainableSpeechLM`), whatever the family
@@ -445,13 +448,22 @@ def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
             student.projector().requires_grad_(False)
     if projector is not None:
         projector.requires_grad_(True)  # the same module object inside the LoRA wrapper
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if checkpointing:
+        enable_checkpointing(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise ConfigError(f"nothing to train: --lora-targets {lora_targets(student, config)!r} matched no module")
     return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: LoRA's frozen inputs need no grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
 
 
 def lora_targets(student: Any, config: DistillConfig) -> str:

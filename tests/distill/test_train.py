@@ -308,3 +308,34 @@ def test_our_reading_describes_the_settings_the_run_used() -> None:
     assert organism.keys() == OUR_READING.keys()
     standard = our_reading_for(resolve_distill_config(DistillConfig(student="s", teacher="t")))
     assert standard["trained"].startswith("LoRA r=16") and "lr 0.0001" in standard["optimizer"]
+
+
+def test_gradient_checkpointing_defaults_to_on_on_a_gpu_and_off_on_cpu() -> None:
+    config = DistillConfig(student="s", teacher="t")
+    assert config.gradient_checkpointing == "auto"
+    assert config.checkpointing_on(torch.device("cuda", 0)) and config.checkpointing_on("cuda:1")
+    assert not config.checkpointing_on(torch.device("cpu")) and not config.checkpointing_on("mps")
+    forced = {s: DistillConfig(student="s", teacher="t", gradient_checkpointing=s) for s in ("on", "off")}
+    assert forced["on"].checkpointing_on("cpu") and not forced["off"].checkpointing_on("cuda")
+    # The Python API's booleans (and manifests written before "auto") still mean on/off.
+    assert DistillConfig(student="s", teacher="t", gradient_checkpointing=True).gradient_checkpointing == "on"
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        DistillConfig(student="s", teacher="t", gradient_checkpointing="sometimes")
+    from speechlm_eval.cli.options import options_of
+
+    (option,) = [o for o in options_of(DistillConfig) if o.field == "gradient_checkpointing"]
+    assert option.default == "auto" and "auto = on when training on a GPU, off on CPU" in option.help
+
+
+def test_checkpointed_step_gives_the_same_loss_and_gradients(tiny_pair, tmp_path) -> None:
+    """Checkpointing (forced on, on CPU) recomputes the same activations: one training step's loss and LoRA gradients
+    match the plain step's to float tolerance, and the manifest records the resolved setting."""
+    runs = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        distill(make_config(tiny_pair, out, gradient_checkpointing=setting, stop_after_steps=1, lora_dropout=0.0))
+        runs[setting] = (log_rows(out)[0], json.loads((out / "manifest.json").read_text()))
+    (plain, plain_manifest), (checkpointed, manifest) = runs["off"], runs["on"]
+    assert manifest["gradient_checkpointing"] is True and plain_manifest["gradient_checkpointing"] is False
+    for key in ("loss_tt", "loss_st", "grad_norm"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
