@@ -155,6 +155,10 @@ class DistillConfig:
     trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
     threads: int | None = _opt(None, "torch threads per process (default: 1 on CPU for models under 100 M "
                                "parameters, torch's default otherwise)", min=1)
+    report_to: Literal["none", "tensorboard", "wandb"] = _opt(
+        "none", "send the per-step losses (per channel), lr, grad norm, tokens/s and peak memory to a tracker through "
+        "accelerate: tensorboard (events in OUT/tracking/distill; pip install 'speechlm-eval[tracking]') or wandb "
+        "(pip install wandb; its files under OUT/tracking); OUT/train_log.jsonl is written either way")
     merge: bool = _opt(True, "with LoRA, also write the merged model to OUT/checkpoint (the adapter is always saved "
                        "to OUT/adapter); --no-merge keeps only the adapter")
 
@@ -181,6 +185,8 @@ class DistillConfig:
             self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise ConfigError(f"gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ConfigError(f"report_to must be none, tensorboard or wandb, got {self.report_to!r}")
         if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
             raise ConfigError(f"kind must be forward_kl, reverse_kl or jsd, got {self.kind!r}")
 
@@ -293,7 +299,7 @@ class EvalConfig:
 # Fields that may change between a run and its --resume without changing what is trained.
 # Gradient checkpointing recomputes the same activations (dropout's RNG state is replayed): memory, not results.
 _RESUMABLE_CHANGES = {"out", "resume", "overwrite", "threads", "save_every", "save_every_minutes", "keep_states",
-                      "stop_after_steps", "merge", "gradient_checkpointing", "teacher_batch_size", "leakage_suite",
+                      "stop_after_steps", "merge", "gradient_checkpointing", "report_to", "teacher_batch_size", "leakage_suite",
                       "leakage_data_dir"}
 
 

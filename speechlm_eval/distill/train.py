@@ -137,7 +137,7 @@ def setup(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> 
 
     started = time.time()
     config = resolve_distill_config(config)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config)
     prepare_out_dir(config, accelerator)
     set_seed(config.seed)
     student = load_student(config, accelerator)
@@ -180,6 +180,7 @@ def setup(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> 
     if config.resume and (state_dir := latest_train_state(config.out)) is not None:
         run.done_step, run.examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
     write_run_manifest(run, finished=False)
+    start_tracking(config, accelerator)
     return run
 
 
@@ -208,12 +209,16 @@ def train(run: Run) -> None:
                     sums[name] = sums.get(name, 0.0) + value / len(micro_batches)
                 run.examples_seen += len(batch_ids) * accelerator.num_processes
             grad_norm, lr = optimizer_step(run)
+            seconds = time.time() - step_start
             record = {"step": step, "epoch": epoch, "lr": lr, **mean_over_processes(sums, accelerator),
-                      "grad_norm": grad_norm, "examples_seen": run.examples_seen,
-                      "seconds": round(time.time() - step_start, 4)}
+                      "grad_norm": grad_norm, "examples_seen": run.examples_seen, "seconds": round(seconds, 4)}
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if accelerator.trackers:
+                tokens = sum(len(run.target_ids[j]) for batch_ids in micro_batches for j in batch_ids)
+                accelerator.log(tracked_values(record, tokens * accelerator.num_processes, seconds,
+                                               accelerator.device), step=step)
             progress.advance(1, postfix=" ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss_") or k == "ce"))
             last = step == run.total_steps
@@ -231,6 +236,8 @@ def finish(run: Run) -> Path:
     """Save the adapter (LoRA) and/or the merged student, which ``load_model`` (and ``gap``) reads, and mark the
     manifest finished; returns the folder ``gap`` should score. A run stopped early returns its last train state."""
     config, accelerator = run.config, run.accelerator
+    for tracker in accelerator.trackers:  # not end_training(): that also destroys the process group
+        tracker.finish()  # closes the --report-to tracker (flushes its files)
     if run.stopped_early:
         accelerator.wait_for_everyone()
         return latest_train_state(config.out) or config.out
@@ -459,15 +466,60 @@ def make_scheduler(optimizer: Any, config: DistillConfig, total_steps: int) -> A
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
 
-def make_accelerator() -> Any:
-    """accelerate's ``Accelerator``: DDP under ``accelerate launch`` or ``torchrun`` (gloo on CPU), bf16 on GPU."""
+def make_accelerator(config: DistillConfig) -> Any:
+    """accelerate's ``Accelerator``: DDP under ``accelerate launch`` or ``torchrun`` (gloo on CPU), bf16 on GPU, and
+    the ``--report-to`` tracker (its files under ``OUT/tracking``)."""
     from accelerate import Accelerator
 
     from speechlm_eval.distributed import process_state
 
+    check_tracker_installed(config.report_to)
     process_state()  # sets up the gloo process group on CPU-only multi-process launches
     on_gpu = torch.cuda.is_available()
-    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
+    log_with = None if config.report_to == "none" else config.report_to
+    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no", log_with=log_with,
+                       project_dir=str(config.out / "tracking") if log_with else None)
+
+
+TRACKER_INSTALL = {"tensorboard": "pip install 'speechlm-eval[tracking]'", "wandb": "pip install wandb"}
+
+
+def check_tracker_installed(report_to: str) -> None:
+    """Refuse a ``--report-to`` tracker whose package is missing (accelerate would drop it without a word)."""
+    import importlib.util
+
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise ConfigError(f"--report-to {report_to} needs the {report_to} package: {TRACKER_INSTALL[report_to]}")
+
+
+def start_tracking(config: DistillConfig, accelerator: Any) -> None:
+    """Open the ``--report-to`` tracker's run ``distill`` with the config as its hyperparameters (no-op for none)."""
+    if config.report_to == "none":
+        return
+    # Trackers take flat scalars and strings as hyperparameters; unset options are left out.
+    hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (bool, int, float, str))}
+    init = {"wandb": {"dir": str(config.out / "tracking")}} if config.report_to == "wandb" else {}
+    (config.out / "tracking").mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers("distill", config=hparams, init_kwargs=init)
+
+
+def tracked_values(record: dict[str, Any], tokens: int, seconds: float, device: Any) -> dict[str, float]:
+    """What a step sends to the tracker: its logged losses (``loss``, ``loss_<channel>``, ``ce``), ``lr`` and
+    ``grad_norm``, the response tokens distilled per second over all processes (each token once, whatever the
+    channel count), and this process's peak memory in GiB (allocated on a GPU, resident set size on CPU)."""
+    values = {k: float(v) for k, v in record.items() if k.startswith(("loss", "ce")) or k in ("lr", "grad_norm")}
+    values["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+    values["memory_gib"] = peak_memory_bytes(device) / 2**30
+    return values
+
+
+def peak_memory_bytes(device: Any) -> int:
+    """The process's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, the peak RSS otherwise."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def model_dtype(config: DistillConfig, accelerator: Any) -> str:
@@ -655,7 +707,8 @@ def mean_over_processes(values: dict[str, float], accelerator: Any) -> dict[str,
 # Output directory and manifest
 
 
-DISTILL_OUTPUTS = ("data", "teacher_cache", "train_state", "checkpoint", "train_log.jsonl", "manifest.json")
+DISTILL_OUTPUTS = ("data", "teacher_cache", "train_state", "checkpoint", "adapter", "train_log.jsonl",
+                   "manifest.json", "tracking")
 
 
 def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:

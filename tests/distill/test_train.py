@@ -339,3 +339,42 @@ def test_checkpointed_step_gives_the_same_loss_and_gradients(tiny_pair, tmp_path
     assert manifest["gradient_checkpointing"] is True and plain_manifest["gradient_checkpointing"] is False
     for key in ("loss_tt", "loss_st", "grad_norm"):
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
+def test_report_to_tensorboard_logs_each_step_through_accelerate(tiny_pair, tmp_path) -> None:
+    """--report-to tensorboard: accelerate's tracker writes, per step, the losses per channel, lr, grad norm,
+    tokens/s and memory, matching OUT/train_log.jsonl; the config is stored as hyperparameters."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    distill(make_config(tiny_pair, out, report_to="tensorboard", epochs=1))
+    (run_dir,) = {p.parent for p in (out / "tracking" / "distill").glob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "loss_tt", "loss_st", "lr", "grad_norm", "tokens_per_s", "memory_gib"} <= tags
+    rows = log_rows(out)
+    for name in ("loss_tt", "loss_st", "lr"):
+        scalars = events.Scalars(name)
+        assert [s.step for s in scalars] == [r["step"] for r in rows]
+        assert [s.value for s in scalars] == pytest.approx([r[name] for r in rows], rel=1e-6)
+    assert all(s.value > 0 for s in events.Scalars("tokens_per_s") + events.Scalars("memory_gib"))
+    assert list((out / "tracking" / "distill").glob("*/hparams.yml"))  # the config, as the run's hyperparameters
+
+
+def test_report_to_none_writes_no_tracker_files(trained) -> None:
+    config, _, _ = trained
+    assert config.report_to == "none" and not (config.out / "tracking").exists()
+    with pytest.raises(ConfigError, match="report_to"):
+        DistillConfig(student="s", teacher="t", report_to="mlflow")
+
+
+def test_report_to_a_missing_tracker_package_stops_before_any_model_loads(tiny_pair, tmp_path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        distill(make_config(tiny_pair, tmp_path / "wandb", report_to="wandb"))
+    assert not (tmp_path / "wandb").exists()
