@@ -5,9 +5,13 @@
 ``state.json``: nothing in it unpickles code. Every folder is written beside its final name and renamed into place,
 and :func:`remove_interrupted_writes` clears what a kill between the two leaves.
 
-Why not accelerate's ``save_state``/``load_state``: it pickles the RNG states (``random_states_*.pkl``, read with
-``weights_only=False``) and the sampler/dataloader states, so a crafted file in an output folder would run code on
-``--resume`` (docs/distill.md, "Resume").
+The trainable tensors and optimizer state are full, unsharded state dicts keyed by parameter name
+(``torch.distributed.checkpoint.state_dict``), so one layout serves one process, DDP and FSDP (where every process
+takes part in the gather and rank 0 writes). Why not accelerate's ``save_state``/``load_state`` (accelerate 1.15): its
+RNG states are a pickle (``random_states_N.pkl``), read under ``weights_only=True`` with NumPy globals allowlisted,
+and a failure to restore them is only logged ("Could not load random states"), so a resume can silently diverge; our
+hand-stepped scheduler and counters would be ``register_for_checkpointing`` objects, which ``load_state`` reads with
+``weights_only=False`` (arbitrary code); and it checks neither the process count nor the data order (docs/distill.md).
 """
 
 from __future__ import annotations
@@ -26,9 +30,41 @@ import torch
 from speechlm_eval.distill.config import ConfigError, DistillConfig, our_reading_for
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors by name (LoRA adapters, or the fine-tuned weights), on CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+# 2: trainable tensors and optimizer state as full (unsharded) state dicts keyed by parameter name (1: the optimizer's
+# own index-keyed state, from this process only).
+TRAIN_STATE_LAYOUT = 2
+
+
+def _full(**options: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **options)
+
+
+def full_train_state(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable tensors and the optimizer state as full, unsharded state dicts on CPU, keyed by parameter name
+    (``torch.distributed.checkpoint.state_dict``: the same layout from one process, DDP or FSDP, which gathers the
+    shards here, so every process must call it). Frozen weights are left out; other ranks than 0 may get empty dicts
+    under FSDP (rank 0 writes)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _full(cpu_offload=True, ignore_frozen_params=True)
+    weights = {n: t.contiguous() for n, t in get_model_state_dict(model, options=options).items()}
+    return weights, get_optimizer_state_dict(model, _inner(optimizer), options=options)
+
+
+def load_full_train_state(model: torch.nn.Module, optimizer: Any, weights: dict[str, torch.Tensor],
+                          optimizer_state: dict[str, Any]) -> None:
+    """Load what :func:`full_train_state` saved (every process passes the full dicts; FSDP re-shards them)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, weights, options=_full(strict=False))
+    set_optimizer_state_dict(model, _inner(optimizer), optimizer_state, options=_full())
+
+
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def save_rng_state(directory: Path, rank: int) -> None:
@@ -91,14 +127,15 @@ def save_train_state(out: Path, step: int, epoch: int, examples_seen: int, plan:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_rng_state(tmp, accelerator.process_index)
+    weights, optimizer_state = full_train_state(model, optimizer)  # every process: collectives under FSDP
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         write_json(tmp / "state.json", {
             "step": step, "epoch": epoch, "examples_seen": examples_seen, "processes": accelerator.num_processes,
-            "data_order": [i for s in plan[epoch] for mb in s for i in mb],
+            "data_order": [i for s in plan[epoch] for mb in s for i in mb], "layout": TRAIN_STATE_LAYOUT,
         })
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -150,13 +187,15 @@ def load_train_state(state_dir: Path, accelerator: Any, model: torch.nn.Module, 
                           f"(now {accelerator.num_processes})")
     if state["data_order"] != [i for s in plan[state["epoch"]] for mb in s for i in mb]:
         raise ConfigError(f"{state_dir}: the data order differs from the saved one (did the data change?)")
+    if state.get("layout") != TRAIN_STATE_LAYOUT:
+        raise ConfigError(f"{state_dir} was written by an older speechlm-eval (train state layout "
+                          f"{state.get('layout', 1)}, now {TRAIN_STATE_LAYOUT}); start over with --overwrite")
     weights = load_file(state_dir / "trainable.safetensors")
     unwrapped = accelerator.unwrap_model(model)
-    missing = set(trainable_state(unwrapped)) - set(weights)
+    missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(weights)
     if missing:
         raise ConfigError(f"{state_dir} lacks trained tensors such as {sorted(missing)[:3]}")
-    unwrapped.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(load_tensors_only(state_dir / "optimizer.pt"))
+    load_full_train_state(model, optimizer, weights, load_tensors_only(state_dir / "optimizer.pt"))
     scheduler.load_state_dict(load_tensors_only(state_dir / "scheduler.pt"))
     load_rng_state(state_dir, accelerator.process_index)
     return int(state["step"]), int(state["examples_seen"])
@@ -178,26 +217,43 @@ def truncate_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def save_student(model: torch.nn.Module, processor: Any, out: Path, config: DistillConfig) -> Path:
+def save_student(model: torch.nn.Module, processor: Any, out: Path, config: DistillConfig,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write what a user keeps, each folder replaced atomically, and return the one ``gap`` should score:
 
     - with LoRA, ``OUT/adapter`` (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with peft onto the
       original student, and by ``load_model``), then, unless ``--no-merge``, ``OUT/checkpoint``: the merged student;
     - with a full fine-tune, ``OUT/checkpoint``. Both carry the processor and the distillation config.
+
+    ``state_dict``: the gathered full state dict (:func:`gathered_student_state`) under FSDP, whose sharded
+    parameters rank 0 cannot save alone; the merge needs the unsharded LoRA layers, so under FSDP only the adapter is
+    written (merge it with ``peft``'s ``merge_and_unload`` on one process).
     """
     record = {"config": config.to_dict(), "our_reading": our_reading_for(config)}
+    weights = {} if state_dict is None else {"state_dict": state_dict}
+
+    def write(target: torch.nn.Module) -> Callable[[Path], Any]:
+        return lambda tmp: (target.save_pretrained(tmp, **weights), processor.save_pretrained(tmp),
+                            write_json(tmp / "speechlm_eval_distill.json", record))
+
     if config.lora:
         adapter = out / "adapter"
-        _replace_folder(adapter, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
-                                              write_json(tmp / "speechlm_eval_distill.json", record)))
-        if not config.merge:
+        _replace_folder(adapter, write(model))
+        if not config.merge or state_dict is not None:
             return adapter
         model = model.merge_and_unload()
     model.eval()
     checkpoint = out / "checkpoint"
-    _replace_folder(checkpoint, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
-                                             write_json(tmp / "speechlm_eval_distill.json", record)))
+    _replace_folder(checkpoint, write(model))
     return checkpoint
+
+
+def gathered_student_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """The student's full state dict on CPU, gathered from its shards (every process must call it; rank 0 gets the
+    tensors): only the trained tensors (the adapter) with LoRA, else every tensor."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full(cpu_offload=True, ignore_frozen_params=lora))
 
 
 def _replace_folder(final: Path, write: Callable[[Path], Any]) -> None:

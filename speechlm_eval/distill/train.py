@@ -25,6 +25,7 @@ import torch
 
 from speechlm_eval.distill.alignment import hidden_alignment_loss, prefix_kl, self_distillation_kl
 from speechlm_eval.distill.checkpointing import (
+    gathered_student_state,
     latest_train_state,
     load_train_state,
     remove_interrupted_writes,
@@ -176,7 +177,8 @@ def setup(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> 
               optimizer=optimizer, scheduler=scheduler, plan=plan, started=started,
               run_facts={"kd_support": support.describe(),
                          "lora_targets": lora_targets(student, config) if config.lora else None,
-                         "gradient_checkpointing": checkpointing})
+                         "gradient_checkpointing": checkpointing,
+                         "distributed_type": accelerator.distributed_type.value})
     if config.resume and (state_dir := latest_train_state(config.out)) is not None:
         run.done_step, run.examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
     write_run_manifest(run, finished=False)
@@ -242,8 +244,11 @@ def finish(run: Run) -> Path:
         accelerator.wait_for_everyone()
         return latest_train_state(config.out) or config.out
     checkpoint = config.out / ("adapter" if config.lora and not config.merge else "checkpoint")
+    sharded = accelerator.distributed_type.value == "FSDP"
+    state = gathered_student_state(run.model, config.lora) if sharded else None  # every process: a collective
     if accelerator.is_main_process:
-        checkpoint = save_student(accelerator.unwrap_model(run.model), run.student.processor, config.out, config)
+        checkpoint = save_student(accelerator.unwrap_model(run.model), run.student.processor, config.out, config,
+                                  state_dict=state)
         write_run_manifest(run, finished=True, seconds=time.time() - run.started)
     accelerator.wait_for_everyone()
     return checkpoint
