@@ -155,6 +155,11 @@ class DistillConfig:
     trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
     threads: int | None = _opt(None, "torch threads per process (default: 1 on CPU for models under 100 M "
                                "parameters, torch's default otherwise)", min=1)
+    cache_audio_encoder: bool = _opt(True, "keep the frozen audio encoder's outputs per clip (in CPU memory) and "
+                                     "reuse them in later steps, channels and epochs instead of re-encoding the clip; "
+                                     "cached and uncached runs agree to float tolerance")
+    audio_cache_gib: float = _opt(8.0, "most CPU memory the audio encoder cache holds (GiB); clips past it are "
+                                  "re-encoded each time")
     report_to: Literal["none", "tensorboard", "wandb"] = _opt(
         "none", "send the per-step losses (per channel), lr, grad norm, tokens/s and peak memory to a tracker through "
         "accelerate: tensorboard (events in OUT/tracking/distill; pip install 'speechlm-eval[tracking]') or wandb "
@@ -185,6 +190,8 @@ class DistillConfig:
             self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise ConfigError(f"gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+        if not self.audio_cache_gib >= 0:
+            raise ConfigError(f"audio_cache_gib must be >= 0, got {self.audio_cache_gib}")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ConfigError(f"report_to must be none, tensorboard or wandb, got {self.report_to!r}")
         if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
@@ -297,9 +304,10 @@ class EvalConfig:
 
 
 # Fields that may change between a run and its --resume without changing what is trained.
-# Gradient checkpointing recomputes the same activations (dropout's RNG state is replayed): memory, not results.
+# Gradient checkpointing recomputes the same activations (dropout's RNG state is replayed) and the audio encoder cache
+# holds the same outputs: memory and time, not results.
 _RESUMABLE_CHANGES = {"out", "resume", "overwrite", "threads", "save_every", "save_every_minutes", "keep_states",
-                      "stop_after_steps", "merge", "gradient_checkpointing", "report_to", "teacher_batch_size", "leakage_suite",
-                      "leakage_data_dir"}
+                      "stop_after_steps", "merge", "gradient_checkpointing", "report_to", "cache_audio_encoder",
+                      "audio_cache_gib", "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
 
 

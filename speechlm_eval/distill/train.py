@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from speechlm_eval.distill.alignment import hidden_alignment_loss, prefix_kl, self_distillation_kl
+from speechlm_eval.distill.audio_cache import EncoderCache
 from speechlm_eval.distill.checkpointing import (
     gathered_student_state,
     latest_train_state,
@@ -98,6 +99,7 @@ class Run:
     scheduler: Any
     plan: list[list[list[list[str]]]]  # per epoch, per optimizer step, per micro-batch: example ids (this process)
     run_facts: dict[str, Any]
+    audio_cache: EncoderCache | None = None  # the frozen audio encoder's outputs per clip (--cache-audio-encoder)
     started: float = field(default_factory=time.time)
     done_step: int = 0  # optimizer steps already taken (a resumed run starts after them)
     examples_seen: int = 0  # over all processes
@@ -179,6 +181,7 @@ def setup(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> 
                          "lora_targets": lora_targets(student, config) if config.lora else None,
                          "gradient_checkpointing": checkpointing,
                          "distributed_type": accelerator.distributed_type.value})
+    run.audio_cache = make_audio_cache(run)
     if config.resume and (state_dir := latest_train_state(config.out)) is not None:
         run.done_step, run.examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
     write_run_manifest(run, finished=False)
@@ -199,7 +202,8 @@ def train(run: Run) -> None:
     progress = stage("distill training", total=run.total_steps, unit="steps", completed=run.done_step,
                      enabled=accelerator.is_main_process)
     log_file = open(log_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
-    with progress, log_file as log:
+    audio_cache = run.audio_cache.installed() if run.audio_cache else contextlib.nullcontext()
+    with progress, log_file as log, audio_cache:
         for step, epoch, micro_batches in run.planned_steps():
             if step <= run.done_step:
                 continue  # trained before the resume; the data order is the planned one
@@ -246,6 +250,8 @@ def finish(run: Run) -> Path:
     checkpoint = config.out / ("adapter" if config.lora and not config.merge else "checkpoint")
     sharded = accelerator.distributed_type.value == "FSDP"
     state = gathered_student_state(run.model, config.lora) if sharded else None  # every process: a collective
+    if run.audio_cache is not None:
+        run.run_facts["audio_encoder_cache"] = run.audio_cache.stats.as_dict()
     if accelerator.is_main_process:
         checkpoint = save_student(accelerator.unwrap_model(run.model), run.student.processor, config.out, config,
                                   state_dict=state)
@@ -462,6 +468,18 @@ def teacher_source(config: DistillConfig, accelerator: Any, examples: Sequence[D
         )
     accelerator.wait_for_everyone()
     return None, TeacherCache.open(config.out / "teacher_cache")  # the teacher is freed: the cache is all we need
+
+
+def make_audio_cache(run: Run) -> EncoderCache | None:
+    """The frozen audio encoder's per-clip output cache, when an audio channel runs and ``--cache-audio-encoder``
+    is on (the encoder is always frozen and in eval mode here; the projector after it may train). Not under FSDP:
+    a sharded encoder gathers its weights in every forward, and processes whose clips hit the cache while another's
+    miss would leave that process waiting in the gather."""
+    if not run.config.cache_audio_encoder or not any(c in AUDIO_CHANNELS for c in run.channels):
+        return None
+    if run.accelerator.distributed_type.value == "FSDP":
+        return None
+    return EncoderCache(run.student.audio_encoder(), max_bytes=int(run.config.audio_cache_gib * 2**30))
 
 
 def make_scheduler(optimizer: Any, config: DistillConfig, total_steps: int) -> Any:
