@@ -126,7 +126,10 @@ class DistillConfig:
                                    "organism: 24)", min=1)
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (our reading)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: Literal["auto", "on", "off"] = _opt(
+        "auto", "recompute the language model's activations in backward to save memory (a 7B student's saved "
+        "activations shrink ~3x, benchmarks/bench_distill_memory.py): auto = on when training on a GPU, off on CPU "
+        "(where memory is rarely the limit and the recompute costs time); the manifest records what the run used")
     seed: int = _opt(0, "seed of the data order, LoRA init and dropout")
     save_every: int = _opt(0, "write a resumable train state every N optimizer steps (0: by time only)")
     save_every_minutes: float = _opt(10.0, "write a resumable train state at least this often (0: by step only), so a "
@@ -152,6 +155,15 @@ class DistillConfig:
     trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
     threads: int | None = _opt(None, "torch threads per process (default: 1 on CPU for models under 100 M "
                                "parameters, torch's default otherwise)", min=1)
+    cache_audio_encoder: bool = _opt(True, "keep the frozen audio encoder's outputs per clip (in CPU memory) and "
+                                     "reuse them in later steps, channels and epochs instead of re-encoding the clip; "
+                                     "cached and uncached runs agree to float tolerance")
+    audio_cache_gib: float = _opt(8.0, "most CPU memory the audio encoder cache holds (GiB); clips past it are "
+                                  "re-encoded each time")
+    report_to: Literal["none", "tensorboard", "wandb"] = _opt(
+        "none", "send the per-step losses (per channel), lr, grad norm, tokens/s and peak memory to a tracker through "
+        "accelerate: tensorboard (events in OUT/tracking/distill; pip install 'speechlm-eval[tracking]') or wandb "
+        "(pip install wandb; its files under OUT/tracking); OUT/train_log.jsonl is written either way")
     merge: bool = _opt(True, "with LoRA, also write the merged model to OUT/checkpoint (the adapter is always saved "
                        "to OUT/adapter); --no-merge keeps only the adapter")
 
@@ -174,6 +186,14 @@ class DistillConfig:
         self.layers()
         if self.targets not in ("dataset", "teacher", None):
             raise ConfigError(f"targets must be 'dataset' or 'teacher', got {self.targets!r}")
+        if isinstance(self.gradient_checkpointing, bool):  # the Python API's (and older manifests') on/off
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            raise ConfigError(f"gradient_checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+        if not self.audio_cache_gib >= 0:
+            raise ConfigError(f"audio_cache_gib must be >= 0, got {self.audio_cache_gib}")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ConfigError(f"report_to must be none, tensorboard or wandb, got {self.report_to!r}")
         if self.kind not in ("forward_kl", "reverse_kl", "jsd"):
             raise ConfigError(f"kind must be forward_kl, reverse_kl or jsd, got {self.kind!r}")
 
@@ -181,6 +201,13 @@ class DistillConfig:
     def effective_topk_tail(self) -> str:
         """``topk_tail``, with ``sampled`` (a forward-KL estimator) falling back to ``bucket`` for other divergences."""
         return "bucket" if self.topk_tail == "sampled" and self.kind != "forward_kl" else self.topk_tail
+
+    def checkpointing_on(self, device: Any) -> bool:
+        """Whether gradient checkpointing runs on ``device`` (a ``torch.device`` or its type name): ``auto`` means on
+        a CUDA GPU only."""
+        if self.gradient_checkpointing == "auto":
+            return (device if isinstance(device, str) else device.type).split(":")[0] == "cuda"
+        return self.gradient_checkpointing == "on"
 
     def active_channels(self) -> tuple[str, ...]:
         parts = tuple(p.strip() for p in self.channels.split(",") if p.strip())
@@ -277,8 +304,10 @@ class EvalConfig:
 
 
 # Fields that may change between a run and its --resume without changing what is trained.
-_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "threads", "save_every", "save_every_minutes", "keep_states", "stop_after_steps",
-                      "merge",
-                      "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
+# Gradient checkpointing recomputes the same activations (dropout's RNG state is replayed) and the audio encoder cache
+# holds the same outputs: memory and time, not results.
+_RESUMABLE_CHANGES = {"out", "resume", "overwrite", "threads", "save_every", "save_every_minutes", "keep_states",
+                      "stop_after_steps", "merge", "gradient_checkpointing", "report_to", "cache_audio_encoder",
+                      "audio_cache_gib", "teacher_batch_size", "leakage_suite", "leakage_data_dir"}
 
 

@@ -1,8 +1,11 @@
 """Cross-modal knowledge distillation (Wang et al. 2025): a text LLM teacher, a speech LLM student, two channels.
 
 T→T: the student *reads* the query, S→T: the student *hears* it (TTS); in both the teacher reads the text, and the
-student's next-token distributions over the response are pulled to the teacher's. One readable recipe: the training
-loop is :func:`distill`, top to bottom; the helpers below it are small and single-purpose.
+student's next-token distributions over the response are pulled to the teacher's. One readable recipe, shaped like
+torchtune's KD recipe: :func:`setup` builds a :class:`Run` (models, data, teacher cache, optimizer, resumed state),
+:func:`train` is the loop (one screen), :func:`loss_step` one micro-batch's losses and backward passes, and
+:func:`finish` saves what a user keeps. Train states and the saved student live in
+:mod:`speechlm_eval.distill.checkpointing`, the options in :mod:`speechlm_eval.distill.config`.
 
 Every default the paper does not state is *our reading*: :data:`OUR_READING` lists the plain defaults, and
 :func:`our_reading_for` what a run actually used (written to its manifest and report).
@@ -13,17 +16,26 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
-import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from speechlm_eval.distill.alignment import hidden_alignment_loss, prefix_kl, self_distillation_kl
+from speechlm_eval.distill.audio_cache import EncoderCache
+from speechlm_eval.distill.checkpointing import (
+    gathered_student_state,
+    latest_train_state,
+    load_train_state,
+    remove_interrupted_writes,
+    save_is_due,
+    save_student,
+    save_train_state,
+    truncate_log,
+    write_json,
+)
 from speechlm_eval.distill.config import (
     _RESUMABLE_CHANGES,
     AUDIO_CHANNELS,
@@ -53,177 +65,241 @@ from speechlm_eval.models.base import TrainableSpeechLM
 from speechlm_eval.distill.vocab import KDSupport, kd_support
 from speechlm_eval.progress import stage
 
-def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Path:
-    """Run (or resume) a distillation; returns ``OUT/checkpoint`` (the merged student + processor).
 
-    When ``stop_after_steps`` ends the run early, the last train state directory is returned instead.
+def distill(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Path:
+    """Run (or resume) a distillation; returns ``OUT/checkpoint`` (the merged student + processor), ``OUT/adapter``
+    with ``--no-merge``, or, when ``stop_after_steps`` ends the run early, the last train state directory.
+
     ``eval_items`` (:class:`~speechlm_eval.data.item.Item` s) are checked for leakage besides ``leakage_suite``.
     """
+    run = setup(config, eval_items=eval_items)
+    train(run)
+    return finish(run)
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds and :func:`train` / :func:`finish` use: one distillation run on this process."""
+
+    config: DistillConfig
+    accelerator: Any
+    student: TrainableSpeechLM  # its ``model`` is the prepared (wrapped) trainable model once setup is done
+    student_identity: dict[str, Any]  # read before wrapping: the manifest names the checkpoint distilled from
+    support: KDSupport
+    tts: Any
+    examples: list[DistillExample]
+    data_counts: dict[str, Any]
+    target_ids: dict[str, list[int]]  # example id -> the response's student token ids
+    teacher_ids: dict[str, list[int]]  # example id -> the same tokens in the teacher's ids
+    teacher: Any | None  # only when the teacher is computed on the fly (``--topk 0``)
+    cache: TeacherCache | None
+    model: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    plan: list[list[list[list[str]]]]  # per epoch, per optimizer step, per micro-batch: example ids (this process)
+    run_facts: dict[str, Any]
+    audio_cache: EncoderCache | None = None  # the frozen audio encoder's outputs per clip (--cache-audio-encoder)
+    started: float = field(default_factory=time.time)
+    done_step: int = 0  # optimizer steps already taken (a resumed run starts after them)
+    examples_seen: int = 0  # over all processes
+    stopped_early: bool = False
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.config.active_channels()
+
+    @property
+    def total_steps(self) -> int:
+        return sum(len(steps) for steps in self.plan)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The KD channels read the teacher's distributions; the alignment channels teach with the student's text."""
+        return any(c in KD_CHANNELS for c in self.channels)
+
+    @property
+    def examples_by_id(self) -> dict[str, DistillExample]:
+        return {e.id: e for e in self.examples}
+
+    def planned_steps(self) -> Iterator[tuple[int, int, list[list[str]]]]:
+        """``(step, epoch, micro_batches)`` for every optimizer step of the run, steps counted from 1."""
+        planned = [(epoch, micro_batches) for epoch, steps in enumerate(self.plan) for micro_batches in steps]
+        for step, (epoch, micro_batches) in enumerate(planned, start=1):
+            yield step, epoch, micro_batches
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The recipe: setup -> train -> finish
+
+
+def setup(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> Run:
+    """Everything before the first step: resolve the config, claim ``OUT``, load the student, prepare the data and
+    the teacher's distributions, make the trainable model and its optimizer, and restore a train state on resume."""
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
 
     started = time.time()
     config = resolve_distill_config(config)
-    accelerator = make_accelerator()
-    out = config.out
-    channels = config.active_channels()
+    accelerator = make_accelerator(config)
     prepare_out_dir(config, accelerator)
     set_seed(config.seed)
-
-    # -- Models: the student (speech LLM) and, only where needed, the teacher (text LLM). ------------------------
     student = load_student(config, accelerator)
-    student_identity = student.describe()  # before wrapping: the manifest names the checkpoint distilled from
+    student_identity = student.describe()
     set_threads(config.threads, accelerator.device, student_identity.get("parameters") or 0)
     teacher_tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
     # The ids KD compares: the teacher's whole vocabulary when the student only adds tokens after it (audio
     # placeholders), else the token strings both share (ids that mean different things are masked out).
     support = kd_support(teacher_tokenizer, student.tokenizer)
-    teacher = None
-
-    # -- Data: read, keep what can be spoken, speak it, pick the targets (main process first; others read its files).
     tts = make_tts(config)
-    if accelerator.is_main_process and not (out / "data" / "examples.jsonl").exists():
+    teacher = None
+    if accelerator.is_main_process and not (config.out / "data" / "examples.jsonl").exists():
         if config.targets == "teacher":
             teacher = load_teacher(config, accelerator)
-        prepare_data(config, student, teacher, tts, eval_items)
+        prepare_data(config, student, teacher, tts, eval_items)  # main process first; the others read its files
     accelerator.wait_for_everyone()
-    examples, data_counts = read_prepared(out)
-    target_ids = {e.id: response_ids(student.tokenizer, e.response, config.max_response_tokens) for e in examples}
-    teacher_ids = {i: support.teacher_targets(t, student.tokenizer, teacher_tokenizer) for i, t in target_ids.items()}
-    unmappable = [e.id for e in examples if teacher_ids[e.id] is None]
-    if unmappable:  # a response token the teacher's vocabulary lacks: that example cannot be distilled token by token
-        examples = [e for e in examples if teacher_ids[e.id] is not None]
-        data_counts = {**data_counts, "dropped_outside_kd_support": len(unmappable)}
+    examples, data_counts, target_ids, teacher_ids = distillable_examples(config, student.tokenizer,
+                                                                          teacher_tokenizer, support)
+    teacher, cache = teacher_source(config, accelerator, examples, teacher_ids, support, teacher)
 
-    # -- Teacher distributions: a top-k cache built once (main process), or the full teacher on the fly. ------------
-    cache = None
-    needs_teacher = any(c in KD_CHANNELS for c in channels)  # the alignment channels teach with the student's text
-    if not needs_teacher:
-        teacher = None
-    elif config.topk > 0:
-        if accelerator.is_main_process and not cache_complete(out / "teacher_cache", examples):
-            teacher = teacher or load_teacher(config, accelerator)
-            build_teacher_cache(  # skips examples a killed earlier build already cached
-                teacher, [text_prompt(e) for e in examples], [teacher_ids[e.id] for e in examples],
-                [e.id for e in examples], out / "teacher_cache", k=config.topk, batch_size=config.teacher_batch_size,
-                support=support, tail_samples=config.tail_samples if config.effective_topk_tail == "sampled" else 0,
-                tail_temperature=config.temperature,
-                # A cache built for other targets must be refused, not silently reused.
-                extra={"targets": config.targets, "max_response_tokens": config.max_response_tokens,
-                       "data": config.data},
-            )
-        accelerator.wait_for_everyone()
-        cache = TeacherCache.open(out / "teacher_cache")
-        teacher = None  # free the teacher: the cache is all the loop needs
-    else:
-        teacher = teacher or load_teacher(config, accelerator)
-
-    # -- Trainable parameters: LoRA on the language model (or everything but the audio encoder), optimizer, schedule.
     set_seed(config.seed)  # the LoRA init must not depend on which process prepared the data
-    model = make_trainable(student, config)
+    checkpointing = config.checkpointing_on(accelerator.device)
+    model = make_trainable(student, config, checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     plan = [epoch_plan(examples, epoch, config, accelerator.process_index, accelerator.num_processes)
             for epoch in range(config.epochs)]
-    total_steps = sum(len(steps) for steps in plan)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    scheduler = make_scheduler(optimizer, config, sum(len(steps) for steps in plan))
     # The scheduler is stepped by hand once per optimizer step, so it is not handed to accelerate (which would step
     # it once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     student.model = model
+    run = Run(config=config, accelerator=accelerator, student=student, student_identity=student_identity,
+              support=support, tts=tts, examples=examples, data_counts=data_counts, target_ids=target_ids,
+              teacher_ids=teacher_ids, teacher=teacher, cache=cache, model=model, trainable=trainable,
+              optimizer=optimizer, scheduler=scheduler, plan=plan, started=started,
+              run_facts={"kd_support": support.describe(),
+                         "lora_targets": lora_targets(student, config) if config.lora else None,
+                         "gradient_checkpointing": checkpointing,
+                         "distributed_type": accelerator.distributed_type.value})
+    run.audio_cache = make_audio_cache(run)
+    if config.resume and (state_dir := latest_train_state(config.out)) is not None:
+        run.done_step, run.examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
+    write_run_manifest(run, finished=False)
+    start_tracking(config, accelerator)
+    return run
 
-    done_step, examples_seen = 0, 0
-    if config.resume and (state_dir := latest_train_state(out)) is not None:
-        done_step, examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
-    run_facts = {"kd_support": support.describe(), "lora_targets": lora_targets(student, config) if config.lora else None}
-    write_manifest(config, student_identity, data_counts, len(examples), total_steps, channels, finished=False,
-                   extra=run_facts,
-                   accelerator=accelerator)
-    by_id = {e.id: e for e in examples}
-    log_path = out / "train_log.jsonl"
+
+def train(run: Run) -> None:
+    """The loop: one optimizer step = ``grad_accum`` micro-batches (:func:`loss_step` each), clipped, logged to
+    ``OUT/train_log.jsonl`` and the progress line, with a train state every ``--save-every`` steps / minutes."""
+    config, accelerator = run.config, run.accelerator
+    log_path = config.out / "train_log.jsonl"
     if accelerator.is_main_process:
-        truncate_log(log_path, done_step)
-
-    # -- The loop: one optimizer step = grad_accum micro-batches; each micro-batch runs the active channels. --------
-    model.train()
-    frozen_in_eval_mode(student, config)  # student.model is the prepared (wrapped) model
-    stopped_early = False
+        truncate_log(log_path, run.done_step)  # lines past the last train state: a resume redoes those steps
+    run.model.train()
+    frozen_in_eval_mode(run.student, config)
     last_save = time.time()
-    progress = stage("distill training", total=total_steps, unit="steps", completed=done_step,
+    progress = stage("distill training", total=run.total_steps, unit="steps", completed=run.done_step,
                      enabled=accelerator.is_main_process)
     log_file = open(log_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
-    planned = [(epoch, micro_batches) for epoch, steps in enumerate(plan) for micro_batches in steps]
-    with progress, log_file as log:
-        for step, (epoch, micro_batches) in enumerate(planned, start=1):
-            if step <= done_step:
+    audio_cache = run.audio_cache.installed() if run.audio_cache else contextlib.nullcontext()
+    with progress, log_file as log, audio_cache:
+        for step, epoch, micro_batches in run.planned_steps():
+            if step <= run.done_step:
                 continue  # trained before the resume; the data order is the planned one
             step_start = time.time()
             sums: dict[str, float] = {}
             for i, batch_ids in enumerate(micro_batches):
-                batch = [by_id[j] for j in batch_ids]
-                if any(c in AUDIO_CHANNELS for c in channels):
-                    batch = attach_audio(batch, tts)  # the spoken questions, read back from the TTS cache
-                targets = [target_ids[e.id] for e in batch]
-                teacher_dist = teacher_mask = None
-                if needs_teacher:
-                    teacher_dist, teacher_mask = teacher_distribution(
-                        teacher, cache, batch, targets, support, accelerator.device, [teacher_ids[e.id] for e in batch])
-                text_logits = self_target_logits(student, batch, targets, channels)
-                parts = []
-                for c, channel in enumerate(channels):
-                    # One backward per channel: only one channel's activations are alive at a time. Gradients are
-                    # all-reduced once, on the last channel of the step's last micro-batch.
-                    last = i == len(micro_batches) - 1 and c == len(channels) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        part = channel_loss(student, teacher_dist, teacher_mask, batch, targets, channel, config,
-                                            support, text_logits)
-                        accelerator.backward(part["loss"] / len(micro_batches))
-                    parts.append({k: v.detach() for k, v in part.items()})
-                losses = merge_parts(parts)
+                losses = loss_step(run, batch_ids, len(micro_batches), sync=i == len(micro_batches) - 1)
                 for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro_batches)
-                examples_seen += len(batch_ids) * accelerator.num_processes
-            grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+                    sums[name] = sums.get(name, 0.0) + value / len(micro_batches)
+                run.examples_seen += len(batch_ids) * accelerator.num_processes
+            grad_norm, lr = optimizer_step(run)
+            seconds = time.time() - step_start
             record = {"step": step, "epoch": epoch, "lr": lr, **mean_over_processes(sums, accelerator),
-                      "grad_norm": float(grad_norm), "examples_seen": examples_seen,
-                      "seconds": round(time.time() - step_start, 4)}
+                      "grad_norm": grad_norm, "examples_seen": run.examples_seen, "seconds": round(seconds, 4)}
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if accelerator.trackers:
+                tokens = sum(len(run.target_ids[j]) for batch_ids in micro_batches for j in batch_ids)
+                accelerator.log(tracked_values(record, tokens * accelerator.num_processes, seconds,
+                                               accelerator.device), step=step)
             progress.advance(1, postfix=" ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss_") or k == "ce"))
-            last = step == total_steps
-            stopped_early = config.stop_after_steps is not None and step >= config.stop_after_steps and not last
-            if last or stopped_early or (config.save_every and step % config.save_every == 0) \
+            last = step == run.total_steps
+            run.stopped_early = config.stop_after_steps is not None and step >= config.stop_after_steps and not last
+            if last or run.stopped_early or (config.save_every and step % config.save_every == 0) \
                     or save_is_due(last_save, config.save_every_minutes, accelerator):
                 last_save = time.time()
-                save_train_state(out, step, epoch, examples_seen, plan, accelerator, model, optimizer, scheduler,
-                                 config)
-            if stopped_early:
+                save_train_state(config.out, step, epoch, run.examples_seen, run.plan, accelerator, run.model,
+                                 run.optimizer, run.scheduler, config)
+            if run.stopped_early:
                 break
 
-    if stopped_early:
-        accelerator.wait_for_everyone()
-        return latest_train_state(out) or out
 
-    # -- Finish: the adapter (LoRA) and/or the merged student, which ``load_model`` (and ``gap``) reads. ----------
-    checkpoint = out / ("adapter" if config.lora and not config.merge else "checkpoint")
+def finish(run: Run) -> Path:
+    """Save the adapter (LoRA) and/or the merged student, which ``load_model`` (and ``gap``) reads, and mark the
+    manifest finished; returns the folder ``gap`` should score. A run stopped early returns its last train state."""
+    config, accelerator = run.config, run.accelerator
+    for tracker in accelerator.trackers:  # not end_training(): that also destroys the process group
+        tracker.finish()  # closes the --report-to tracker (flushes its files)
+    if run.stopped_early:
+        accelerator.wait_for_everyone()
+        return latest_train_state(config.out) or config.out
+    checkpoint = config.out / ("adapter" if config.lora and not config.merge else "checkpoint")
+    sharded = accelerator.distributed_type.value == "FSDP"
+    state = gathered_student_state(run.model, config.lora) if sharded else None  # every process: a collective
+    if run.audio_cache is not None:
+        run.run_facts["audio_encoder_cache"] = run.audio_cache.stats.as_dict()
     if accelerator.is_main_process:
-        checkpoint = save_student(accelerator.unwrap_model(model), student.processor, out, config)
-        write_manifest(config, student_identity, data_counts, len(examples), total_steps, channels, finished=True,
-                       extra=run_facts,
-                       accelerator=accelerator, seconds=time.time() - started)
+        checkpoint = save_student(accelerator.unwrap_model(run.model), run.student.processor, config.out, config,
+                                  state_dict=state)
+        write_run_manifest(run, finished=True, seconds=time.time() - run.started)
     accelerator.wait_for_everyone()
     return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# One step's losses
+# One step: the micro-batch's losses, then the optimizer's step
+
+
+def loss_step(run: Run, batch_ids: Sequence[str], accumulation: int, *, sync: bool) -> dict[str, float]:
+    """One micro-batch: each active channel's forward and backward (loss divided by ``accumulation``, the step's
+    micro-batch count), so only one channel's activations are alive at a time. Gradients are all-reduced once, on the
+    last channel when ``sync`` (the step's last micro-batch). Returns the micro-batch's logged losses."""
+    config, accelerator = run.config, run.accelerator
+    batch = [run.examples_by_id[j] for j in batch_ids]
+    if any(c in AUDIO_CHANNELS for c in run.channels):
+        batch = attach_audio(batch, run.tts)  # the spoken questions, read back from the TTS cache
+    targets = [run.target_ids[e.id] for e in batch]
+    teacher_dist = teacher_mask = None
+    if run.needs_teacher:
+        teacher_dist, teacher_mask = teacher_distribution(
+            run.teacher, run.cache, batch, targets, run.support, accelerator.device,
+            [run.teacher_ids[e.id] for e in batch])
+    text_logits = self_target_logits(run.student, batch, targets, run.channels)
+    parts = []
+    for c, channel in enumerate(run.channels):
+        last = sync and c == len(run.channels) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
+            part = channel_loss(run.student, teacher_dist, teacher_mask, batch, targets, channel, config, run.support,
+                                text_logits)
+            accelerator.backward(part["loss"] / accumulation)
+        parts.append({k: v.detach() for k, v in part.items()})
+    return {name: float(value.detach()) for name, value in merge_parts(parts).items()}
+
+
+def optimizer_step(run: Run) -> tuple[float, float]:
+    """Clip, step the optimizer and the schedule, clear the gradients; returns ``(grad_norm, lr)`` (the lr this step
+    used)."""
+    grad_norm = run.accelerator.clip_grad_norm_(run.trainable, run.config.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
 
 
 def teacher_distribution(teacher: Any | None, cache: TeacherCache | None, batch: Sequence[DistillExample],
@@ -355,15 +431,118 @@ def response_ids(tokenizer: Any, response: str, max_tokens: int) -> list[int]:
 # Setup helpers
 
 
-def make_accelerator() -> Any:
-    """accelerate's ``Accelerator``: DDP under ``accelerate launch`` or ``torchrun`` (gloo on CPU), bf16 on GPU."""
+def distillable_examples(config: DistillConfig, student_tokenizer: Any, teacher_tokenizer: Any, support: KDSupport
+                         ) -> tuple[list[DistillExample], dict[str, Any], dict[str, list[int]], dict[str, list[int]]]:
+    """The prepared examples (``OUT/data``) whose response tokens all lie in the KD support, their data counts, and
+    their target ids in the student's and the teacher's vocabularies (by example id)."""
+    examples, data_counts = read_prepared(config.out)
+    target_ids = {e.id: response_ids(student_tokenizer, e.response, config.max_response_tokens) for e in examples}
+    teacher_ids = {i: support.teacher_targets(t, student_tokenizer, teacher_tokenizer) for i, t in target_ids.items()}
+    unmappable = [e.id for e in examples if teacher_ids[e.id] is None]
+    if unmappable:  # a response token the teacher's vocabulary lacks: that example cannot be distilled token by token
+        examples = [e for e in examples if teacher_ids[e.id] is not None]
+        data_counts = {**data_counts, "dropped_outside_kd_support": len(unmappable)}
+    return examples, data_counts, target_ids, teacher_ids
+
+
+def teacher_source(config: DistillConfig, accelerator: Any, examples: Sequence[DistillExample],
+                   teacher_ids: dict[str, list[int]], support: KDSupport, teacher: Any | None
+                   ) -> tuple[Any | None, TeacherCache | None]:
+    """Where the teacher's distributions come from: ``(None, cache)`` with a top-k cache (built once, on the main
+    process, resuming a killed build), ``(teacher, None)`` for the full teacher on the fly (``--topk 0``), and
+    ``(None, None)`` when no active channel reads the teacher. ``teacher`` is one already loaded, if any."""
+    if not any(c in KD_CHANNELS for c in config.active_channels()):
+        return None, None
+    if config.topk == 0:
+        return teacher or load_teacher(config, accelerator), None
+    if accelerator.is_main_process and not cache_complete(config.out / "teacher_cache", examples):
+        teacher = teacher or load_teacher(config, accelerator)
+        build_teacher_cache(  # skips examples a killed earlier build already cached
+            teacher, [text_prompt(e) for e in examples], [teacher_ids[e.id] for e in examples],
+            [e.id for e in examples], config.out / "teacher_cache", k=config.topk,
+            batch_size=config.teacher_batch_size, support=support,
+            tail_samples=config.tail_samples if config.effective_topk_tail == "sampled" else 0,
+            tail_temperature=config.temperature,
+            # A cache built for other targets must be refused, not silently reused.
+            extra={"targets": config.targets, "max_response_tokens": config.max_response_tokens, "data": config.data},
+        )
+    accelerator.wait_for_everyone()
+    return None, TeacherCache.open(config.out / "teacher_cache")  # the teacher is freed: the cache is all we need
+
+
+def make_audio_cache(run: Run) -> EncoderCache | None:
+    """The frozen audio encoder's per-clip output cache, when an audio channel runs and ``--cache-audio-encoder``
+    is on (the encoder is always frozen and in eval mode here; the projector after it may train). Not under FSDP:
+    a sharded encoder gathers its weights in every forward, and processes whose clips hit the cache while another's
+    miss would leave that process waiting in the gather."""
+    if not run.config.cache_audio_encoder or not any(c in AUDIO_CHANNELS for c in run.channels):
+        return None
+    if run.accelerator.distributed_type.value == "FSDP":
+        return None
+    return EncoderCache(run.student.audio_encoder(), max_bytes=int(run.config.audio_cache_gib * 2**30))
+
+
+def make_scheduler(optimizer: Any, config: DistillConfig, total_steps: int) -> Any:
+    """Linear warmup over ``warmup_ratio`` of the steps, then cosine decay to 0 (one step per optimizer step)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+
+
+def make_accelerator(config: DistillConfig) -> Any:
+    """accelerate's ``Accelerator``: DDP under ``accelerate launch`` or ``torchrun`` (gloo on CPU), bf16 on GPU, and
+    the ``--report-to`` tracker (its files under ``OUT/tracking``)."""
     from accelerate import Accelerator
 
     from speechlm_eval.distributed import process_state
 
+    check_tracker_installed(config.report_to)
     process_state()  # sets up the gloo process group on CPU-only multi-process launches
     on_gpu = torch.cuda.is_available()
-    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no")
+    log_with = None if config.report_to == "none" else config.report_to
+    return Accelerator(cpu=not on_gpu, mixed_precision="bf16" if on_gpu else "no", log_with=log_with,
+                       project_dir=str(config.out / "tracking") if log_with else None)
+
+
+TRACKER_INSTALL = {"tensorboard": "pip install 'speechlm-eval[tracking]'", "wandb": "pip install wandb"}
+
+
+def check_tracker_installed(report_to: str) -> None:
+    """Refuse a ``--report-to`` tracker whose package is missing (accelerate would drop it without a word)."""
+    import importlib.util
+
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise ConfigError(f"--report-to {report_to} needs the {report_to} package: {TRACKER_INSTALL[report_to]}")
+
+
+def start_tracking(config: DistillConfig, accelerator: Any) -> None:
+    """Open the ``--report-to`` tracker's run ``distill`` with the config as its hyperparameters (no-op for none)."""
+    if config.report_to == "none":
+        return
+    # Trackers take flat scalars and strings as hyperparameters; unset options are left out.
+    hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (bool, int, float, str))}
+    init = {"wandb": {"dir": str(config.out / "tracking")}} if config.report_to == "wandb" else {}
+    (config.out / "tracking").mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers("distill", config=hparams, init_kwargs=init)
+
+
+def tracked_values(record: dict[str, Any], tokens: int, seconds: float, device: Any) -> dict[str, float]:
+    """What a step sends to the tracker: its logged losses (``loss``, ``loss_<channel>``, ``ce``), ``lr`` and
+    ``grad_norm``, the response tokens distilled per second over all processes (each token once, whatever the
+    channel count), and this process's peak memory in GiB (allocated on a GPU, resident set size on CPU)."""
+    values = {k: float(v) for k, v in record.items() if k.startswith(("loss", "ce")) or k in ("lr", "grad_norm")}
+    values["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+    values["memory_gib"] = peak_memory_bytes(device) / 2**30
+    return values
+
+
+def peak_memory_bytes(device: Any) -> int:
+    """The process's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, the peak RSS otherwise."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def model_dtype(config: DistillConfig, accelerator: Any) -> str:
@@ -406,8 +585,9 @@ def make_tts(config: DistillConfig) -> Any:
     return CachedTTS(get_tts(config.tts_engine, voice=config.tts_voice, rate=config.tts_rate))
 
 
-def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
-    """Freeze what is not trained: LoRA on the language model (default) or a full fine-tune of it.
+def make_trainable(student: Any, config: DistillConfig, checkpointing: bool = False) -> torch.nn.Module:
+    """Freeze what is not trained: LoRA on the language model (default) or a full fine-tune of it; with
+    ``checkpointing``, recompute activations in backward (``DistillConfig.checkpointing_on``).
 
     The audio encoder is always frozen; the projector trains only with ``train_projector``. The modules are found
     through the model's interface (:class:`~speechlm_eval.models.base.TrainableSpeechLM`), whatever the family
@@ -445,13 +625,22 @@ def make_trainable(student: Any, config: DistillConfig) -> torch.nn.Module:
             student.projector().requires_grad_(False)
     if projector is not None:
         projector.requires_grad_(True)  # the same module object inside the LoRA wrapper
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if checkpointing:
+        enable_checkpointing(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise ConfigError(f"nothing to train: --lora-targets {lora_targets(student, config)!r} matched no module")
     return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant: LoRA's frozen inputs need no grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
 
 
 def lora_targets(student: Any, config: DistillConfig) -> str:
@@ -492,7 +681,7 @@ def prepare_data(config: DistillConfig, student: Any, teacher: Any | None, tts: 
     counts["leakage_checked_against"] = len(items)
     data_dir = config.out / "data"
     write_examples(data_dir / "examples.jsonl", kept)
-    _write_json(data_dir / "prepare.json", {"counts": counts, "thresholds": thresholds, "source": config.data,
+    write_json(data_dir / "prepare.json", {"counts": counts, "thresholds": thresholds, "source": config.data,
                                             "targets": config.targets})
 
 
@@ -538,10 +727,11 @@ def mean_over_processes(values: dict[str, float], accelerator: Any) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Output directory, train states (resume) and the final checkpoint
+# Output directory and manifest
 
 
-DISTILL_OUTPUTS = ("data", "teacher_cache", "train_state", "checkpoint", "train_log.jsonl", "manifest.json")
+DISTILL_OUTPUTS = ("data", "teacher_cache", "train_state", "checkpoint", "adapter", "train_log.jsonl",
+                   "manifest.json", "tracking")
 
 
 def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
@@ -562,9 +752,15 @@ def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
         remove_interrupted_writes(out)
         if not manifest.exists():
             # Written first, so a run killed before training still owns OUT (its data and cache are reused on resume).
-            _write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": config.to_dict(),
+            write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": config.to_dict(),
                                    "our_reading": our_reading_for(config), "finished": False})
     accelerator.wait_for_everyone()
+
+
+def write_run_manifest(run: Run, *, finished: bool, seconds: float | None = None) -> None:
+    """``OUT/manifest.json`` for ``run`` (main process only): the config, what the run used, and whether it finished."""
+    write_manifest(run.config, run.student_identity, run.data_counts, len(run.examples), run.total_steps,
+                   run.channels, finished=finished, accelerator=run.accelerator, seconds=seconds, extra=run.run_facts)
 
 
 def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data_counts: dict[str, Any],
@@ -589,194 +785,4 @@ def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data
         "versions": package_versions(),
         **(extra or {}),
     }
-    _write_json(config.out / "manifest.json", manifest)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors by name (LoRA adapters, or the fine-tuned weights), on CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_rng_state(directory: Path, rank: int) -> None:
-    """This process's RNG states, as JSON (Python's, NumPy's) and safetensors (torch's): nothing that unpickles."""
-    from safetensors.torch import save_file
-
-    version, internal, gauss = random.getstate()
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    _write_json(directory / f"rng-rank{rank}.json", {
-        "python": [version, list(internal), gauss],
-        "numpy": {"kind": kind, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-    })
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(tensors, directory / f"rng-rank{rank}.safetensors")
-
-
-def load_rng_state(directory: Path, rank: int) -> None:
-    from safetensors.torch import load_file
-
-    state = json.loads((directory / f"rng-rank{rank}.json").read_text())
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    tensors = load_file(directory / f"rng-rank{rank}.safetensors")
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1) if f"cuda{i}" in tensors]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def load_tensors_only(path: Path) -> Any:
-    """An optimizer or scheduler state saved with ``torch.save``, read with ``weights_only=True`` (tensors and plain
-    Python values only: a crafted file in an output folder cannot run code)."""
-    import pickle
-
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ConfigError(f"{path} holds more than tensors and plain values; refusing to load it ({error})") from None
-
-
-def save_train_state(out: Path, step: int, epoch: int, examples_seen: int, plan: list, accelerator: Any,
-                     model: torch.nn.Module, optimizer: Any, scheduler: Any, config: DistillConfig) -> Path:
-    """Write ``OUT/train_state/step-NNNNNNNN/`` atomically (a temp dir renamed into place) and prune old ones.
-
-    Holds: the trainable weights, optimizer and scheduler states, each process's RNG states, and ``state.json``
-    (step, epoch, examples seen, process count, this epoch's data order).
-    """
-    from safetensors.torch import save_file
-
-    root = out / "train_state"
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_rng_state(tmp, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        _write_json(tmp / "state.json", {
-            "step": step, "epoch": epoch, "examples_seen": examples_seen, "processes": accelerator.num_processes,
-            "data_order": [i for s in plan[epoch] for mb in s for i in mb],
-        })
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[: -max(1, config.keep_states)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_is_due(last_save: float, minutes: float, accelerator: Any) -> bool:
-    """True when ``minutes`` have passed since the last train state on the main process (every process agrees: the
-    main process's clock decides, broadcast to the others)."""
-    if not minutes:
-        return False
-    due = torch.tensor([1 if time.time() - last_save >= 60 * minutes else 0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
-
-        due = broadcast(due, from_process=0)
-    return bool(due.item())
-
-
-def remove_interrupted_writes(out: Path) -> None:
-    """What a kill between a temp write and its rename leaves: ``.tmp-step-*`` train states, a ``.checkpoint.tmp``
-    folder, ``.*.tmp`` files (resume never reads them; left alone they pile up)."""
-    from speechlm_eval.records import remove_stale_temps
-
-    for leftover in [*(out / "train_state").glob(".tmp-step-*"), *out.glob(".*.tmp")]:
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-    for folder in (out, out / "data", out / "teacher_cache"):
-        if folder.is_dir():
-            remove_stale_temps(folder)
-
-
-def latest_train_state(out: Path) -> Path | None:
-    """The newest complete train state (temp dirs of an interrupted save are ignored)."""
-    states = sorted((out / "train_state").glob("step-*"))
-    return states[-1] if states else None
-
-
-def load_train_state(state_dir: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                     plan: list) -> tuple[int, int]:
-    """Restore a train state; returns ``(step, examples_seen)``. Refuses a different process count or data order."""
-    from safetensors.torch import load_file
-
-    state = json.loads((state_dir / "state.json").read_text())
-    if state["processes"] != accelerator.num_processes:
-        raise ConfigError(f"{state_dir} was written by {state['processes']} processes; resume with the same number "
-                          f"(now {accelerator.num_processes})")
-    if state["data_order"] != [i for s in plan[state["epoch"]] for mb in s for i in mb]:
-        raise ConfigError(f"{state_dir}: the data order differs from the saved one (did the data change?)")
-    weights = load_file(state_dir / "trainable.safetensors")
-    unwrapped = accelerator.unwrap_model(model)
-    missing = set(trainable_state(unwrapped)) - set(weights)
-    if missing:
-        raise ConfigError(f"{state_dir} lacks trained tensors such as {sorted(missing)[:3]}")
-    unwrapped.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(load_tensors_only(state_dir / "optimizer.pt"))
-    scheduler.load_state_dict(load_tensors_only(state_dir / "scheduler.pt"))
-    load_rng_state(state_dir, accelerator.process_index)
-    return int(state["step"]), int(state["examples_seen"])
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the last train state, before a kill): a resume redoes them."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line torn by the kill
-    from speechlm_eval.records import write_text_atomic
-
-    write_text_atomic(path, "".join(kept))
-
-
-def save_student(model: torch.nn.Module, processor: Any, out: Path, config: DistillConfig) -> Path:
-    """Write what a user keeps, each folder replaced atomically, and return the one ``gap`` should score:
-
-    - with LoRA, ``OUT/adapter`` (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with peft onto the
-      original student, and by ``load_model``), then, unless ``--no-merge``, ``OUT/checkpoint``: the merged student;
-    - with a full fine-tune, ``OUT/checkpoint``. Both carry the processor and the distillation config.
-    """
-    record = {"config": config.to_dict(), "our_reading": our_reading_for(config)}
-    if config.lora:
-        adapter = out / "adapter"
-        _replace_folder(adapter, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
-                                              _write_json(tmp / "speechlm_eval_distill.json", record)))
-        if not config.merge:
-            return adapter
-        model = model.merge_and_unload()
-    model.eval()
-    checkpoint = out / "checkpoint"
-    _replace_folder(checkpoint, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp),
-                                             _write_json(tmp / "speechlm_eval_distill.json", record)))
-    return checkpoint
-
-
-def _replace_folder(final: Path, write: Any) -> None:
-    """``write(tmp)`` into a temp folder beside ``final``, then swap it in (a kill leaves the old folder or a temp)."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from speechlm_eval.records import write_json_atomic
-
-    write_json_atomic(path, obj)
+    write_json(config.out / "manifest.json", manifest)

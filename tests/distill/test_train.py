@@ -308,3 +308,125 @@ def test_our_reading_describes_the_settings_the_run_used() -> None:
     assert organism.keys() == OUR_READING.keys()
     standard = our_reading_for(resolve_distill_config(DistillConfig(student="s", teacher="t")))
     assert standard["trained"].startswith("LoRA r=16") and "lr 0.0001" in standard["optimizer"]
+
+
+def test_gradient_checkpointing_defaults_to_on_on_a_gpu_and_off_on_cpu() -> None:
+    config = DistillConfig(student="s", teacher="t")
+    assert config.gradient_checkpointing == "auto"
+    assert config.checkpointing_on(torch.device("cuda", 0)) and config.checkpointing_on("cuda:1")
+    assert not config.checkpointing_on(torch.device("cpu")) and not config.checkpointing_on("mps")
+    forced = {s: DistillConfig(student="s", teacher="t", gradient_checkpointing=s) for s in ("on", "off")}
+    assert forced["on"].checkpointing_on("cpu") and not forced["off"].checkpointing_on("cuda")
+    # The Python API's booleans (and manifests written before "auto") still mean on/off.
+    assert DistillConfig(student="s", teacher="t", gradient_checkpointing=True).gradient_checkpointing == "on"
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        DistillConfig(student="s", teacher="t", gradient_checkpointing="sometimes")
+    from speechlm_eval.cli.options import options_of
+
+    (option,) = [o for o in options_of(DistillConfig) if o.field == "gradient_checkpointing"]
+    assert option.default == "auto" and "auto = on when training on a GPU, off on CPU" in option.help
+
+
+def test_checkpointed_step_gives_the_same_loss_and_gradients(tiny_pair, tmp_path) -> None:
+    """Checkpointing (forced on, on CPU) recomputes the same activations: one training step's loss and LoRA gradients
+    match the plain step's to float tolerance, and the manifest records the resolved setting."""
+    runs = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        distill(make_config(tiny_pair, out, gradient_checkpointing=setting, stop_after_steps=1, lora_dropout=0.0))
+        runs[setting] = (log_rows(out)[0], json.loads((out / "manifest.json").read_text()))
+    (plain, plain_manifest), (checkpointed, manifest) = runs["off"], runs["on"]
+    assert manifest["gradient_checkpointing"] is True and plain_manifest["gradient_checkpointing"] is False
+    for key in ("loss_tt", "loss_st", "grad_norm"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
+def test_report_to_tensorboard_logs_each_step_through_accelerate(tiny_pair, tmp_path) -> None:
+    """--report-to tensorboard: accelerate's tracker writes, per step, the losses per channel, lr, grad norm,
+    tokens/s and memory, matching OUT/train_log.jsonl; the config is stored as hyperparameters."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    distill(make_config(tiny_pair, out, report_to="tensorboard", epochs=1))
+    (run_dir,) = {p.parent for p in (out / "tracking" / "distill").glob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "loss_tt", "loss_st", "lr", "grad_norm", "tokens_per_s", "memory_gib"} <= tags
+    rows = log_rows(out)
+    for name in ("loss_tt", "loss_st", "lr"):
+        scalars = events.Scalars(name)
+        assert [s.step for s in scalars] == [r["step"] for r in rows]
+        assert [s.value for s in scalars] == pytest.approx([r[name] for r in rows], rel=1e-6)
+    assert all(s.value > 0 for s in events.Scalars("tokens_per_s") + events.Scalars("memory_gib"))
+    assert list((out / "tracking" / "distill").glob("*/hparams.yml"))  # the config, as the run's hyperparameters
+
+
+def test_report_to_none_writes_no_tracker_files(trained) -> None:
+    config, _, _ = trained
+    assert config.report_to == "none" and not (config.out / "tracking").exists()
+    with pytest.raises(ConfigError, match="report_to"):
+        DistillConfig(student="s", teacher="t", report_to="mlflow")
+
+
+def test_report_to_a_missing_tracker_package_stops_before_any_model_loads(tiny_pair, tmp_path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        distill(make_config(tiny_pair, tmp_path / "wandb", report_to="wandb"))
+    assert not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_fsdp_config_completes_and_saves_a_loadable_checkpoint(tiny_pair, tmp_path):
+    """The documented `accelerate launch` command with the shipped FSDP config, on 2 CPU processes (gloo; a machine
+    without GPUs needs no --cpu, which would start one process). On CPU,
+    accelerate runs an FSDP config as DDP (MULTI_CPU): the manifest records what ran, and docs/distill.md says so."""
+    out = tmp_path / "fsdp"
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp.yaml"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    finished = subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2",
+         "--mixed_precision", "no", "--main_process_port", "29543", "-m", "speechlm_eval.distill",
+         *cli_args(tiny_pair, out, batch_size=2, epochs=1, save_every=1)],
+        check=False, capture_output=True, text=True, env={**child_env(), "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] and manifest["processes"] == 2 and manifest["distributed_type"] == "MULTI_CPU"
+    state = sorted((out / "train_state").glob("step-*"))[-1]
+    assert json.loads((state / "state.json").read_text())["layout"] == 2
+    student = load_model(str(out / "checkpoint"))
+    assert student.accepts_audio and load_model(str(out / "adapter")).accepts_audio
+    new, old = state_tensors(out / "checkpoint"), state_tensors(tiny_pair[0])
+    assert any(not torch.equal(new[k], old[k]) for k in old)
+
+
+def test_a_gathered_state_dict_saves_the_same_adapter_and_full_checkpoint(tiny_pair, tmp_path) -> None:
+    """The FSDP save path (a gathered full state dict handed to save_pretrained, no merge) writes the same adapter
+    tensors as the plain one, and a full fine-tune's checkpoint loads with the same weights."""
+    from safetensors.torch import load_file
+
+    from speechlm_eval.distill.checkpointing import gathered_student_state, save_student
+    from speechlm_eval.distill.train import make_trainable
+
+    for lora in (True, False):
+        config = make_config(tiny_pair, tmp_path / f"cfg{lora}", lora=lora, warmup_ratio=0.0)
+        student = load_model(config.student)
+        model = make_trainable(student, config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)  # trained tensors that differ from the initial ones
+        gathered = save_student(model, student.processor, tmp_path / f"gathered{lora}", config,
+                                state_dict=gathered_student_state(model, lora))
+        plain = save_student(model, student.processor, tmp_path / f"plain{lora}", config)  # merges in place: last
+        if lora:
+            assert plain.name == "checkpoint" and gathered.name == "adapter"  # no merge from a gathered state
+            a, b = (load_file(d / "adapter_model.safetensors") for d in (plain.parent / "adapter", gathered))
+        else:
+            a, b = (state_tensors(d) for d in (plain, gathered))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

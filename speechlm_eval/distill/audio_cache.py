@@ -1,0 +1,178 @@
+"""The frozen audio encoder's outputs, cached per clip across steps and epochs of a distillation run.
+
+The encoder is frozen and in eval mode, so a clip's log-mel features always encode to the same outputs; without a
+cache every epoch (and every audio channel of a step: ``st``, ``st_prefix``, ``st_self``, ``st_hidden``) re-encodes
+the same clips. :class:`EncoderCache` wraps the encoder's ``forward``: each input row (one clip, or one encoder
+window, whatever the family feeds it) is keyed by the bytes of its features and mask, its outputs are kept on CPU,
+and only rows not seen before are encoded, as one sub-batch. A row's outputs do not depend on its batch-mates (the
+encoder attends within a row), so cached and uncached runs agree to float tolerance, not bit for bit (a row encoded
+in another batch may round differently). A call whose inputs or outputs are not row-wise tensors (an encoder that
+flattens clips into one sequence) runs uncached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+@dataclass
+class CacheStats:
+    """What the cache did: rows served from it, rows encoded, calls it could not split by row, bytes it holds."""
+
+    hits: int = 0
+    misses: int = 0
+    uncached_calls: int = 0
+    stored_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "uncached_calls": self.uncached_calls,
+                "stored_bytes": self.stored_bytes}
+
+
+class EncoderCache:
+    """Per-row outputs of a frozen ``encoder`` (a ``torch.nn.Module`` whose ``forward`` takes tensors with a leading
+    batch dimension ``B``, e.g. log-mel features ``(B, mel_bins, frames)`` and a mask ``(B, ...)``, and returns a
+    tensor, tuple or ``ModelOutput`` of tensors ``(B, ...)``), held on CPU up to ``max_bytes``."""
+
+    def __init__(self, encoder: torch.nn.Module, max_bytes: int) -> None:
+        if any(p.requires_grad for p in encoder.parameters()):
+            raise ValueError("the audio encoder is trained: its outputs change every step and cannot be cached")
+        self.encoder = encoder
+        self.max_bytes = max_bytes
+        self.rows: dict[str, dict[str, torch.Tensor]] = {}
+        self.output_type: type | None = None  # the encoder's output class, from the first call it encoded
+        self.stats = CacheStats()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["EncoderCache"]:
+        """Within the block, calls to the encoder go through the cache (its own ``forward`` is restored after)."""
+        original = self.encoder.forward
+        self.encoder.forward = self._wrap(original)  # an instance attribute: nn.Module.__call__ calls it
+        try:
+            yield self
+        finally:
+            del self.encoder.forward
+
+    def _wrap(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def cached_forward(*args: Any, **kwargs: Any) -> Any:
+            if self.encoder.training or torch.is_grad_enabled() and _needs_grad(args, kwargs):
+                self.stats.uncached_calls += 1
+                return forward(*args, **kwargs)
+            return self._forward(forward, args, kwargs)
+
+        return cached_forward
+
+    def _forward(self, forward: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        batch = _batch_size(args, kwargs)
+        if batch is None:
+            self.stats.uncached_calls += 1
+            return forward(*args, **kwargs)
+        keys = [_row_key(args, kwargs, i) for i in range(batch)]
+        missing = [i for i, key in enumerate(keys) if key not in self.rows]
+        fresh: dict[int, dict[str, torch.Tensor]] = {}
+        if missing:
+            output = forward(*_rows(args, missing), **_rows(kwargs, missing))
+            fields = _fields(output, len(missing))
+            if fields is None:  # not row-wise: encode the whole call as it came
+                self.stats.uncached_calls += 1
+                return forward(*args, **kwargs) if len(missing) < batch else output
+            self.output_type = type(output)
+            for j, i in enumerate(missing):
+                fresh[i] = {name: value[j : j + 1] for name, value in fields.items()}
+                self._store(keys[i], fresh[i])
+        self.stats.hits += batch - len(missing)
+        self.stats.misses += len(missing)
+        device = _device(args, kwargs)
+        rows = [fresh[i] if i in fresh else {n: t.to(device) for n, t in self.rows[keys[i]].items()}
+                for i in range(batch)]
+        joined = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+        return _rebuild(self.output_type, joined)
+
+    def _store(self, key: str, row: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in row.values())
+        if self.stats.stored_bytes + size > self.max_bytes:
+            return  # full: later rows are encoded every time
+        self.rows[key] = {name: t.detach().to("cpu", copy=True) for name, t in row.items()}
+        self.stats.stored_bytes += size
+
+
+def _tensors(args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+
+def _needs_grad(args: tuple, kwargs: dict[str, Any]) -> bool:
+    return any(t.requires_grad for t in _tensors(args, kwargs))
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The common leading dimension of every tensor argument, ``None`` when they disagree or there is none."""
+    sizes = {t.shape[0] for t in _tensors(args, kwargs) if t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 and all(t.dim() > 0 for t in _tensors(args, kwargs)) else None
+
+
+def _row_key(args: tuple, kwargs: dict[str, Any], i: int) -> str:
+    """A digest of row ``i`` of every tensor argument (dtype, shape, bytes) and of the other arguments' values."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name, value in [*enumerate(args), *sorted(kwargs.items())]:
+        digest.update(str(name).encode())
+        if isinstance(value, torch.Tensor):
+            row = value[i].detach().contiguous().cpu()
+            digest.update(f"{row.dtype}{tuple(row.shape)}".encode())
+            digest.update(row.view(torch.uint8).numpy().tobytes() if row.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def _rows(values: Any, rows: list[int]) -> Any:
+    """``values`` (a tuple of arguments or a dict of keyword arguments) with each tensor cut to ``rows``."""
+    index = None
+
+    def cut(v: Any) -> Any:
+        nonlocal index
+        if not isinstance(v, torch.Tensor):
+            return v
+        index = index if index is not None and index.device == v.device else torch.tensor(rows, device=v.device)
+        return v.index_select(0, index)
+
+    if isinstance(values, dict):
+        return {k: cut(v) for k, v in values.items()}
+    return tuple(cut(v) for v in values)
+
+
+def _fields(output: Any, batch: int) -> dict[str, torch.Tensor] | None:
+    """The output's tensors by field name (a ``ModelOutput``'s keys, a tuple's positions), ``None`` unless every
+    field is a tensor with leading dimension ``batch``."""
+    if isinstance(output, torch.Tensor):
+        items = {"": output}
+    elif hasattr(output, "keys") and hasattr(output, "__getitem__"):
+        items = {k: output[k] for k in output.keys()}
+    elif isinstance(output, tuple):
+        items = {str(i): v for i, v in enumerate(output)}
+    else:
+        return None
+    if not items or not all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+                            for v in items.values()):
+        return None
+    return items
+
+
+def _rebuild(output_type: type | None, fields: dict[str, torch.Tensor]) -> Any:
+    """An output of the encoder's own type (``output_type``: a tensor, a tuple or a ``ModelOutput`` class) holding
+    ``fields``."""
+    if set(fields) == {""}:
+        return fields[""]
+    if all(name.isdigit() for name in fields):
+        return tuple(fields[str(i)] for i in range(len(fields)))
+    assert output_type is not None  # a ModelOutput's fields were stored by a call that encoded, which set it
+    return output_type(**fields)
+
+
+def _device(args: tuple, kwargs: dict[str, Any]) -> torch.device:
+    tensors = _tensors(args, kwargs)
+    return tensors[0].device if tensors else torch.device("cpu")
