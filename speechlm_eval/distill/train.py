@@ -734,6 +734,22 @@ DISTILL_OUTPUTS = ("data", "teacher_cache", "train_state", "checkpoint", "adapte
                    "manifest.json", "tracking")
 
 
+PATH_FIELDS = ("student", "teacher", "data", "leakage_data_dir")
+
+
+def portable_config(config: DistillConfig) -> dict[str, Any]:
+    """The config as the manifest records it: local paths written as :func:`~speechlm_eval.rundir.portable_path`
+    does (package data as ``speechlm_eval/...``, paths beside OUT relative to it) and OUT itself as ``.``, so an
+    output folder holds no machine's absolute paths and a copied folder can be resumed."""
+    from speechlm_eval.rundir import portable_path
+
+    values = config.to_dict()
+    for name in PATH_FIELDS:
+        values[name] = portable_path(values.get(name), config.out)
+    values["out"] = "."
+    return values
+
+
 def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
     """Refuse to mix runs: an existing run continues only with ``--resume`` and the same training config."""
     from speechlm_eval.rundir import RunDirError, prepare_output_dir
@@ -743,7 +759,7 @@ def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
     if accelerator.is_main_process:
         previous = json.loads(manifest.read_text())["config"] if manifest.exists() else None
         try:
-            prepare_output_dir(out, config.to_dict(), previous=previous, has_run=manifest.exists(),
+            prepare_output_dir(out, portable_config(config), previous=previous, has_run=manifest.exists(),
                                outputs=DISTILL_OUTPUTS, resume=config.resume, overwrite=config.overwrite,
                                what="distillation run", key="config", ignore=_RESUMABLE_CHANGES)
         except RunDirError as error:
@@ -752,7 +768,7 @@ def prepare_out_dir(config: DistillConfig, accelerator: Any) -> None:
         remove_interrupted_writes(out)
         if not manifest.exists():
             # Written first, so a run killed before training still owns OUT (its data and cache are reused on resume).
-            write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": config.to_dict(),
+            write_json(manifest, {"schema": MANIFEST_SCHEMA, "config": portable_config(config),
                                    "our_reading": our_reading_for(config), "finished": False})
     accelerator.wait_for_everyone()
 
@@ -768,15 +784,15 @@ def write_manifest(config: DistillConfig, student_identity: dict[str, Any], data
                    seconds: float | None = None, extra: dict[str, Any] | None = None) -> None:
     if not accelerator.is_main_process:
         return
-    from speechlm_eval.rundir import package_versions
+    from speechlm_eval.rundir import package_versions, portable_path
 
     manifest = {
         "schema": MANIFEST_SCHEMA,
-        "config": config.to_dict(),
+        "config": portable_config(config),
         "our_reading": our_reading_for(config),  # as this run used them, not the plain defaults
         "channels": list(channels),
-        "student": student_identity,
-        "data": {"source": config.data, "targets": config.targets, "examples": n_examples, "counts": data_counts},
+        "student": {**student_identity, "id": portable_path(student_identity.get("id"), config.out)},
+        "data": {"source": portable_path(config.data, config.out), "targets": config.targets, "examples": n_examples, "counts": data_counts},
         "tts": make_tts(config).cache_key_fields(),
         "processes": accelerator.num_processes,
         "total_steps": total_steps,

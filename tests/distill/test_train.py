@@ -430,3 +430,25 @@ def test_a_gathered_state_dict_saves_the_same_adapter_and_full_checkpoint(tiny_p
         else:
             a, b = (state_tensors(d) for d in (plain, gathered))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_moved_output_folder_holds_no_absolute_path_and_resumes(tiny_pair, tmp_path):
+    import shutil
+
+    speech, text = tiny_pair
+    project = tmp_path / "project"
+    shutil.copytree(speech, project / "models" / "speech")
+    shutil.copytree(text, project / "models" / "text")
+
+    def config(root: Path, **overrides) -> DistillConfig:
+        return DistillConfig(student=str(root / "models" / "speech"), teacher=str(root / "models" / "text"),
+                             out=root / "run", **{**SMALL, **overrides})
+
+    distill(config(project, stop_after_steps=2))
+    manifest = json.loads((project / "run" / "manifest.json").read_text())
+    assert str(tmp_path) not in json.dumps(manifest)
+    assert (manifest["config"]["student"], manifest["config"]["out"]) == ("../models/speech", ".")
+    moved = tmp_path / "elsewhere"
+    shutil.move(project, moved)
+    distill(config(moved, resume=True))
+    assert [r["step"] for r in log_rows(moved / "run")] == list(range(1, 7))
