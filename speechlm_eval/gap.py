@@ -153,13 +153,14 @@ class GapConfig:
                                                  "record instead of refused).")
     threads: int | None = _opt(None, "torch threads per process. Default: 1 on CPU for models under 100 M parameters "
                                "(faster, and reruns match bit for bit), torch's default otherwise.", min=1)
-    cache_audio_encoder: bool = _opt(True, "Encode each clip once per run: the speech LLM's audio encoder outputs are "
-                                     "kept per clip (in CPU memory, up to --audio-cache-gib) and reused by the speech "
-                                     "arm, the KL/JSD pass and the perception probe instead of encoding the clip "
-                                     "three times. Records are the same either way (byte-identical on CPU). Applies "
-                                     "to in-process families with an audio encoder; off by itself elsewhere.")
-    audio_cache_gib: float = _opt(2.0, "Most CPU memory the audio encoder cache holds (GiB); clips past it are "
-                                  "encoded each time they are used.", min=0.0)
+    cache_audio_encoder: bool = _opt(True, "Encode each clip once per run: the speech LLM's log-mel features and audio "
+                                     "encoder outputs are kept per clip (in CPU memory, up to --audio-cache-gib) and "
+                                     "reused by the speech arm, the KL/JSD pass and the perception probe instead of "
+                                     "computing them three times. Records are the same either way (byte-identical "
+                                     "on CPU). Applies to in-process families with an audio encoder; off by itself "
+                                     "elsewhere.")
+    audio_cache_gib: float = _opt(2.0, "Most CPU memory the audio cache holds (GiB; half for features, half for "
+                                  "encoder outputs); clips past it are encoded each time they are used.", min=0.0)
     n_resamples: int = _opt(10_000, "Bootstrap resamples of every confidence interval.", min=1)
     notes: list[str] = _opt([], "Notes written into the manifest and the report.", cli=False)
 

@@ -13,6 +13,10 @@ records are byte-identical with and without the cache), elsewhere a row encoded 
 differently, so cached and uncached runs agree to float tolerance. A call whose inputs or outputs are not row-wise
 tensors (an encoder that flattens clips into one sequence) runs uncached.
 
+:class:`FeatureCache` does the same one step earlier for ``gap``: it stands in for the processor's feature extractor
+and extracts the log-mel features of clips not seen before only (keyed by the bytes of their samples), for calls that
+pad every clip to the fixed window. :func:`cached_audio_encoder` installs both around a model.
+
 Memory is bounded in bytes (``max_bytes``): rows are admitted until the bound is reached and kept, later rows are
 encoded every time. Both users read their clips in repeated passes in nearly the same order (epochs; the arm, the KL
 pass and the probe, each longest clip first), for which keeping what fits beats least-recently-used eviction: an LRU
@@ -26,6 +30,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 
@@ -62,6 +67,7 @@ class EncoderCache:
         self.rows: dict[str, dict[str, torch.Tensor]] = {}
         self.output_type: type | None = None  # the encoder's output class, from the first call it encoded
         self.stats = CacheStats()
+        self.features: FeatureCache | None = None  # gap's feature extractor cache beside it (cached_audio_encoder)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["EncoderCache"]:
@@ -120,12 +126,71 @@ class EncoderCache:
         self.stats.stored_bytes += size
 
 
+class FeatureCache:
+    """Per-clip outputs of a processor's feature extractor (log-mel features and their mask), keyed by the bytes of
+    the clip's samples and the call's options, held on CPU up to ``max_bytes``; a proxy that stands in for
+    ``processor.feature_extractor`` (every other attribute is the extractor's own).
+
+    Only calls that pad every clip to the extractor's fixed window (``padding="max_length"``, what Qwen2-Audio's
+    processor asks for) are cached: there a clip's features do not depend on its batch-mates. Any other call (padding
+    to the longest clip of the batch, inputs that are not a list of 1-D arrays, outputs that are not row-wise) runs as
+    it came."""
+
+    def __init__(self, extractor: Any, max_bytes: int) -> None:
+        self.extractor = extractor
+        self.max_bytes = max_bytes
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.output_type: type | None = None
+        self.stats = CacheStats()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.extractor, name)
+
+    def __call__(self, audio: Any, *args: Any, **kwargs: Any) -> Any:
+        clips = list(audio) if isinstance(audio, (list, tuple)) else None
+        if (args or kwargs.get("padding") != "max_length" or not clips
+                or not all(isinstance(c, np.ndarray) and c.ndim == 1 for c in clips)):
+            self.stats.uncached_calls += 1
+            return self.extractor(audio, *args, **kwargs)
+        options = repr(sorted((k, repr(v)) for k, v in kwargs.items())).encode()
+        keys = [_clip_key(clip, options) for clip in clips]
+        missing = [i for i, key in enumerate(keys) if key not in self.rows]
+        fresh: dict[int, dict[str, Any]] = {}
+        if missing:
+            output = self.extractor([clips[i] for i in missing], **kwargs)
+            fields = _array_fields(output, len(missing))
+            if fields is None:
+                self.stats.uncached_calls += 1
+                return self.extractor(audio, **kwargs) if len(missing) < len(clips) else output
+            self.output_type = type(output)
+            for j, i in enumerate(missing):
+                fresh[i] = {name: value[j : j + 1] for name, value in fields.items()}
+                self._store(keys[i], fresh[i])
+        self.stats.hits += len(clips) - len(missing)
+        self.stats.misses += len(missing)
+        rows = [fresh.get(i) or self.rows[keys[i]] for i in range(len(clips))]
+        joined = {name: (torch.cat if isinstance(rows[0][name], torch.Tensor) else np.concatenate)(
+            [row[name] for row in rows]) for name in rows[0]}
+        assert self.output_type is not None  # set by the call that stored the rows
+        return self.output_type(joined)
+
+    def _store(self, key: str, row: dict[str, Any]) -> None:
+        size = sum(v.nbytes for v in row.values())
+        if self.stats.stored_bytes + size > self.max_bytes:
+            return
+        self.rows[key] = {name: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v.copy()
+                          for name, v in row.items()}
+        self.stats.stored_bytes += size
+
+
 @contextlib.contextmanager
 def cached_audio_encoder(model: Any, max_bytes: int) -> Iterator[EncoderCache | None]:
     """Within the block, ``model``'s audio encoder (``model.audio_encoder()``, the
-    :class:`~speechlm_eval.models.base.TrainableSpeechLM` interface) goes through an :class:`EncoderCache` of
-    ``max_bytes``, caching its ``no_grad`` calls; yields the cache, or ``None`` (and changes nothing) where it cannot
-    apply: no bytes, a model without an audio encoder (a text LLM, a served model), an encoder in training mode."""
+    :class:`~speechlm_eval.models.base.TrainableSpeechLM` interface) goes through an :class:`EncoderCache`, caching
+    its ``no_grad`` calls, and its processor's feature extractor through a :class:`FeatureCache` (where the model has
+    one), each holding at most half of ``max_bytes``. Yields the encoder cache (its ``features`` attribute: the
+    feature cache or ``None``), or ``None`` (and changes nothing) where it cannot apply: no bytes, a model without an
+    audio encoder (a text LLM, a served model), an encoder in training mode."""
     cache = None
     finder = getattr(model, "audio_encoder", None)
     if max_bytes > 0 and callable(finder):
@@ -134,12 +199,43 @@ def cached_audio_encoder(model: Any, max_bytes: int) -> Iterator[EncoderCache | 
         except Exception:  # noqa: BLE001 - a family whose encoder cannot be found is simply not cached
             encoder = None
         if isinstance(encoder, torch.nn.Module) and not encoder.training:
-            cache = EncoderCache(encoder, max_bytes, frozen_only=False)
+            cache = EncoderCache(encoder, max_bytes // 2, frozen_only=False)
     if cache is None:
         yield None
         return
-    with cache.installed():
-        yield cache
+    processor = getattr(model, "processor", None)
+    extractor = getattr(processor, "feature_extractor", None)
+    if extractor is not None:
+        try:
+            processor.feature_extractor = FeatureCache(extractor, max_bytes // 2)
+            cache.features = processor.feature_extractor
+        except AttributeError:  # a processor that is a frozen record (the Omni families' own): features uncached
+            cache.features = None
+    try:
+        with cache.installed():
+            yield cache
+    finally:
+        if cache.features is not None:
+            processor.feature_extractor = extractor
+
+
+def _clip_key(clip: np.ndarray, options: bytes) -> str:
+    digest = hashlib.blake2b(options, digest_size=20)
+    digest.update(f"{clip.dtype}{clip.shape}".encode())
+    digest.update(np.ascontiguousarray(clip).view(np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def _array_fields(output: Any, batch: int) -> dict[str, Any] | None:
+    """A feature extractor's output (a ``BatchFeature``) by field, ``None`` unless every field is a tensor or array
+    with leading dimension ``batch``."""
+    if not (hasattr(output, "keys") and hasattr(output, "__getitem__")):
+        return None
+    items = {k: output[k] for k in output.keys()}
+    if not items or not all(isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim > 0 and v.shape[0] == batch
+                            for v in items.values()):
+        return None
+    return items
 
 
 def _tensors(args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:

@@ -42,7 +42,10 @@ def test_generate_reuses_each_clip_encoding_and_answers_alike(tiny_pair) -> None
             again = model.generate([prompts[3], prompts[1], Prompt(audio=prompts[0].audio, text="and?")], config)
     assert first == plain[:3] and again[:2] == [plain[3], plain[1]]
     assert (cache.stats.hits, cache.stats.misses, cache.stats.uncached_calls) == (2, 4, 0)
+    features = cache.features.stats  # the log-mel features too: extracted once per clip
+    assert (features.hits, features.misses, features.uncached_calls) == (2, 4, 0)
     assert "forward" not in vars(model.audio_encoder())  # uninstalled
+    assert model.processor.feature_extractor is cache.features.extractor
 
 
 def test_calls_autograd_would_record_are_not_cached(tiny_pair) -> None:
@@ -84,13 +87,15 @@ def test_gap_records_are_byte_identical_with_and_without_the_cache(tmp_path, mon
 
     monkeypatch.setattr(encoder_cache, "EncoderCache", Recorded)
     runner = CliRunner()
-    runs = {"off": ["--no-cache-audio-encoder"], "on": [], "small": ["--audio-cache-gib", str(6 * 40_000 / 2**30)]}
+    runs = {"off": ["--no-cache-audio-encoder"], "on": [], "small": ["--audio-cache-gib", str(2 * 120_000 / 2**30)]}
     for name, extra in runs.items():
         result = runner.invoke(app, ["gap", "--limit", "24", "--out", str(tmp_path / name), *extra],
                                catch_exceptions=False)
         assert result.exit_code == 0, result.output
     on, small = caches
     assert on.stats.misses == 24 and on.stats.hits == 2 * 24 and on.stats.uncached_calls == 0  # encoded once each
+    assert (on.features.stats.misses, on.features.stats.hits, on.features.stats.uncached_calls) == (24, 48, 0)
+    assert 0 < small.features.stats.stored_bytes < on.features.stats.stored_bytes and small.features.stats.hits > 0
     assert 0 < small.stats.stored_bytes < on.stats.stored_bytes and small.stats.misses > 24 and small.stats.hits > 0
     for name in RECORDS:
         off = (tmp_path / "off" / "records" / f"{name}.jsonl").read_bytes()
