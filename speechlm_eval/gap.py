@@ -8,6 +8,7 @@ weights are loaded; per-item problems become error records and the run goes on.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -152,6 +153,14 @@ class GapConfig:
                                                  "record instead of refused).")
     threads: int | None = _opt(None, "torch threads per process. Default: 1 on CPU for models under 100 M parameters "
                                "(faster, and reruns match bit for bit), torch's default otherwise.", min=1)
+    cache_audio_encoder: bool = _opt(True, "Encode each clip once per run: the speech LLM's log-mel features and audio "
+                                     "encoder outputs are kept per clip (in CPU memory, up to --audio-cache-gib) and "
+                                     "reused by the speech arm, the KL/JSD pass and the perception probe instead of "
+                                     "computing them three times. Records are the same either way (byte-identical "
+                                     "on CPU). Applies to in-process families with an audio encoder; off by itself "
+                                     "elsewhere.")
+    audio_cache_gib: float = _opt(2.0, "Most CPU memory the audio cache holds (GiB; half for features, half for "
+                                  "encoder outputs); clips past it are encoded each time they are used.", min=0.0)
     n_resamples: int = _opt(10_000, "Bootstrap resamples of every confidence interval.", min=1)
     notes: list[str] = _opt([], "Notes written into the manifest and the report.", cli=False)
 
@@ -455,20 +464,24 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     order = [i.id for i in items]
     local = LocalModels(config, models)
     usage = UsageLog(run, models, state.process_index)
-    try:
-        run_arms(config, items, models, audio_source, console, system, after_arm=usage.flush)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            run.merge(config.arms, order)
-            if config.parity_check is not None:
-                run_parity(config, items, models, local, audio_source, system)
-                run.merge([PARITY], order)
-        state.wait_for_everyone()
-        if config.diagnostics:
-            run_diagnostics(config, items, models, local, audio_source, system)
+    # Each clip's encoder outputs, computed in the speech arm and reused by the KL/JSD pass and the probe.
+    with audio_encoder_cache(config, models["speech_llm"]) as cache:
+        try:
+            run_arms(config, items, models, audio_source, console, system, after_arm=usage.flush)
             state.wait_for_everyone()
-    finally:  # what the endpoints were asked is counted even when the run stops half-way
-        usage.flush()
+            if state.is_main_process:
+                run.merge(config.arms, order)
+                if config.parity_check is not None:
+                    run_parity(config, items, models, local, audio_source, system)
+                    run.merge([PARITY], order)
+            state.wait_for_everyone()
+            if config.diagnostics:
+                run_diagnostics(config, items, models, local, audio_source, system)
+                state.wait_for_everyone()
+        finally:  # what the endpoints were asked is counted even when the run stops half-way
+            usage.flush()
+        if cache is not None:
+            logging.getLogger(__name__).info("audio encoder cache: %s", cache.stats.as_dict())
     if state.is_main_process:
         from speechlm_eval.endpoint import parse_prices
         from speechlm_eval.judge.run import judge_run
@@ -492,6 +505,18 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
 
         check_run_succeeded(run.path, results)  # an arm with no item scored is an error, not a "–"
     return run.path
+
+
+def audio_encoder_cache(config: GapConfig, model: Any) -> Any:
+    """The context in which ``model``'s audio encoder outputs are cached per clip (``--cache-audio-encoder``): a
+    :func:`~speechlm_eval.models.encoder_cache.cached_audio_encoder`, which does nothing where it cannot apply."""
+    import contextlib
+
+    if not config.cache_audio_encoder or is_served(config, "speech_llm"):
+        return contextlib.nullcontext()
+    from speechlm_eval.models.encoder_cache import cached_audio_encoder
+
+    return cached_audio_encoder(model, int(config.audio_cache_gib * 2**30))
 
 
 def pair_entries(config: GapConfig, models: dict[str, Any], system_entry: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from speechlm_eval.distill.alignment import hidden_alignment_loss, prefix_kl, self_distillation_kl
-from speechlm_eval.distill.audio_cache import EncoderCache
+from speechlm_eval.models.encoder_cache import EncoderCache
 from speechlm_eval.distill.checkpointing import (
     gathered_student_state,
     latest_train_state,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm_eval.distill.audio_cache import EncoderCache
+from speechlm_eval.models.encoder_cache import EncoderCache
 from speechlm_eval.distill.config import DistillConfig
 from speechlm_eval.distill.train import distill
 from speechlm_eval.models.registry import load_model

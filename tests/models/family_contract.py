@@ -112,3 +112,21 @@ def assert_gap_run_is_complete(out: Path, family: str) -> dict:
     assert manifest["models"]["speech_llm"]["family"] == family
     assert manifest["models"]["text_llm"]["family"] == "hf-causal"
     return json.loads((out / "results.json").read_text())
+
+
+def assert_audio_cache_answers_alike(model, prompts: list[Prompt]) -> None:
+    """``gap``'s per-clip audio cache (log-mel features and encoder outputs) changes no answer: the prompts answered
+    without it, then twice with it (the second time from the cache where the family's calls are row-wise; a family
+    whose encoder packs clips into one sequence runs uncached, by itself)."""
+    from speechlm_eval.models.encoder_cache import cached_audio_encoder
+
+    with torch.no_grad():
+        plain = model.generate(prompts, GREEDY)
+        with cached_audio_encoder(model, 2**30) as cache:
+            first = model.generate(prompts, GREEDY)
+            again = model.generate(prompts, GREEDY)
+    assert cache is not None
+    assert [g.text for g in first] == [g.text for g in again] == [g.text for g in plain]
+    assert [g.n_prompt_tokens for g in again] == [g.n_prompt_tokens for g in plain]
+    assert cache.stats.hits + cache.stats.uncached_calls > 0
+    assert "forward" not in vars(model.audio_encoder())

@@ -144,3 +144,10 @@ def test_continuation_logits_are_right_aligned_and_differentiable(speech):
     logits[mask].float().logsumexp(-1).sum().backward()
     assert speech.model.lm_head.weight.grad is not None
     speech.model.zero_grad(set_to_none=True)
+
+
+def test_the_audio_cache_changes_no_answer(speech):
+    from tests.models.family_contract import assert_audio_cache_answers_alike, clip as contract_clip
+
+    assert_audio_cache_answers_alike(speech, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
+                                           Prompt(audio=contract_clip(1.0, 3), text="ok?")])

@@ -157,3 +157,10 @@ def test_gap_three_arms_and_diagnostics(af3_pair, tmp_path):
     results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "audioflamingo3")
     assert results["manifest"]["text_llm_reference"]["label"] == "backbone"
     assert results["manifest"]["system_prompt"]["text"] == "You are a helpful assistant."
+
+
+def test_the_audio_cache_changes_no_answer(af3):
+    from tests.models.family_contract import assert_audio_cache_answers_alike, clip as contract_clip
+
+    assert_audio_cache_answers_alike(af3, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
+                                           Prompt(audio=contract_clip(1.0, 3), text="ok?")])

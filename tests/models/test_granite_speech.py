@@ -215,3 +215,10 @@ def test_gap_end_to_end(pair, tmp_path):
     results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "granite-speech")
     assert results["manifest"]["system_prompt"]["text"] == granite_speech.SYSTEM_PROMPT
     assert results["manifest"]["text_llm_reference"]["label"] == "backbone"
+
+
+def test_the_audio_cache_changes_no_answer(granite):
+    from tests.models.family_contract import assert_audio_cache_answers_alike, clip as contract_clip
+
+    assert_audio_cache_answers_alike(granite, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
+                                           Prompt(audio=contract_clip(1.0, 3), text="ok?")])

@@ -230,3 +230,10 @@ def test_describe_records_identity(omni):
     assert described["family"] == "qwen2.5-omni" and described["parameters"] > 0
     assert described["default_system_prompt"] == "You are a helpful assistant."
     assert len(described["fingerprint"]) == 16
+
+
+def test_the_audio_cache_changes_no_answer(omni):
+    from tests.models.family_contract import assert_audio_cache_answers_alike, clip as contract_clip
+
+    assert_audio_cache_answers_alike(omni, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
+                                           Prompt(audio=contract_clip(1.0, 3), text="ok?")])
