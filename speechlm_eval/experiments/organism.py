@@ -1,16 +1,21 @@
-"""The organism's distillation experiment: KD with both channels, each channel alone, and two controls, per seed.
+"""The organism's distillation experiment: KD with both channels, each channel alone, two controls and the alignment
+channels, per seed.
 
-For each organism build (one per seed) the speech LLM is repaired five ways, each then scored by ``gap`` on that
+For each organism build (one per seed) the speech LLM is repaired in each arm, each then scored by ``gap`` on that
 seed's suite, paired with the build's own "before" run:
 
 - ``kd_both`` — ``speechlm-eval distill``'s organism defaults (T→T and S→T);
 - ``kd_tt`` / ``kd_st`` — the same with one channel (the paper's ablations);
 - ``sft_teacher_labels`` — control: the same data, channels and steps, cross-entropy on the teacher's labels, no KL;
-- ``more_speech_training`` — control: stage B continued for the same number of optimizer steps, no teacher.
+- ``more_speech_training`` — control: stage B continued for the same number of optimizer steps, no teacher;
+- ``align_hidden`` / ``align_prefix`` / ``align_self`` — one alignment channel alone
+  (:mod:`speechlm_eval.distill.alignment`), and ``kd_tt_align_*`` the same beside T→T, at the settings chosen on the
+  tuning split (:mod:`speechlm_eval.experiments.tuning`).
 
 The summary (``experiments.json`` / ``experiments.md``) lists per seed and arm the typed and spoken accuracy, the two
 gaps with 95% CIs, and each gap's paired change against "before" (CI, p-value), as :mod:`report.before_after` computes
-it. Nothing is tuned on the evaluation suite: every arm uses the defaults fixed before it was run.
+it. Nothing is tuned on the evaluation suite: every arm uses settings fixed before it was run (the alignment arms' on the
+tuning split).
 """
 
 from __future__ import annotations
@@ -189,7 +194,7 @@ def _ci(entry: dict[str, Any] | None, key: str = "value") -> str:
 
 
 def render_experiments(summary: dict[str, Any]) -> str:
-    lines = ["# Organism distillation experiment: KD, its ablations and two controls", "",
+    lines = ["# Organism distillation experiment: KD, its ablations, two controls and the alignment channels", "",
              "Per seed (one organism build each), 144 held-out evaluation questions, held-out voice. Gaps and changes "
              "in points (0–100) with paired bootstrap 95% CIs; change = gap after − gap before (negative = "
              "smaller gap), p from the paired test of `speechlm-eval check`. Accuracies are fractions.", "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speechlm_eval.experiments.organism import ARMS, distill_steps, render_experiments
+from speechlm_eval.experiments.organism import ALL_ARMS, distill_steps, render_experiments
 
 REPORT = Path(__file__).resolve().parents[2] / "reports" / "organism" / "experiments"
 
@@ -15,7 +15,7 @@ def test_committed_table_is_rendered_from_its_json() -> None:
     assert (REPORT / "experiments.md").read_text() == render_experiments(summary)
     rows = summary["rows"]
     assert {r["seed"] for r in rows} == {0, 1}
-    assert {r["arm"] for r in rows} == {"before", *ARMS}
+    assert {r["arm"] for r in rows} == {"before", *ALL_ARMS}
     for r in rows:
         for gap in ("forgetting", "inequivalence"):
             assert r[gap]["ci_low"] <= r[gap]["value"] <= r[gap]["ci_high"]
