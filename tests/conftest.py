@@ -22,6 +22,18 @@ def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module's tests: the two cores are shared with other test runs, and in-process runs then
+    match subprocess runs (``OMP_NUM_THREADS=1``) bit for bit. Use with ``pytestmark = usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(speech_llm_dir, text_llm_dir): the student's LM is the text model plus small noise."""

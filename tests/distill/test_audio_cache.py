@@ -17,12 +17,7 @@ from speechlm_eval.models.registry import load_model
 SMALL = {"max_examples": 12, "batch_size": 4, "max_response_tokens": 16, "lr": 1e-2, "epochs": 2, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def features(student, clips: list[np.ndarray]) -> torch.Tensor:

@@ -20,12 +20,7 @@ from tests.fixtures.tiny_omni import build_tiny_omni_pair
 SMALL = {"max_examples": 8, "batch_size": 4, "max_response_tokens": 12, "lr": 1e-2, "epochs": 1, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kd_support_masks_tokens_that_mean_different_things(tmp_path):

@@ -37,14 +37,7 @@ SMALL = {"max_examples": 12, "batch_size": 4, "max_response_tokens": 16, "lr": 1
          "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two cores shared with other test runs: one thread per process is several times faster than oversubscribing,
-    # and in-process runs then match the subprocess runs (OMP_NUM_THREADS=1) bit for bit.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(tiny_pair, out: Path, **overrides) -> DistillConfig:

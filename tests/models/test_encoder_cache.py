@@ -17,12 +17,7 @@ from speechlm_eval.models.registry import load_model
 RECORDS = ("text_llm_text", "speech_llm_text", "speech_llm_speech", "diagnostics", "perception")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clips(n: int) -> list[np.ndarray]:
