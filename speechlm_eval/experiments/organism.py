@@ -111,7 +111,8 @@ def run_arm(name: str, build: Path, out: Path, seed: int, suite: str) -> Path:
 def train_distilled(build: Path, out: Path, seed: int, overrides: dict[str, Any], *, data: Path,
                     leakage_suite: str) -> Path:
     """``distill`` at the organism's defaults with ``overrides`` on ``data``, checked for leakage against
-    ``leakage_suite``; the trained model ends in ``out/checkpoint`` (skipped when it exists)."""
+    ``leakage_suite``; the trained model ends in ``out/checkpoint`` (skipped when it exists, resumed when a killed
+    training left its train states in ``out/train``)."""
     from speechlm_eval.distill.config import DistillConfig
     from speechlm_eval.distill.train import distill
     from speechlm_eval.embedded import ORGANISM_DISTILL_DEFAULTS
@@ -121,8 +122,10 @@ def train_distilled(build: Path, out: Path, seed: int, overrides: dict[str, Any]
     checkpoint = out / "checkpoint"
     if (checkpoint / "config.json").exists():
         return checkpoint
+    # A training killed mid-run (its manifest written, no checkpoint yet) continues from its last train state.
     config = DistillConfig(student=str(paths.speech_llm), teacher=str(paths.text_llm), out=out / "train",
                            data=str(data), seed=seed, leakage_suite=leakage_suite,
+                           resume=(out / "train" / "manifest.json").exists(),
                            **{**ORGANISM_DISTILL_DEFAULTS, **overrides})
     trained = distill(config)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
