@@ -87,7 +87,9 @@ def test_served_gap_answers_as_the_in_process_gap(served_run, in_process_run):
     assert manifest["models"]["speech_llm"]["family"] == "served"
     assert manifest["models"]["speech_llm"]["base_url"].startswith("http://127.0.0.1:")
     assert manifest["request"]["served"] == {"speech_llm": True, "text_llm": True}
-    assert manifest["batch_size"] == 8  # in-process batch; served arms sent --concurrency (32) prompts per batch
+    # --batch-size auto with no model in-process: the cap (the in-process batch; served arms sent --concurrency (32)
+    # prompts per batch).
+    assert manifest["batch_size"] == 64
     usage = {u["role"]: u for u in results["usage"]}
     assert (usage["speech_llm"]["calls"], usage["text_llm"]["calls"]) == (2 * 144, 144)
     assert usage["speech_llm"]["cost_usd"] == pytest.approx(
@@ -191,7 +193,8 @@ def test_served_options_are_checked_before_anything_loads(tmp_path):
         with pytest.raises(ConfigError, match=message):
             resolve_defaults(config)
     config = resolve_defaults(GapConfig(model="org/m", base_url=url, out=tmp_path))
-    assert config.batch_size == 8 and any("exposes no logits" in n for n in config.notes)
+    # The batch stays "auto" until models load (served arms send --concurrency prompts per batch).
+    assert config.batch_size == "auto" and any("exposes no logits" in n for n in config.notes)
     # A checkpoint served under its path is its own local checkpoint: nothing to say about missing logits.
     config = resolve_defaults(GapConfig(model=str(SHIPPED_SPEECH_LLM), base_url=url, parity_check=2, out=tmp_path))
     assert not any("exposes no logits" in n for n in config.notes)
