@@ -14,7 +14,7 @@ def test_committed_table_is_rendered_from_its_json() -> None:
     summary = json.loads((REPORT / "experiments.json").read_text())
     assert (REPORT / "experiments.md").read_text() == render_experiments(summary)
     rows = summary["rows"]
-    assert {r["seed"] for r in rows} == {0, 1}
+    assert {r["seed"] for r in rows} == {0, 1, 2}
     assert {r["arm"] for r in rows} == {"before", *ALL_ARMS}
     for r in rows:
         for gap in ("forgetting", "inequivalence"):
