@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -19,6 +17,7 @@ from typer.testing import CliRunner
 from speechlm_eval.cli import app
 from speechlm_eval.rundir import ARMS
 from tests.data import fakes
+from tests.fixtures.kill import kill_after_lines
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -100,16 +99,8 @@ def test_killed_run_resumes_to_the_same_records(full_run, tiny_pair, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "speechlm_eval.cli", "gap", *model_args(tiny_pair), "--suite", "bundled",
                "--out", str(out), "--max-new-tokens", "16", "--batch-size", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = out / "records" / "speech_llm_text.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if target.exists() and target.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_lines(command, target)
     assert not (out / "results.json").exists()
     done_before = target.read_text().count("\n")
     finished = subprocess.run([*command, "--resume"], capture_output=True, text=True)

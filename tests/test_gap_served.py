@@ -5,10 +5,8 @@ mid-run; what a served model cannot do said in the report; no credential in any 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from typer.testing import CliRunner
 from speechlm_eval.cli import app
 from speechlm_eval.gap import ConfigError, GapConfig, resolve_defaults
 from speechlm_eval.rundir import ARMS
+from tests.fixtures.kill import kill_after_lines
 from tests.fixtures.served import SHIPPED_SPEECH_LLM, SHIPPED_TEXT_LLM, FaultProxy, require_serving
 
 runner = CliRunner()
@@ -151,16 +150,8 @@ def test_killed_served_run_resumes_without_duplicates(organism_speech_server, or
                *served_args(organism_speech_server, organism_text_server), *ORGANISM, "--limit", "24",
                "--arm", "text_llm_text", "--arm", "speech_llm_text", "--no-diagnostics", "--concurrency", "1",
                "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = out / "records" / "text_llm_text.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if target.exists() and target.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_lines(command, target)
     done_before = target.read_text().count("\n")
     finished = subprocess.run([*command, "--resume"], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
