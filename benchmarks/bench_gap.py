@@ -8,6 +8,14 @@ scoring, bootstrap, plots and report): what a user waits for. gap runs one arm (
 runs none); the loop answers the same items with the same checkpoint, token budget, greedy decoding and thread count.
 Both read the same cached TTS clips (synthesised before anything is timed).
 
+Besides the ratio it prints two figures that say how far the ratio can go on this machine:
+- ``ceiling``: the loop's time over its own fixed cost (the same loop with ``--limit 0``: interpreter, imports of
+  torch and transformers, model and processor load, exit). gap cannot start faster than that (it imports the same
+  libraries and loads the same checkpoint), so even a gap that answered in no time would be this many times faster
+  and no more. Where answering is short next to start-up (the organism), the ceiling is low.
+- ``answering``: the ratio of the two sides' times after their fixed costs (the loop minus its ``--limit 0`` run, gap
+  minus a one-item run): what batching buys once both processes are up.
+
 Models (``--model``, repeatable): ``organism`` (the shipped model organism's speech LLM, 1.3 M parameters, on
 its suite's 144 questions; its answers end after two tokens) and ``wide`` (a
 random 4-layer, 512-wide tiny Qwen2-Audio, ``tests.fixtures.tiny.WIDE_SPEC``, on the seed-0 suite, 144 questions).
@@ -112,18 +120,26 @@ def compare_arm(model: str, arm: str, speech: Path, suites: list[str], items: Pa
             str(items), "--modality", "audio" if arm == "speech_llm_speech" else "text", "--max-new-tokens",
             str(max_new_tokens), "--threads", str(args.threads), "--out", str(answers)]
     gap = gap_argv(speech, suites, [arm], out, args, max_new_tokens, diagnostics=False)
-    gap_s, loop_s = [], []
+    gap_one = gap_argv(speech, suites, [arm], tmp / f"gap1-{model}-{arm}", args, max_new_tokens, diagnostics=False,
+                       limit=1)
+    loop_none = loop[:-1] + [str(tmp / "loop-none.jsonl"), "--limit", "0"]
+    gap_s, loop_s, gap1_s, loop0_s = [], [], [], []
     for _ in range(args.repeats):
         gap_s.append(timed_process(gap)[0])
         loop_s.append(timed_process(loop)[0])
+        gap1_s.append(timed_process(gap_one)[0])
+        loop0_s.append(timed_process(loop_none)[0])
     ours, theirs = read_answers(out / "records" / f"{arm}.jsonl"), read_answers(answers)
     identical = sum(ours.get(i) == r for i, r in theirs.items())
     g, b = statistics.median(gap_s), statistics.median(loop_s)
+    g1, b0 = statistics.median(gap1_s), statistics.median(loop0_s)
     manifest = json.loads((out / "manifest.json").read_text())
     return {"model": model, "arm": arm, "items": n, "max_new_tokens": max_new_tokens,
-            "batch_size": manifest.get("batch_size"), "threads": manifest.get("threads"),
+            "batch_size": manifest.get("batch_size"), "threads": manifest.get("threads"), "repeats": args.repeats,
             "gap_s": round(g, 2), "loop_s": round(b, 2), "gap_items_per_s": round(n / g, 2),
-            "loop_items_per_s": round(n / b, 2), "ratio": round(b / g, 2), "identical": f"{identical}/{len(theirs)}"}
+            "loop_items_per_s": round(n / b, 2), "ratio": round(b / g, 2), "identical": f"{identical}/{len(theirs)}",
+            "gap_one_item_s": round(g1, 2), "loop_start_up_s": round(b0, 2), "ceiling": round(b / b0, 2),
+            "answering": round((b - b0) / max(g - g1, 1e-9), 2)}
 
 
 def independent_comparison(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
@@ -138,10 +154,11 @@ def independent_comparison(args: argparse.Namespace, tmp: Path) -> list[dict[str
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'model':<9} {'arm':<18} {'items':>5} {'tokens':>6} {'batch':>5} {'gap it/s':>9} {'loop it/s':>9} "
-          f"{'ratio':>6} {'identical':>10}")
+          f"{'ratio':>6} {'ceiling':>8} {'answering':>9} {'identical':>10}")
     for r in rows:
         print(f"{r['model']:<9} {r['arm']:<18} {r['items']:>5} {r['max_new_tokens']:>6} {r['batch_size']!s:>5} "
-              f"{r['gap_items_per_s']:>9.2f} {r['loop_items_per_s']:>9.2f} {r['ratio']:>5.2f}x {r['identical']:>10}")
+              f"{r['gap_items_per_s']:>9.2f} {r['loop_items_per_s']:>9.2f} {r['ratio']:>5.2f}x {r['ceiling']:>7.2f}x "
+              f"{r['answering']:>8.2f}x {r['identical']:>10}")
     return rows
 
 

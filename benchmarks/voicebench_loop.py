@@ -9,7 +9,8 @@ checkpoints' own configs are greedy too), ``torch.set_num_threads(--threads)`` a
 from WAV files (VoiceBench decodes them from the HF dataset) listed in ``--items``, a JSONL of
 ``{"id", "text", "wav"}`` rows.
 
-Run: ``python benchmarks/voicebench_loop.py --model DIR --items items.jsonl --modality audio|text --out answers.jsonl``.
+Run: ``python benchmarks/voicebench_loop.py --model DIR --items items.jsonl --modality audio|text --out answers.jsonl``
+(``--limit 0``: start-up and model load only).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="answer the first N items only; 0 = start-up and model load alone (bench_gap's floor)")
     args = parser.parse_args()
 
     import soundfile as sf
@@ -49,7 +52,9 @@ def main() -> None:
         return processor.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
 
     with open(args.items, encoding="utf-8") as source, open(args.out, "w", encoding="utf-8") as sink:
-        for line in source:
+        for number, line in enumerate(source):
+            if args.limit is not None and number >= args.limit:
+                break
             item = json.loads(line)
             if args.modality == "audio":
                 clip, rate = sf.read(item["wav"], dtype="float32")

@@ -33,7 +33,11 @@ from speechlm_eval.rundir import (
 
 DEFAULT_SUITE = "bundled"
 DEFAULT_BATCH_SIZE = 8  # what a batch size still unresolved falls back to (a served model's diagnostics)
-AUTO_BATCH_CAP = 64  # --batch-size auto never goes above this: items/s stop rising around 32-64 on CPU
+AUTO_BATCH_CAP = 64  # --batch-size auto on an accelerator: lm-eval's search halves from here
+CPU_BATCH_CAP = 256  # --batch-size auto on CPU: fewer, larger batches mean fewer decode steps (each pays python
+#                      and kernel-launch overhead); the memory estimate below keeps a large model lower
+CPU_MEMORY_SHARE = 0.5  # of the memory available when the run starts, for the heaviest batch's estimate
+CPU_SEQUENCE_BOUND = 1024  # prompt tokens (audio tokens included) the estimate assumes for every row
 ROLE_NAMES = {"speech_llm": "speech LLM", "text_llm": "text LLM"}
 AUDIO_ENCODINGS = {"float32": "FLOAT", "pcm16": "PCM_16"}  # --audio-encoding -> soundfile WAV subtype
 NO_TEXT_MODEL_NOTE = (
@@ -74,10 +78,11 @@ class GapConfig:
     overwrite: bool = _opt(False, "Delete an existing run in --out and start over.")
     limit: int | None = _opt(None, "Keep the first N items of each subset (smoke runs).", min=1)
     batch_size: str | None = _opt(None, "Prompts per in-process generate call (padded left, sorted by length), a "
-                                  f"number or auto (default): the largest batch up to {AUTO_BATCH_CAP} that fits in "
-                                  "memory, as lm-eval's --batch_size auto (on CPU the cap: memory is not what limits "
-                                  "it there). The diagnostics batch alike. A served model gets --concurrency prompts "
-                                  "per call.")
+                                  f"number or auto (default): on an accelerator the largest batch up to "
+                                  f"{AUTO_BATCH_CAP} that fits in memory, as lm-eval's --batch_size auto; on CPU the "
+                                  f"largest power of two up to {CPU_BATCH_CAP} whose estimated memory fits in half "
+                                  "the memory available. The diagnostics batch alike. A served model gets "
+                                  "--concurrency prompts per call.")
     max_new_tokens: int | None = _opt(None, f"New-token budget per answer (default {DEFAULT_MAX_NEW_TOKENS}; "
                                       "8 for the embedded organism).", min=1)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N. auto = this process's device under torchrun/accelerate, "
@@ -205,19 +210,53 @@ def parse_batch_size(value: Any) -> int | str:
 
 
 def resolve_batch_size(config: GapConfig, models: dict[str, Any], items: Sequence[Item], audio_source: Any) -> int:
-    """The batch size of an ``auto`` run: :data:`AUTO_BATCH_CAP` on CPU; on an accelerator the largest power of two up
-    to the cap whose heaviest batch (the longest prompts, audio included, plus the whole new-token budget) runs one
-    forward pass without running out of memory (lm-eval's search, halving from the cap)."""
+    """The batch size of an ``auto`` run.
+
+    On an accelerator: the largest power of two up to :data:`AUTO_BATCH_CAP` whose heaviest batch (the longest
+    prompts, audio included, plus the whole new-token budget) runs one forward pass without running out of memory
+    (lm-eval's search, halving from the cap). On CPU, where running out of memory kills the process instead of
+    raising: :func:`cpu_batch_size`, from each model's config, without a trial."""
     if config.batch_size != "auto":
         return int(config.batch_size)
     loaded = [m for m in models.values() if m is not None and hasattr(m, "model")]
     devices = {next(m.model.parameters()).device.type for m in loaded}
-    if not loaded or devices == {"cpu"}:
+    if not loaded:
         return AUTO_BATCH_CAP
+    if devices == {"cpu"}:
+        import psutil
+
+        budget = CPU_MEMORY_SHARE * psutil.virtual_memory().available
+        return min(cpu_batch_size(m.model, int(config.max_new_tokens or 1), budget) for m in loaded)
     from speechlm_eval.runner import largest_fitting_batch
 
     return min(largest_fitting_batch(model, items, audio_source, AUTO_BATCH_CAP, int(config.max_new_tokens or 1),
                                      with_audio=bool(getattr(model, "accepts_audio", False))) for model in loaded)
+
+
+def bytes_per_row_token(model: Any) -> int:
+    """Estimated memory one token of one batch row holds at the peak of a forward pass, from the model's config: its
+    key/value cache in every layer (model dtype), one layer's float32 intermediates (attention projections and the
+    MLP), and a float32 logit row (families without ``logits_to_keep`` compute logits for every prompt position)."""
+    text = model.config.get_text_config()
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    ffn = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    element = next(model.parameters()).element_size()
+    kv_cache = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * element
+    layer = 4 * (4 * hidden + 3 * ffn)
+    return kv_cache + layer + 4 * int(text.vocab_size)
+
+
+def cpu_batch_size(model: Any, new_tokens: int, budget_bytes: float) -> int:
+    """The largest power of two up to :data:`CPU_BATCH_CAP` whose rows of :data:`CPU_SEQUENCE_BOUND` prompt tokens
+    plus ``new_tokens`` fit in ``budget_bytes`` by :func:`bytes_per_row_token`; at least 1."""
+    per_row = (CPU_SEQUENCE_BOUND + new_tokens) * bytes_per_row_token(model)
+    size = CPU_BATCH_CAP
+    while size > 1 and size * per_row > budget_bytes:
+        size //= 2
+    return size
 
 
 def is_served(config: GapConfig, role: str) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from speechlm_eval.audio_format import SAMPLING_RATE
+from speechlm_eval.data.audio import clip_seconds
 from speechlm_eval.data.item import Item
 from speechlm_eval.distributed import process_state, shard
 from speechlm_eval.models.base import GenerationConfig, Prompt, SpeechLM
@@ -137,13 +138,11 @@ def sorted_for_batching(items: Sequence[Item], plan: ArmPlan) -> list[Item]:
 
 
 def audio_length(item: Item) -> float:
-    """Seconds of a decoded clip, else the characters TTS will speak (same order), else 0 (a file not yet read)."""
-    audio = item.audio
-    if audio is not None and audio.array is not None and audio.sampling_rate:
-        return len(audio.array) / audio.sampling_rate
-    if audio is None:
+    """Seconds of the item's clip (its array, or its file's header: nothing is decoded), else the characters TTS will
+    speak (the same order: TTS duration grows with the text), else 0 (a clip whose header cannot be read)."""
+    if item.audio is None:
         return float(len(item.text_to_speak() or ""))
-    return 0.0
+    return clip_seconds(item.audio) or 0.0
 
 
 def batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from speechlm_eval.diagnostics import PROBE_BUDGET_STEP, probe_budget
-from speechlm_eval.gap import AUTO_BATCH_CAP, ConfigError, parse_batch_size
+from speechlm_eval.gap import (AUTO_BATCH_CAP, CPU_BATCH_CAP, CPU_SEQUENCE_BOUND, ConfigError, bytes_per_row_token,
+                               cpu_batch_size, parse_batch_size)
 from speechlm_eval.models.base import GenerationConfig, Prompt
 from speechlm_eval.models.registry import LoadOptions, load_model
 
@@ -57,3 +58,29 @@ def test_probe_budget_follows_the_spoken_text() -> None:
     assert probe_budget(10, 24) == 24  # never above the run's limit
     assert probe_budget(500, 256) == 256
     assert probe_budget(0, 256) == PROBE_BUDGET_STEP
+
+
+def qwen2_audio_7b_on_meta():
+    """Qwen2-Audio-7B's shape (its config.json's text dimensions, bf16), built on the meta device: no memory, no
+    weights, the real bytes per token."""
+    import torch
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    config = Qwen2AudioConfig(text_config={"model_type": "qwen2", "vocab_size": 156032, "hidden_size": 4096,
+                                           "intermediate_size": 11008, "num_hidden_layers": 32,
+                                           "num_attention_heads": 32, "num_key_value_heads": 32})
+    with torch.device("meta"):
+        return Qwen2AudioForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+
+
+def test_cpu_auto_batch_follows_the_memory_estimate(speech_llm) -> None:
+    gib = 1024**3
+    big = qwen2_audio_7b_on_meta()
+    per_token = bytes_per_row_token(big)
+    # key/value cache of 32 layers in bf16 + one layer's float32 intermediates + a float32 logit row
+    assert per_token == 2 * 32 * 32 * 128 * 2 + 4 * (4 * 4096 + 3 * 11008) + 4 * 156032
+    per_row = (CPU_SEQUENCE_BOUND + 64) * per_token  # about 1.4 GiB a row
+    assert 8 * per_row <= 12 * gib < 16 * per_row
+    assert cpu_batch_size(big, 64, 12 * gib) == 8  # the largest power of two that fits
+    assert cpu_batch_size(big, 64, 0.5 * gib) == 1  # never below one
+    assert cpu_batch_size(speech_llm.model, 64, 12 * gib) == CPU_BATCH_CAP  # a tiny model gets the cap

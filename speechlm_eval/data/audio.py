@@ -60,7 +60,18 @@ def _sndfile_source(ref: AudioRef, item_id: str) -> Any:
     raise _fail(item_id, ref, "no audio (no array, no bytes, no path)")
 
 
+def materialise(ref: AudioRef, item_id: str) -> AudioRef:
+    """A deferred AudioRef read from its source (an eager one as it is); a failed read is the item's AudioError."""
+    if ref.fetch is None:
+        return ref
+    try:
+        return ref.fetch()
+    except Exception as err:  # noqa: BLE001 - a row that cannot be read is this item's error, not the run's
+        raise _fail(item_id, ref, f"cannot read the clip from its source ({type(err).__name__}: {err})") from err
+
+
 def _read(ref: AudioRef, item_id: str) -> tuple[np.ndarray, int]:
+    ref = materialise(ref, item_id)
     if ref.array is not None:
         if not ref.sampling_rate:
             raise _fail(item_id, ref, "array given without a sampling rate")
@@ -95,3 +106,22 @@ def decode_audio(ref: AudioRef, *, item_id: str, target_sr: int = SAMPLING_RATE)
     if rate != target_sr:
         samples = soxr.resample(samples, rate, target_sr)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def clip_seconds(ref: AudioRef) -> float | None:
+    """The clip's duration from its array or its file header, without decoding it; ``None`` when it cannot be told
+    (no audio, an unreadable file: the item fails later, when its audio is decoded, with its own error)."""
+    if ref.seconds is not None:
+        return ref.seconds
+    if ref.array is not None:
+        return len(ref.array) / ref.sampling_rate if ref.sampling_rate else None
+    if ref.fetch is not None:
+        return None
+    try:
+        source = io.BytesIO(ref.data) if ref.data else ref.path
+        if source is None:
+            return None
+        info = sf.info(source)
+    except Exception:  # noqa: BLE001 - an unreadable clip is reported when it is decoded, not here
+        return None
+    return info.frames / info.samplerate if info.samplerate else None

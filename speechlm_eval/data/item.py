@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -14,19 +14,27 @@ KEY_PHRASE = "key_phrase"
 
 @dataclass(frozen=True)
 class AudioRef:
-    """Where an item's audio comes from: a decoded array, encoded bytes, or a file path.
+    """Where an item's audio comes from: a decoded array, encoded bytes, a file path, or a deferred read.
 
     Exactly one of ``array`` (float, shape ``(n_samples,)``, mono, at ``sampling_rate``), ``data`` (encoded bytes of
-    a file such as WAV/FLAC) or ``path`` is normally set. Decoding and validation live in :mod:`speechlm_eval.data.audio`.
+    a file such as WAV/FLAC), ``path`` or ``fetch`` is normally set. ``fetch`` reads the clip from its source when its
+    batch runs and returns an eager AudioRef (a dataset row's cell), so a run does not hold every clip in memory;
+    ``origin`` then names the source row and ``seconds`` its duration (read at load, for sorting batches). Decoding and
+    validation live in :mod:`speechlm_eval.data.audio`.
     """
 
     array: np.ndarray | None = None
     sampling_rate: int | None = None
     data: bytes | None = None
     path: str | None = None
+    fetch: Callable[[], "AudioRef"] | None = field(default=None, compare=False, repr=False)
+    origin: str | None = None
+    seconds: float | None = None
 
     def describe(self) -> str:
         """A short human-readable origin, for error messages."""
+        if self.origin:
+            return self.origin
         if self.path:
             return self.path
         if self.data is not None:

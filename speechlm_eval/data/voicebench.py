@@ -1,11 +1,16 @@
 """VoiceBench (HF dataset ``hlt-lab/voicebench``): the one place for its subsets, splits, sizes and scorers; its loader.
 
 Rows come from the hub, a ``save_to_disk`` copy or a parquet snapshot of the hub repo; audio stays encoded here
-(``Audio(decode=False)``) and is decoded per item by :func:`speechlm_eval.data.audio.decode_audio`.
+(``Audio(decode=False)``) and is decoded per item by :func:`speechlm_eval.data.audio.decode_audio`. Items do not
+hold their clips: each keeps its duration (read from the header at load, to sort batches) and a deferred read of its
+row's audio cell, made when its batch runs, so a run's memory does not grow with its items.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import functools
 import glob
 import itertools
 import logging
@@ -193,6 +198,24 @@ class SplitRows:
     read: Callable[[int | None], Iterator[dict[str, Any]]]  # limit -> rows
     origin: str
     layout: str
+    audio_at: Callable[[int], Any] | None = None  # row index -> that row's audio cell, read again from the source
+
+
+def deferred_audio(rows: SplitRows, index: int, cell: Any) -> AudioRef:
+    """The row's audio as a deferred read of ``rows.audio_at(index)``, with the duration of ``cell`` (the cell read
+    now, then dropped); the eager cell itself when the source has no random access."""
+    from speechlm_eval.data.audio import clip_seconds
+
+    eager = _audio_ref(cell)
+    if rows.audio_at is None:
+        return eager
+    origin = f"{rows.origin} row {index}" + (f" ({eager.path})" if eager.path else "")
+    return AudioRef(fetch=functools.partial(_fetch_cell, rows.audio_at, index, origin), origin=origin,
+                    seconds=clip_seconds(eager))
+
+
+def _fetch_cell(audio_at: Callable[[int], Any], index: int, origin: str) -> AudioRef:
+    return dataclasses.replace(_audio_ref(audio_at(index)), origin=origin)
 
 
 def _dataset_rows(dataset: Any, origin: str, layout: str) -> SplitRows:
@@ -210,7 +233,11 @@ def _dataset_rows(dataset: Any, origin: str, layout: str) -> SplitRows:
         rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
         return iter(rows)
 
-    return SplitRows(tuple(dataset.column_names), read, origin, layout)
+    def audio_at(index: int) -> Any:  # arrow memory-mapped from the datasets cache: a random read is cheap
+        return dataset[index]["audio"]
+
+    audio = audio_at if "audio" in dataset.column_names else None
+    return SplitRows(tuple(dataset.column_names), read, origin, layout, audio)
 
 
 def _parquet_rows(files: list[Path], layout: str) -> SplitRows:
@@ -227,8 +254,23 @@ def _parquet_rows(files: list[Path], layout: str) -> SplitRows:
     def read(limit: int | None) -> Iterator[dict[str, Any]]:
         return itertools.islice(rows(), limit)
 
+    # Row index -> (file, row group, offset): a deferred clip reads its row group's audio column, and the last few
+    # groups read are kept (batches sorted by duration visit groups out of order, so a clip may cost a group read).
+    groups = [(file, g, pq.ParquetFile(file).metadata.row_group(g).num_rows)
+              for file in files for g in range(pq.ParquetFile(file).metadata.num_row_groups)]
+    starts = list(itertools.accumulate((n for _, _, n in groups), initial=0))
+
+    @functools.lru_cache(maxsize=4)
+    def group_audio(k: int) -> Any:
+        file, g, _ = groups[k]
+        return pq.ParquetFile(file).read_row_group(g, columns=["audio"]).column("audio")
+
+    def audio_at(index: int) -> Any:
+        k = bisect.bisect_right(starts, index) - 1
+        return group_audio(k)[index - starts[k]].as_py()
+
     origin = str(files[0]) if len(files) == 1 else f"{files[0].parent}/ ({len(files)} parquet files)"
-    return SplitRows(columns, read, origin, layout)
+    return SplitRows(columns, read, origin, layout, audio_at if "audio" in columns else None)
 
 
 def _open_hub(subset: str, split: str, revision: str | None) -> SplitRows:
@@ -305,7 +347,10 @@ def load_voicebench(request: SubsetRequest, options: LoadOptions) -> list[Item]:
         check_columns(rows.columns, subset=request.subset, split=split, origin=rows.origin)
         before = len(items)
         for index, row in enumerate(rows.read(remaining)):
-            items.append(row_to_item(row, subset=request.subset, split=split, index=index, origin=rows.origin))
+            item = row_to_item(row, subset=request.subset, split=split, index=index, origin=rows.origin)
+            if item.audio is not None:
+                item = dataclasses.replace(item, audio=deferred_audio(rows, index, row["audio"]))
+            items.append(item)
         expected = SUBSETS[request.subset].splits[split]
         if remaining is None and len(items) - before != expected:
             log.warning("VoiceBench %s/%s has %d rows, expected %d (%s)", request.subset, split,

@@ -86,3 +86,16 @@ def test_nan_and_inf_samples() -> None:
 
 def test_no_audio_at_all() -> None:
     assert "no audio" in _error(AudioRef())
+
+
+def test_clip_seconds_reads_the_header_only(tmp_path) -> None:
+    from speechlm_eval.data.audio import clip_seconds
+
+    path = tmp_path / "clip.wav"
+    path.write_bytes(wav_bytes(tone(22050, 16538), 22050))
+    assert clip_seconds(AudioRef(path=str(path))) == pytest.approx(16538 / 22050)
+    assert clip_seconds(AudioRef(data=wav_bytes(tone(16000, 32000), 16000))) == pytest.approx(2.0)
+    assert clip_seconds(AudioRef(array=np.zeros(8000, np.float32), sampling_rate=16000)) == 0.5
+    assert clip_seconds(AudioRef(data=b"not audio")) is None
+    assert clip_seconds(AudioRef(path=str(tmp_path / "missing.wav"))) is None
+    assert clip_seconds(AudioRef()) is None

@@ -39,6 +39,20 @@ def test_audio_decodes_and_resamples(data_dir: str) -> None:
     assert decode_audio(second.audio, item_id=second.id).shape == (800,)
 
 
+def test_items_hold_no_audio_only_its_duration_and_a_deferred_read(data_dir: str) -> None:
+    """Audio is read from the source when its batch runs: an item keeps no bytes, only the clip's duration (from its
+    header, to sort batches) and where the row is; the deferred read gives the samples an eager cell gives."""
+    first, second, broken = _load(data_dir, "openbookqa")
+    for item in (first, second, broken):
+        assert item.audio.data is None and item.audio.array is None and item.audio.fetch is not None
+        assert "row" in item.audio.describe()
+    assert first.audio.seconds == pytest.approx(fakes.SLOW_SAMPLES / fakes.SLOW_RATE)
+    assert second.audio.seconds == pytest.approx(800 / 16_000)
+    assert broken.audio.seconds is None  # no readable header: sorted last, reported when decoded
+    eager = voicebench._audio_ref(fakes.audio_cell(fakes.SLOW_RATE, fakes.SLOW_SAMPLES, "q0.wav"))
+    assert (decode_audio(first.audio, item_id=first.id) == decode_audio(eager, item_id=first.id)).all()
+
+
 def test_corrupt_clip_is_a_per_item_error(data_dir: str) -> None:
     broken = _load(data_dir, "openbookqa")[2]  # loading itself succeeded
     with pytest.raises(AudioError, match="openbookqa/test/2"):
