@@ -80,18 +80,41 @@ def write_items(suites: list[str], path: Path) -> int:
     return len(items)
 
 
-def timed_process(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak resident memory (KiB) of one subprocess, which must succeed."""
+# A slim launcher between this script and each timed process: a child forked from this (large) process would count
+# this process's pages in its peak RSS until it execs; forked from the launcher, it starts from a few MiB. It also
+# samples the child's anonymous memory (Linux's RssAnon, every 20 ms): peak RSS counts file pages mapped into the
+# process too (a memory-mapped dataset's clips, once read), which the kernel can drop at any time.
+_LAUNCHER = """
+import resource, subprocess, sys, time
+child = subprocess.Popen(sys.argv[1:])
+anon = 0
+while child.poll() is None:
+    try:
+        with open(f"/proc/{child.pid}/status") as status:
+            anon = max([anon] + [int(line.split()[1]) for line in status if line.startswith("RssAnon:")])
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.02)
+sys.stderr.write(f"\\n__peak_kib__ {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} {anon}\\n")
+sys.exit(child.returncode)
+"""
+
+
+def timed_process(argv: list[str]) -> tuple[float, int, int]:
+    """Wall seconds, peak resident memory (KiB, Linux's ``ru_maxrss``) and peak anonymous memory (KiB, sampled; 0
+    where ``/proc`` has no RssAnon) of one subprocess, which must succeed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    start = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read() if process.stderr else ""
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}):\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as stderr:
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, "-S", "-c", _LAUNCHER, *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=stderr)
+        seconds = time.perf_counter() - start
+        stderr.seek(0)
+        text = stderr.read()
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({code}):\n{text[-3000:]}")
+    peak, anon = (int(v) for v in text.rsplit("__peak_kib__ ", 1)[1].split()[:2])
+    return seconds, peak, anon
 
 
 def gap_argv(speech: Path, suites: list[str], arms: list[str], out: Path, args: argparse.Namespace,

@@ -136,7 +136,11 @@ def generate_batch(
         torch.manual_seed(config.seed)
     generation = effective_generation_config(config, eos_token_ids, tokenizer.pad_token_id)
     keep_checkpoint = dict(config.extra).get(CHECKPOINT_DEFAULTS, False)
-    with contextlib.nullcontext() if keep_checkpoint else only_token_ids_from_checkpoint(model):
+    # The prefill needs the next-token logits of the last position only; families whose forward ignores
+    # ``logits_to_keep`` (Qwen2-Audio, the Omni thinkers) would project every prompt position (at a 152k-156k
+    # vocabulary: gigabytes for a batch of long audio prompts, and the memory the auto batch trial does not count).
+    with contextlib.nullcontext() if keep_checkpoint else only_token_ids_from_checkpoint(model), \
+            head_on_last_positions(model, 1):
         output = model.generate(**inputs, generation_config=generation)
     prompt_width = inputs["input_ids"].shape[1]
     n_prompt = inputs["attention_mask"].sum(dim=1).tolist()

@@ -363,11 +363,62 @@ def test_report_to_none_writes_no_tracker_files(trained) -> None:
         DistillConfig(student="s", teacher="t", report_to="mlflow")
 
 
-def test_report_to_a_missing_tracker_package_stops_before_any_model_loads(tiny_pair, tmp_path) -> None:
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline wandb run file: a 7-byte header, then LevelDB-log records (4-byte checksum,
+    2-byte little-endian length, 1-byte type: full, first, middle, last) that never cross a 32 KiB block."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, records, pending = path.read_bytes(), 32768, [], b""
+    position = 7
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        payload = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def test_report_to_wandb_logs_every_step_offline(tiny_pair, tmp_path, monkeypatch) -> None:
+    """The real wandb client in offline mode (no account, no network): the run file under OUT/tracking holds every
+    step's losses, lr and throughput, equal to train_log.jsonl's rows, and the config as the run's config."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "tracked"
+    config = make_config(tiny_pair, out, report_to="wandb", epochs=1)
+    distill(config)
+    (run_file,) = (out / "tracking").glob("wandb/offline-run-*/run-*.wandb")
+    history, logged = [], {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+        elif kind == "config":
+            logged.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    steps = [h for h in history if "loss_tt" in h]
+    rows = log_rows(out)
+    assert [h["_step"] for h in steps] == [r["step"] for r in rows]
+    for name in ("loss_tt", "loss_st", "lr"):
+        assert [h[name] for h in steps] == pytest.approx([r[name] for r in rows], rel=1e-6)
+    assert all(h["tokens_per_s"] > 0 and h["memory_gib"] > 0 for h in steps)
+    assert logged["temperature"] == config.temperature and logged["report_to"] == "wandb"
+
+
+def test_report_to_a_missing_tracker_package_stops_before_any_model_loads(tiny_pair, tmp_path, monkeypatch) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     with pytest.raises(ConfigError, match="pip install wandb"):
         distill(make_config(tiny_pair, tmp_path / "wandb", report_to="wandb"))
     assert not (tmp_path / "wandb").exists()

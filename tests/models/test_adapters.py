@@ -60,6 +60,27 @@ def test_batched_generation_equals_one_at_a_time(speech):
     ]
 
 
+def test_generate_projects_only_the_last_prompt_position_and_answers_as_plain_generate(speech):
+    """Qwen2-Audio's forward ignores ``logits_to_keep``: left alone, its prefill projects every prompt position onto
+    the vocabulary. Inside generate the head sees one position per row, and the tokens equal a plain HF generate."""
+    prompts = [Prompt(audio=clip(1.0, 1), text="Which choice?"), Prompt(audio=clip(2.5, 2))]
+    head = speech.model.get_output_embeddings()
+    widths: list[int] = []
+    handle = head.register_forward_hook(lambda _m, _args, out: widths.append(out.shape[1]))
+    try:
+        ours = speech.generate(prompts, GREEDY)
+    finally:
+        handle.remove()
+    assert widths and set(widths) == {1}
+    inputs = speech.encode(prompts)
+    with torch.no_grad():
+        plain = speech.model.generate(**inputs, max_new_tokens=GREEDY.max_new_tokens, do_sample=False)
+    width = inputs["input_ids"].shape[1]
+    expected = [speech.tokenizer.decode(row[: g.n_new_tokens], skip_special_tokens=True) for row, g in
+                zip(plain[:, width:].tolist(), ours)]
+    assert [g.text for g in ours] == expected
+
+
 def test_student_without_noise_answers_text_like_its_text_backbone(tiny_identical_pair):
     student = load_model(str(tiny_identical_pair[0]), LoadOptions(device="cpu"))
     teacher = load_model(str(tiny_identical_pair[1]), LoadOptions(device="cpu"))
