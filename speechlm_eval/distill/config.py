@@ -155,11 +155,12 @@ class DistillConfig:
     trust_remote_code: bool = _opt(False, "pass trust_remote_code to transformers")
     threads: int | None = _opt(None, "torch threads per process (default: 1 on CPU for models under 100 M "
                                "parameters, torch's default otherwise)", min=1)
-    cache_audio_encoder: bool = _opt(True, "keep the frozen audio encoder's outputs per clip (in CPU memory) and "
-                                     "reuse them in later steps, channels and epochs instead of re-encoding the clip; "
-                                     "cached and uncached runs agree to float tolerance")
-    audio_cache_gib: float = _opt(8.0, "most CPU memory the audio encoder cache holds (GiB); clips past it are "
-                                  "re-encoded each time")
+    cache_audio_encoder: bool = _opt(True, "keep the frozen audio encoder's outputs and the log-mel features per "
+                                     "clip (in CPU memory) and reuse them in later steps, channels and epochs instead "
+                                     "of re-extracting and re-encoding the clip; cached and uncached runs agree to "
+                                     "float tolerance")
+    audio_cache_gib: float = _opt(8.0, "most CPU memory the audio caches hold (GiB; half for encoder outputs, half "
+                                  "for features); clips past it are re-encoded each time")
     report_to: Literal["none", "tensorboard", "wandb"] = _opt(
         "none", "send the per-step losses (per channel), lr, grad norm, tokens/s and peak memory to a tracker through "
         "accelerate: tensorboard (events in OUT/tracking/distill; pip install 'speechlm-eval[tracking]') or wandb "

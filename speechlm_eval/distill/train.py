@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from speechlm_eval.distill.alignment import hidden_alignment_loss, prefix_kl, self_distillation_kl
-from speechlm_eval.models.encoder_cache import EncoderCache
+from speechlm_eval.models.encoder_cache import EncoderCache, FeatureCache
 from speechlm_eval.distill.checkpointing import (
     gathered_student_state,
     latest_train_state,
@@ -100,6 +100,7 @@ class Run:
     plan: list[list[list[list[str]]]]  # per epoch, per optimizer step, per micro-batch: example ids (this process)
     run_facts: dict[str, Any]
     audio_cache: EncoderCache | None = None  # the frozen audio encoder's outputs per clip (--cache-audio-encoder)
+    feature_cache: FeatureCache | None = None  # the student's log-mel features per clip (same switch)
     started: float = field(default_factory=time.time)
     done_step: int = 0  # optimizer steps already taken (a resumed run starts after them)
     examples_seen: int = 0  # over all processes
@@ -182,6 +183,7 @@ def setup(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> 
                          "gradient_checkpointing": checkpointing,
                          "distributed_type": accelerator.distributed_type.value})
     run.audio_cache = make_audio_cache(run)
+    run.feature_cache = make_feature_cache(run)
     if config.resume and (state_dir := latest_train_state(config.out)) is not None:
         run.done_step, run.examples_seen = load_train_state(state_dir, accelerator, model, optimizer, scheduler, plan)
     write_run_manifest(run, finished=False)
@@ -203,7 +205,7 @@ def train(run: Run) -> None:
                      enabled=accelerator.is_main_process)
     log_file = open(log_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
     audio_cache = run.audio_cache.installed() if run.audio_cache else contextlib.nullcontext()
-    with progress, log_file as log, audio_cache:
+    with progress, log_file as log, audio_cache, features_cached(run):
         for step, epoch, micro_batches in run.planned_steps():
             if step <= run.done_step:
                 continue  # trained before the resume; the data order is the planned one
@@ -252,6 +254,8 @@ def finish(run: Run) -> Path:
     state = gathered_student_state(run.model, config.lora) if sharded else None  # every process: a collective
     if run.audio_cache is not None:
         run.run_facts["audio_encoder_cache"] = run.audio_cache.stats.as_dict()
+    if run.feature_cache is not None:
+        run.run_facts["audio_feature_cache"] = run.feature_cache.stats.as_dict()
     if accelerator.is_main_process:
         checkpoint = save_student(accelerator.unwrap_model(run.model), run.student.processor, config.out, config,
                                   state_dict=state)
@@ -472,14 +476,47 @@ def teacher_source(config: DistillConfig, accelerator: Any, examples: Sequence[D
 
 def make_audio_cache(run: Run) -> EncoderCache | None:
     """The frozen audio encoder's per-clip output cache, when an audio channel runs and ``--cache-audio-encoder``
-    is on (the encoder is always frozen and in eval mode here; the projector after it may train). Not under FSDP:
-    a sharded encoder gathers its weights in every forward, and processes whose clips hit the cache while another's
-    miss would leave that process waiting in the gather."""
+    is on (the encoder is always frozen and in eval mode here; the projector after it may train); half of
+    ``--audio-cache-gib`` (the features get the other half). Not under FSDP: a sharded encoder gathers its weights in
+    every forward, and processes whose clips hit the cache while another's miss would leave that process waiting in
+    the gather."""
     if not run.config.cache_audio_encoder or not any(c in AUDIO_CHANNELS for c in run.channels):
         return None
     if run.accelerator.distributed_type.value == "FSDP":
         return None
-    return EncoderCache(run.student.audio_encoder(), max_bytes=int(run.config.audio_cache_gib * 2**30))
+    return EncoderCache(run.student.audio_encoder(), max_bytes=int(run.config.audio_cache_gib * 2**30) // 2)
+
+
+def make_feature_cache(run: Run) -> FeatureCache | None:
+    """The student's log-mel features per clip (:class:`~speechlm_eval.models.encoder_cache.FeatureCache`), on the
+    same switch and with the other half of ``--audio-cache-gib``: every epoch and audio channel hears the same TTS
+    clips, so each is extracted once. Under FSDP too (it runs on the CPU before the model, no collective in it);
+    ``None`` for a student whose processor has no feature extractor to stand in for."""
+    if not run.config.cache_audio_encoder or not any(c in AUDIO_CHANNELS for c in run.channels):
+        return None
+    extractor = getattr(getattr(run.student, "processor", None), "feature_extractor", None)
+    return None if extractor is None else FeatureCache(extractor, int(run.config.audio_cache_gib * 2**30) // 2)
+
+
+@contextlib.contextmanager
+def features_cached(run: Run) -> Iterator[None]:
+    """Within the block the student's processor extracts features through the run's feature cache (a processor
+    that is a frozen record, as the Omni families' are, keeps its own extractor: uncached)."""
+    processor = getattr(run.student, "processor", None)
+    if run.feature_cache is None or processor is None:
+        yield
+        return
+    own = processor.feature_extractor
+    try:
+        processor.feature_extractor = run.feature_cache
+    except AttributeError:
+        run.feature_cache = None
+        yield
+        return
+    try:
+        yield
+    finally:
+        processor.feature_extractor = own
 
 
 def make_scheduler(optimizer: Any, config: DistillConfig, total_steps: int) -> Any:

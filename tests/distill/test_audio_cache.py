@@ -1,4 +1,4 @@
-"""The frozen audio encoder's per-clip cache: the same outputs as encoding every time, fewer encoder rows run, and
+"""The frozen audio encoder's per-clip cache (and the log-mel feature cache beside it): the same outputs as encoding every time, fewer encoder rows run, and
 distillation with and without it gives the same losses to float tolerance."""
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ def test_distillation_with_and_without_the_cache_gives_the_same_losses(tiny_pair
             stats, n = manifest["audio_encoder_cache"], manifest["data"]["examples"]
             # Each clip is encoded once (epoch 1, st); st_prefix in epoch 1 and both channels in epoch 2 read it.
             assert (stats["misses"], stats["hits"], stats["uncached_calls"]) == (n, 3 * n, 0)
+            features = manifest["audio_feature_cache"]  # and its log-mel features are extracted once
+            assert (features["misses"], features["hits"], features["uncached_calls"]) == (n, 3 * n, 0)
         else:
-            assert "audio_encoder_cache" not in manifest
+            assert "audio_encoder_cache" not in manifest and "audio_feature_cache" not in manifest
     assert len(rows[True]) == len(rows[False])
     for plain, cached in zip(rows[False], rows[True]):
         for key in ("loss_tt", "loss_st", "loss_st_prefix", "grad_norm"):
