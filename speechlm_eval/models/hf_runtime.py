@@ -278,7 +278,7 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """Ids that end an answer: the checkpoint's generation EOS ids plus ChatML's ``<|im_end|>`` when it exists."""
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = tokenizer.get_vocab().get("<|im_end|>")  # not convert_tokens_to_ids: Mistral's tokenizer warns on a miss
     if isinstance(im_end, int) and im_end not in ids and im_end != tokenizer.unk_token_id:
         ids.append(im_end)
     if not ids:

@@ -23,6 +23,7 @@ FAMILIES: Registry[Family] = Registry(
         "granite-speech": "speechlm_eval.models.granite_speech:FAMILY",
         "gemma3n": "speechlm_eval.models.gemma3n:FAMILY",
         "phi4-multimodal": "speechlm_eval.models.phi4_multimodal:FAMILY",
+        "voxtral": "speechlm_eval.models.voxtral:FAMILY",
     },
     unknown=lambda name, known: ModelLoadError(f"unknown model family {name!r}; registered: {known}"),
 )
