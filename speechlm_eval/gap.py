@@ -236,17 +236,25 @@ def resolve_batch_size(config: GapConfig, models: dict[str, Any], items: Sequenc
 def bytes_per_row_token(model: Any) -> int:
     """Estimated memory one token of one batch row holds at the peak of a forward pass, from the model's config: its
     key/value cache in every layer (model dtype), one layer's float32 intermediates (attention projections and the
-    MLP), and a float32 logit row (families without ``logits_to_keep`` compute logits for every prompt position)."""
+    MLP), and a float32 logit row (families without ``logits_to_keep`` compute logits for every prompt position).
+    Per-layer sizes (Gemma 3n's list of MLP widths) count at their largest."""
     text = model.config.get_text_config()
-    hidden = int(text.hidden_size)
-    heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-    ffn = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+
+    def size(name: str, default: int) -> int:
+        value = getattr(text, name, None)
+        if isinstance(value, (list, tuple)):
+            value = max(value, default=None)
+        return int(value) if value else default
+
+    hidden = size("hidden_size", 0)
+    heads = size("num_attention_heads", 1)
+    kv_heads = size("num_key_value_heads", heads)
+    head_dim = size("head_dim", hidden // heads)
+    ffn = max(size("intermediate_size", 4 * hidden), size("moe_intermediate_size", 0))
     element = next(model.parameters()).element_size()
-    kv_cache = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * element
+    kv_cache = 2 * size("num_hidden_layers", 1) * kv_heads * head_dim * element
     layer = 4 * (4 * hidden + 3 * ffn)
-    return kv_cache + layer + 4 * int(text.vocab_size)
+    return kv_cache + layer + 4 * size("vocab_size", 0)
 
 
 def cpu_batch_size(model: Any, new_tokens: int, budget_bytes: float) -> int:
