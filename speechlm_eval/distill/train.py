@@ -589,11 +589,14 @@ def model_dtype(config: DistillConfig, accelerator: Any) -> str:
 
 
 def load_student(config: DistillConfig, accelerator: Any) -> Any:
-    from speechlm_eval.models.registry import LoadOptions, load_model
+    from speechlm_eval.models.registry import FAMILIES, LoadOptions, load_model
 
     options = LoadOptions(device=str(accelerator.device), dtype=model_dtype(config, accelerator),
                           trust_remote_code=config.trust_remote_code)
     student = load_model(config.student, options)
+    family = FAMILIES.get(student.family) if student.family in FAMILIES.names() else None
+    if family is not None and family.not_distillable:
+        raise ConfigError(f"the student {config.student!r} is a {student.family} checkpoint: {family.not_distillable}")
     if not student.accepts_audio or not isinstance(student, TrainableSpeechLM):
         raise ConfigError(f"the student {config.student!r} ({student.describe().get('family')}) is not a speech LLM "
                           "this recipe can train (it needs the TrainableSpeechLM interface)")

@@ -237,12 +237,16 @@ def load_audio_text(name_or_path: str, options: LoadOptions, spec: AudioTextSpec
 
 
 def audio_text_family(spec: AudioTextSpec, loader: Callable[[str, LoadOptions], AudioTextModel] | None = None,
-                      capabilities: tuple[str, ...] = ("generate", "log-probs", "transcription probe", "distill")
-                      ) -> Family:
-    """The registry entry of an audio-text family (``loader`` replaces the generic one where a family needs to)."""
+                      capabilities: tuple[str, ...] = ("generate", "log-probs", "transcription probe", "distill"),
+                      not_distillable: str | None = None) -> Family:
+    """The registry entry of an audio-text family (``loader`` replaces the generic one where a family needs to;
+    ``not_distillable``: why ``distill`` refuses the family, which then does not list "distill")."""
+    if not_distillable is not None:
+        capabilities = tuple(c for c in capabilities if c != "distill")
     return Family(name=spec.family, load=loader or (lambda path, options: load_audio_text(path, options, spec)),
                   model_types=spec.model_types, accepts_audio=True, capabilities=capabilities,
-                  backbone=spec.extras.get("backbone"), notes=str(spec.extras.get("notes", "")))
+                  backbone=spec.extras.get("backbone"), notes=str(spec.extras.get("notes", "")),
+                  not_distillable=not_distillable)
 
 
 SPEECH_ADAPTER = "speech"  # the adapter name a checkpoint's own audio-only LoRA is loaded under

@@ -104,6 +104,7 @@ class Family:
     capabilities: tuple[str, ...] = ("generate", "log-probs")
     backbone: str | None = None  # the public text checkpoint its language model is, for the forgetting reference
     notes: str = ""
+    not_distillable: str | None = None  # why ``distill`` refuses every checkpoint of the family (None: it does not)
 
 
 @runtime_checkable

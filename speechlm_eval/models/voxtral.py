@@ -18,7 +18,7 @@ default. Clips up to 40 minutes, the model card's limit for audio understanding,
 
 Backbone: Voxtral Mini 3B is built on Ministral 3B, whose weights are not public; Voxtral Small 24B on Mistral Small
 3.1 24B (``mistralai/Mistral-Small-3.1-24B-Instruct-2503``). Needs ``mistral-common`` (``pip install
-'speechlm-eval[voxtral]'``).
+'speechlm-eval[voxtral]'``). ``gap`` only: ``distill`` refuses the family (:data:`NOT_DISTILLABLE`).
 """
 
 from __future__ import annotations
@@ -135,4 +135,7 @@ def load(name_or_path: str, options: LoadOptions) -> VoxtralModel:
     return VoxtralModel(name_or_path, loaded.model, loaded.processor, revision=options.revision)
 
 
-FAMILY = audio_text_family(SPEC, load)
+NOT_DISTILLABLE = ("distillation aligns the teacher's and the student's vocabularies token string by token string, "
+                   "and Mistral's tokenizer (mistral-common) gives its byte tokens no one-to-one strings; not "
+                   "supported yet")
+FAMILY = audio_text_family(SPEC, load, not_distillable=NOT_DISTILLABLE)

@@ -131,3 +131,15 @@ def test_gap_three_arms_and_diagnostics(voxtral_dir, tiny_pair, tmp_path):
     manifest = results["manifest"]
     assert manifest["text_llm_reference"]["label"] == "proxy"
     assert manifest["system_prompt"]["text"] is None
+
+
+def test_distill_refuses_the_family_with_the_reason(voxtral_dir, tiny_pair, tmp_path):
+    from speechlm_eval.distill.config import ConfigError, DistillConfig
+    from speechlm_eval.distill.train import distill
+    from speechlm_eval.models.registry import get_family
+
+    assert "distill" not in get_family("voxtral").capabilities
+    with pytest.raises(ConfigError, match="Mistral's tokenizer"):
+        distill(DistillConfig(student=str(voxtral_dir), teacher=str(tiny_pair[1]), out=tmp_path / "run",
+                              max_examples=4, batch_size=2, epochs=1))
+    assert not (tmp_path / "run" / "checkpoint").exists()
