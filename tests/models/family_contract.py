@@ -48,6 +48,19 @@ def assert_continuation_logits_contract(model, prompts: list[Prompt]) -> None:
         np.testing.assert_allclose(got, picked[i][mask[i]].numpy(), atol=1e-4)
 
 
+def assert_the_audio_reaches_the_model(model) -> None:
+    """A quiet and a loud clip give different log-probs of the same continuation: the audio is not dropped."""
+    quiet, loud = Prompt(audio=clip(1.0, 5, scale=0.01)), Prompt(audio=clip(1.0, 6, scale=0.5))
+    a, b = model.continuation_logprobs([quiet, loud], ["hello there", "hello there"])
+    assert abs(a - b).max() > 1e-3
+
+
+def contract_prompts(with_audio: bool) -> list[Prompt]:
+    """Two short prompts for :func:`assert_continuation_logits_contract`, each with a 1 s clip when ``with_audio``."""
+    prompts = [Prompt(text="Which animal is a mammal?"), Prompt(text="the sea")]
+    return [Prompt(audio=clip(1.0, 7), text=p.text) for p in prompts] if with_audio else prompts
+
+
 def assert_distill_modules(model, encoder_class: str, projector_class: str | None, lm_class: str, *,
                            lm_only: bool = True) -> None:
     """``language_model()``/``audio_encoder()``/``projector()`` are the family's modules, and LoRA with the family's

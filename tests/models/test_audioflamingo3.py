@@ -20,7 +20,9 @@ from tests.models.family_contract import (
     assert_continuation_logits_contract,
     assert_distill_modules,
     assert_gap_run_is_complete,
+    assert_the_audio_reaches_the_model,
     clip,
+    contract_prompts,
     run_gap,
 )
 
@@ -100,17 +102,12 @@ def test_batched_generation_equals_one_at_a_time(af3):
 
 
 def test_the_audio_reaches_the_model(af3):
-    quiet, loud = Prompt(audio=clip(1.0, 5, scale=0.01)), Prompt(audio=clip(1.0, 6, scale=0.5))
-    a, b = af3.continuation_logprobs([quiet, loud], ["hello there", "hello there"])
-    assert abs(a - b).max() > 1e-3
+    assert_the_audio_reaches_the_model(af3)
 
 
 @pytest.mark.parametrize("with_audio", [False, True])
 def test_continuation_logits_shapes_and_masks(af3, with_audio):
-    prompts = [Prompt(text="Which animal is a mammal?"), Prompt(text="the sea")]
-    if with_audio:
-        prompts = [Prompt(audio=clip(1.0, 7), text=p.text) for p in prompts]
-    assert_continuation_logits_contract(af3, prompts)
+    assert_continuation_logits_contract(af3, contract_prompts(with_audio))
 
 
 def test_gradients_reach_the_audio_encoder(af3):

@@ -21,7 +21,9 @@ from tests.models.family_contract import (
     assert_continuation_logits_contract,
     assert_distill_modules,
     assert_gap_run_is_complete,
+    assert_the_audio_reaches_the_model,
     clip,
+    contract_prompts,
     run_gap,
 )
 
@@ -90,17 +92,12 @@ def test_batched_generation_equals_one_at_a_time(vox):
 
 
 def test_the_audio_reaches_the_model(vox):
-    quiet, loud = Prompt(audio=clip(1.0, 5, scale=0.01)), Prompt(audio=clip(1.0, 6, scale=0.5))
-    a, b = vox.continuation_logprobs([quiet, loud], ["hello there", "hello there"])
-    assert abs(a - b).max() > 1e-3
+    assert_the_audio_reaches_the_model(vox)
 
 
 @pytest.mark.parametrize("with_audio", [False, True])
 def test_continuation_logits_shapes_and_masks(vox, with_audio):
-    prompts = [Prompt(text="Which animal is a mammal?"), Prompt(text="the sea")]
-    if with_audio:
-        prompts = [Prompt(audio=clip(1.0, 7), text=p.text) for p in prompts]
-    assert_continuation_logits_contract(vox, prompts)
+    assert_continuation_logits_contract(vox, contract_prompts(with_audio))
 
 
 def test_distillation_finds_the_modules_and_lora_targets(vox):
