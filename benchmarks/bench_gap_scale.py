@@ -9,15 +9,17 @@ model is the shipped organism pair (speech LLM and text LLM): the default run, t
 perception probe, with records, scoring, bootstrap, plots and report, as a user gets it.
 
 Every run has the same ``--batch-size`` (default 64), so a larger run has more batches, not larger ones. Each run is a
-fresh subprocess (one torch thread), timed from start to exit, with its peak resident memory (``ru_maxrss``) and its
-peak anonymous memory (RssAnon sampled every 20 ms: what the process allocates; peak RSS also counts the pages of the
-memory-mapped dataset it has read, which the kernel can drop). Runs at 1, 100, 400 and 800 items (medians of
-``--repeats``). Printed:
+fresh subprocess (one torch thread) running ``gap`` under ``profile_gap.py``'s phase hooks, timed from start to exit,
+with its peak resident memory (``ru_maxrss``) and its peak anonymous memory (RssAnon sampled every 20 ms: what the
+process allocates; peak RSS also counts the pages of the memory-mapped dataset it has read, which the kernel can
+drop). Runs at 100, 400 and 800 items (medians of ``--repeats``). Printed:
 - ``time ratio``: wall seconds at 800 items over wall seconds at 100 (linear cost: at most 1.15 x 8 = 9.2; start-up
   is paid once, so a whole-process ratio comes out lower);
-- ``slope ratio``: the seconds per added item from 400 to 800 over those from 100 to 400 (1 = linear; above 1.15, a
-  cost grows faster than the items). Differences of whole-process times carry the start-up's noise (a second or
-  two here), so the spans are hundreds of items;
+- the per-item phases' seconds (the arms' generate, the KL pass, the probe, features, prompt encoding, audio reads,
+  records, scoring, bootstrap; start-up, imports, model load, plots and report left out) at 100, 400 and 800 items,
+  their 800/100 ratio (linear: 8, within 9.2), and the ``slope ratio``: their seconds per added item from 400 to 800
+  over those from 100 to 400 (1 = linear; above 1.15, a cost grows faster than the items). Whole-process
+  differences would carry the start-up's noise (imports alone vary by two seconds here);
 - ``memory``: peaks at 100 and 800 items and the growth per added item, with the audio encoder cache on (the default:
   it keeps each clip's encoder output and log-mel features up to ``--audio-cache-gib``, so it grows with the clips
   until that bound) and off (``--no-cache-audio-encoder``: what the run holds besides that bounded cache).
@@ -72,22 +74,36 @@ def build_voicebench_copy(root: Path, count: int) -> Path:
     return root
 
 
+# Phases of profile_gap's table that are paid once per run, whatever the items; the others are the items' own.
+FIXED_PHASES = {"imports", "model load", "plots", "report (markdown, html)", "other", "data", "judge"}
+
+
 def gap_argv(data_dir: Path, out: Path, limit: int, cache: bool, batch_size: int) -> list[str]:
+    """``gap``'s arguments (the default organism run on the copy), without the program."""
     from speechlm_eval.embedded import embedded_models
 
     speech, text = embedded_models()
-    argv = [sys.executable, "-m", "speechlm_eval.cli", "gap", "--model", str(speech), "--text-model", str(text),
-            "--suite", f"voicebench:{SUBSET}", "--data-dir", str(data_dir), "--limit", str(limit), "--out", str(out),
-            "--overwrite", "--threads", "1", "--max-new-tokens", "8", "--batch-size", str(batch_size)]
+    argv = ["gap", "--model", str(speech), "--text-model", str(text), "--suite", f"voicebench:{SUBSET}",
+            "--data-dir", str(data_dir), "--limit", str(limit), "--out", str(out), "--overwrite", "--threads", "1",
+            "--max-new-tokens", "8", "--batch-size", str(batch_size)]
     return argv + ([] if cache else ["--no-cache-audio-encoder"])
 
 
-def measure(data_dir: Path, tmp: Path, limit: int, cache: bool, args: argparse.Namespace) -> tuple[float, float, float]:
-    """Median wall seconds, peak RSS (MiB) and peak anonymous memory (MiB) of ``args.repeats`` runs at ``limit``."""
-    argv = gap_argv(data_dir, tmp / f"run-{limit}-{cache}", limit, cache, args.batch_size)
-    runs = [timed_process(argv) for _ in range(args.repeats)]
-    return (statistics.median(r[0] for r in runs), statistics.median(r[1] / 1024 for r in runs),
-            statistics.median(r[2] / 1024 for r in runs))
+def measure(data_dir: Path, tmp: Path, limit: int, cache: bool, args: argparse.Namespace) -> dict[str, float]:
+    """Medians over ``args.repeats`` runs at ``limit`` items: wall seconds, peak RSS and peak anonymous memory (MiB),
+    and the seconds of the per-item phases. Each run is ``gap`` under ``profile_gap.py``'s phase hooks (its child
+    mode), which charge every second to one phase: the per-item phases' sum leaves out start-up, imports, model load,
+    plots and report, whose run-to-run noise (seconds) would swamp a difference of whole-process times."""
+    runs = []
+    for r in range(args.repeats):
+        phases = tmp / f"phases-{limit}-{cache}-{r}.json"
+        argv = [sys.executable, str(ROOT / "benchmarks" / "profile_gap.py"), "--child", str(phases), "--",
+                *gap_argv(data_dir, tmp / f"run-{limit}-{cache}", limit, cache, args.batch_size)]
+        seconds, rss, anon = timed_process(argv)
+        table = json.loads(phases.read_text())["seconds"]
+        runs.append((seconds, rss / 1024, anon / 1024, sum(v for k, v in table.items() if k not in FIXED_PHASES)))
+    return {name: statistics.median(run[i] for run in runs)
+            for i, name in enumerate(("seconds", "rss_mib", "anon_mib", "item_seconds"))}
 
 
 def main() -> None:
@@ -97,34 +113,37 @@ def main() -> None:
                         help="the same for every run, so a larger run has more batches, not larger ones (peak "
                              "memory grows with the batch: each row's log-mel window and encoder activations)")
     args = parser.parse_args()
-    sizes = (1, 100, 400, 800)
+    sizes = (100, 400, 800)
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; one torch thread; batch {args.batch_size}")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         data_dir = build_voicebench_copy(tmp / "voicebench", sizes[-1])
         rows = []
         for cache in (True, False):
-            seconds, rss, anon = {}, {}, {}
-            for n in sizes:
-                seconds[n], rss[n], anon[n] = measure(data_dir, tmp, n, cache, args)
-            row = {"audio_cache": cache, "seconds": {n: round(v, 2) for n, v in seconds.items()},
-                   "time_ratio_800_100": round(seconds[800] / seconds[100], 2), "linear_bound": 9.2,
-                   "slope_ratio": round(((seconds[800] - seconds[400]) / 400) / ((seconds[400] - seconds[100]) / 300), 2),
-                   "ms_per_item_100_400": round(1000 * (seconds[400] - seconds[100]) / 300, 1),
-                   "ms_per_item_400_800": round(1000 * (seconds[800] - seconds[400]) / 400, 1),
-                   "peak_rss_mib": {n: round(v, 1) for n, v in rss.items()},
-                   "peak_anon_mib": {n: round(v, 1) for n, v in anon.items()},
-                   "anon_kib_per_added_item": round((anon[800] - anon[100]) * 1024 / 700, 1),
-                   "rss_kib_per_added_item": round((rss[800] - rss[100]) * 1024 / 700, 1)}
+            m = {n: measure(data_dir, tmp, n, cache, args) for n in sizes}
+
+            def col(name: str, digits: int = 2) -> dict[int, float]:
+                return {n: round(m[n][name], digits) for n in sizes}
+
+            t, items = col("seconds"), col("item_seconds")
+            row = {"audio_cache": cache, "seconds": t, "item_seconds": items,
+                   "time_ratio_800_100": round(t[800] / t[100], 2), "linear_bound": 9.2,
+                   "item_ratio_800_100": round(items[800] / items[100], 2),
+                   "slope_ratio": round(((items[800] - items[400]) / 400) / ((items[400] - items[100]) / 300), 2),
+                   "ms_per_item_100_400": round(1000 * (items[400] - items[100]) / 300, 1),
+                   "ms_per_item_400_800": round(1000 * (items[800] - items[400]) / 400, 1),
+                   "peak_rss_mib": col("rss_mib", 1), "peak_anon_mib": col("anon_mib", 1),
+                   "anon_kib_per_added_item": round((m[800]["anon_mib"] - m[100]["anon_mib"]) * 1024 / 700, 1),
+                   "rss_kib_per_added_item": round((m[800]["rss_mib"] - m[100]["rss_mib"]) * 1024 / 700, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'audio cache':<11} {'s@1':>6} {'s@100':>6} {'s@400':>6} {'s@800':>6} {'800/100':>7} {'slopes':>6} "
-          f"{'anon MiB 100/800':>17} {'KiB/item':>8} {'RSS MiB 100/800':>16} {'KiB/item':>8}")
+    print(f"\n{'audio cache':<11} {'s@100':>6} {'s@800':>6} {'800/100':>7} {'items s@100/400/800':>21} {'800/100':>7} "
+          f"{'slopes':>6} {'anon MiB 100/800':>17} {'KiB/item':>8} {'RSS MiB 100/800':>16}")
     for r in rows:
-        t, a, m = r["seconds"], r["peak_anon_mib"], r["peak_rss_mib"]
-        print(f"{'on' if r['audio_cache'] else 'off':<11} {t[1]:>6.2f} {t[100]:>6.2f} {t[400]:>6.2f} {t[800]:>6.2f} "
-              f"{r['time_ratio_800_100']:>6.2f}x {r['slope_ratio']:>5.2f}x {a[100]:>8.1f}/{a[800]:<8.1f} "
-              f"{r['anon_kib_per_added_item']:>8.1f} {m[100]:>7.1f}/{m[800]:<8.1f} {r['rss_kib_per_added_item']:>8.1f}")
+        t, i, a, m = r["seconds"], r["item_seconds"], r["peak_anon_mib"], r["peak_rss_mib"]
+        print(f"{'on' if r['audio_cache'] else 'off':<11} {t[100]:>6.2f} {t[800]:>6.2f} {r['time_ratio_800_100']:>6.2f}x "
+              f"{i[100]:>6.2f}/{i[400]:>6.2f}/{i[800]:>6.2f} {r['item_ratio_800_100']:>6.2f}x {r['slope_ratio']:>5.2f}x "
+              f"{a[100]:>8.1f}/{a[800]:<8.1f} {r['anon_kib_per_added_item']:>8.1f} {m[100]:>7.1f}/{m[800]:<8.1f}")
 
 
 if __name__ == "__main__":
