@@ -237,3 +237,12 @@ def test_the_audio_cache_changes_no_answer(omni):
 
     assert_audio_cache_answers_alike(omni, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
                                            Prompt(audio=contract_clip(1.0, 3), text="ok?")])
+
+
+@pytest.mark.slow
+def test_gap_three_arms_and_diagnostics(omni_pair, tmp_path):
+    from tests.models.family_contract import assert_gap_run_is_complete, run_gap
+
+    text_dir, speech_dir = omni_pair
+    results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "qwen2.5-omni")
+    assert results["manifest"]["system_prompt"]["text"] == "You are a helpful assistant."
