@@ -236,7 +236,7 @@ def resolve_batch_size(config: GapConfig, models: dict[str, Any], items: Sequenc
 def bytes_per_row_token(model: Any) -> int:
     """Estimated memory one token of one batch row holds at the peak of a forward pass, from the model's config: its
     key/value cache in every layer (model dtype), one layer's float32 intermediates (attention projections and the
-    MLP), and a float32 logit row (families without ``logits_to_keep`` compute logits for every prompt position).
+    MLP), and a float32 logit row (an upper bound: generation and the KL pass project only the positions they need).
     Per-layer sizes (Gemma 3n's list of MLP widths) count at their largest."""
     text = model.config.get_text_config()
 

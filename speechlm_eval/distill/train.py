@@ -205,7 +205,10 @@ def train(run: Run) -> None:
                      enabled=accelerator.is_main_process)
     log_file = open(log_path, "a", encoding="utf-8") if accelerator.is_main_process else contextlib.nullcontext()
     audio_cache = run.audio_cache.installed() if run.audio_cache else contextlib.nullcontext()
-    with progress, log_file as log, audio_cache, features_cached(run):
+    features = run.feature_cache.installed(run.student.processor) if run.feature_cache else contextlib.nullcontext()
+    with progress, log_file as log, audio_cache, features as features_installed:
+        if features_installed is False:
+            run.feature_cache = None  # a processor that is a frozen record keeps its own extractor: uncached
         for step, epoch, micro_batches in run.planned_steps():
             if step <= run.done_step:
                 continue  # trained before the resume; the data order is the planned one
@@ -474,13 +477,18 @@ def teacher_source(config: DistillConfig, accelerator: Any, examples: Sequence[D
     return None, TeacherCache.open(config.out / "teacher_cache")  # the teacher is freed: the cache is all we need
 
 
+def audio_caching(run: Run) -> bool:
+    """Whether the audio caches apply: ``--cache-audio-encoder`` is on and an audio channel runs."""
+    return run.config.cache_audio_encoder and any(c in AUDIO_CHANNELS for c in run.channels)
+
+
 def make_audio_cache(run: Run) -> EncoderCache | None:
     """The frozen audio encoder's per-clip output cache, when an audio channel runs and ``--cache-audio-encoder``
     is on (the encoder is always frozen and in eval mode here; the projector after it may train); half of
     ``--audio-cache-gib`` (the features get the other half). Not under FSDP: a sharded encoder gathers its weights in
     every forward, and processes whose clips hit the cache while another's miss would leave that process waiting in
     the gather."""
-    if not run.config.cache_audio_encoder or not any(c in AUDIO_CHANNELS for c in run.channels):
+    if not audio_caching(run):
         return None
     if run.accelerator.distributed_type.value == "FSDP":
         return None
@@ -491,32 +499,12 @@ def make_feature_cache(run: Run) -> FeatureCache | None:
     """The student's log-mel features per clip (:class:`~speechlm_eval.models.encoder_cache.FeatureCache`), on the
     same switch and with the other half of ``--audio-cache-gib``: every epoch and audio channel hears the same TTS
     clips, so each is extracted once. Under FSDP too (it runs on the CPU before the model, no collective in it);
-    ``None`` for a student whose processor has no feature extractor to stand in for."""
-    if not run.config.cache_audio_encoder or not any(c in AUDIO_CHANNELS for c in run.channels):
+    ``None`` for a student whose processor has no feature extractor to stand in for. Installed on the student's
+    processor for the training loop (:meth:`FeatureCache.installed`)."""
+    if not audio_caching(run):
         return None
     extractor = getattr(getattr(run.student, "processor", None), "feature_extractor", None)
     return None if extractor is None else FeatureCache(extractor, int(run.config.audio_cache_gib * 2**30) // 2)
-
-
-@contextlib.contextmanager
-def features_cached(run: Run) -> Iterator[None]:
-    """Within the block the student's processor extracts features through the run's feature cache (a processor
-    that is a frozen record, as the Omni families' are, keeps its own extractor: uncached)."""
-    processor = getattr(run.student, "processor", None)
-    if run.feature_cache is None or processor is None:
-        yield
-        return
-    own = processor.feature_extractor
-    try:
-        processor.feature_extractor = run.feature_cache
-    except AttributeError:
-        run.feature_cache = None
-        yield
-        return
-    try:
-        yield
-    finally:
-        processor.feature_extractor = own
 
 
 def make_scheduler(optimizer: Any, config: DistillConfig, total_steps: int) -> Any:

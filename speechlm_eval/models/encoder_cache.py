@@ -174,6 +174,21 @@ class FeatureCache:
         assert self.output_type is not None  # set by the call that stored the rows
         return self.output_type(joined)
 
+    @contextlib.contextmanager
+    def installed(self, processor: Any) -> Iterator[bool]:
+        """Within the block ``processor.feature_extractor`` is this cache; yields whether it could be put there (not
+        on a processor that is a frozen record, as the Omni families' own are: their features run uncached)."""
+        own = processor.feature_extractor
+        try:
+            processor.feature_extractor = self
+        except AttributeError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            processor.feature_extractor = own
+
     def _store(self, key: str, row: dict[str, Any]) -> None:
         size = sum(v.nbytes for v in row.values())
         if self.stats.stored_bytes + size > self.max_bytes:
@@ -205,18 +220,12 @@ def cached_audio_encoder(model: Any, max_bytes: int) -> Iterator[EncoderCache | 
         return
     processor = getattr(model, "processor", None)
     extractor = getattr(processor, "feature_extractor", None)
-    if extractor is not None:
-        try:
-            processor.feature_extractor = FeatureCache(extractor, max_bytes // 2)
-            cache.features = processor.feature_extractor
-        except AttributeError:  # a processor that is a frozen record (the Omni families' own): features uncached
-            cache.features = None
-    try:
-        with cache.installed():
-            yield cache
-    finally:
-        if cache.features is not None:
-            processor.feature_extractor = extractor
+    features = FeatureCache(extractor, max_bytes // 2) if extractor is not None else None
+    with contextlib.ExitStack() as stack:
+        cache.features = features if features is not None and stack.enter_context(features.installed(processor)) \
+            else None
+        stack.enter_context(cache.installed())
+        yield cache
 
 
 def _clip_key(clip: np.ndarray, options: bytes) -> str:
