@@ -87,7 +87,11 @@ HOOKS: dict[str, list[tuple[str, str | Callable[..., str]]]] = {
     "speechlm_eval.preflight": [("check_gap", "data")],
     "speechlm_eval.runner": [("run_arm", _arm_phase)],
     "speechlm_eval.diagnostics": [("run_distribution_diagnostics", "diagnostics: KL/JSD pass"),
-                                  ("run_perception_probe", "diagnostics: perception probe")],
+                                  ("run_perception_probe", "diagnostics: perception probe"),
+                                  # the same passes on top of the speech arm's prompt cache (--reuse-prompt-cache):
+                                  # their own tokens only; the prompts' prefill stays with the arm, which needs it
+                                  ("SpeechArmDiagnostics._divergences", "diagnostics: KL/JSD pass"),
+                                  ("SpeechArmDiagnostics._probe", "diagnostics: perception probe")],
     "speechlm_eval.speech.cache": [("CachedTTS.synthesize", "TTS / audio")],
     "speechlm_eval.data.audio": [("decode_audio", "TTS / audio")],
     "speechlm_eval.models.audio_text": [("AudioTextModel.encode", "prompt encoding (template, tokens)")],

@@ -13,6 +13,7 @@ Both resume like the arms: items already recorded are not recomputed.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.backbone import shared_vocabulary
 from speechlm_eval.data.item import KEY_PHRASE, Item
 from speechlm_eval.distributed import process_state, shard
@@ -55,19 +57,24 @@ def phrase_heard(transcript: str, phrase: str) -> bool:
 
 
 def token_divergences(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-token KL(p‖q) and JSD(p, q) at temperature 1, over the masked positions of one batch.
+    """Per-row mean KL(p‖q) and JSD(p, q) at temperature 1 over the masked positions of one batch.
 
     ``p_logits``/``q_logits``: ``(batch, len, vocab)`` (cut to a common vocabulary); ``mask``: ``(batch, len)`` bool.
-    Returns, per row, the mean KL and mean JSD over its masked tokens.
+    Every masked token of the batch goes through one divergence call (in chunks), then each row averages its own;
+    a row without masked tokens gets NaN.
     """
-    kl_rows, jsd_rows = [], []
-    for row in range(p_logits.shape[0]):
-        m = mask[row : row + 1]
-        kl = token_kl(p_logits[row : row + 1], q_logits[row : row + 1], m)
-        jsd = token_jsd(p_logits[row : row + 1], q_logits[row : row + 1], m)
-        kl_rows.append(float(kl.mean()) if kl.numel() else float("nan"))
-        jsd_rows.append(float(jsd.mean()) if jsd.numel() else float("nan"))
-    return kl_rows, jsd_rows
+    mask = mask.bool()
+    kl = token_kl(p_logits, q_logits, mask)  # (n_masked,), in row-major order of the mask
+    jsd = token_jsd(p_logits, q_logits, mask)
+    counts = mask.sum(dim=1)
+    rows = torch.repeat_interleave(torch.arange(mask.shape[0], device=mask.device), counts)
+
+    def row_means(values: torch.Tensor) -> list[float]:
+        sums = torch.zeros(mask.shape[0], dtype=torch.float64, device=values.device)
+        sums.index_add_(0, rows, values.double())
+        return [float(s / n) if n else float("nan") for s, n in zip(sums.tolist(), counts.tolist())]
+
+    return row_means(kl), row_means(jsd)
 
 
 def _common_vocab(*models: SpeechLM) -> int:
@@ -153,10 +160,14 @@ def run_distribution_diagnostics(
             shown.advance(len(batch))
 
 
-def _divergence_records(items, text_prompts, audio_prompts, targets, speech_llm, text_llm, shared, reference_arm):
+def _divergence_records(items, text_prompts, audio_prompts, targets, speech_llm, text_llm, shared, reference_arm,
+                        given_speech=None):
+    """The diagnostics records of one batch; ``given_speech``: the speech LLM's logits over ``targets`` after the
+    audio prompts when already computed (from the speech arm's prompt cache), else computed here."""
     vocab = _common_vocab(speech_llm)
     given_text, _, mask = speech_llm.continuation_logits(text_prompts, targets)
-    given_speech, _, _ = speech_llm.continuation_logits(audio_prompts, targets)
+    if given_speech is None:
+        given_speech, _, _ = speech_llm.continuation_logits(audio_prompts, targets)
     kl_st, jsd_st = token_divergences(given_text[..., :vocab], given_speech[..., :vocab], mask)
     kl_tl = jsd_tl = [None] * len(items)
     skipped: list[str | None] = [None] * len(items)
@@ -280,11 +291,138 @@ def _probe_group(todo: list[Item], budget: int, speech_llm: SpeechLM, audio_sour
             if isinstance(out, Exception):
                 records.append(error_record(PERCEPTION, item, out))
                 continue
-            spoken = item.text_to_speak() or ""
-            record = {"id": item.id, "subset": item.subset, "arm": PERCEPTION, "error": None,
-                      "transcript": out.text, "wer": word_error_rate(spoken, out.text)}
-            if item.meta.get(KEY_PHRASE):
-                record["key_heard"] = phrase_heard(out.text, str(item.meta[KEY_PHRASE]))
-            records.append(record)
+            records.append(probe_record(item, out.text))
         writer.write_many(records)
         shown.advance(len(batch))
+
+
+def probe_record(item: Item, transcript: str) -> dict[str, Any]:
+    """The perception record of one item's transcript."""
+    record = {"id": item.id, "subset": item.subset, "arm": PERCEPTION, "error": None,
+              "transcript": transcript, "wer": word_error_rate(item.text_to_speak() or "", transcript)}
+    if item.meta.get(KEY_PHRASE):
+        record["key_heard"] = phrase_heard(transcript, str(item.meta[KEY_PHRASE]))
+    return record
+
+
+class SpeechArmDiagnostics:
+    """The KL/JSD pass and the perception probe run on top of the speech arm's prompts, batch by batch.
+
+    The speech arm's ``generate`` keeps its prompts' cache (:mod:`speechlm_eval.models.prompt_cache`); the speech
+    LLM's logits over each fixed response and the transcript then cost only their own tokens, not the clip's audio
+    tokens again. :meth:`answer` is :func:`~speechlm_eval.runner.answer_batch` for ``run_arm`` plus that work; it
+    writes this process's diagnostics and perception records as each batch finishes. It is an acceleration only:
+    whatever it leaves (an item whose prompt differs from the passes' own, a batch that failed, a reference answered
+    after the speech arm) the separate passes, which run after the arms and skip recorded items, do as before.
+
+    Use as a context manager (it holds the two record files open).
+    """
+
+    def __init__(self, run_dir: Path, speech_llm: SpeechLM, text_llm: SpeechLM | None, *,
+                 reference_arm: str | None = None, system: str | None = None,
+                 instruction: str = PROBE_INSTRUCTION, probe_max_new_tokens: int = 128, max_tokens: int = 256,
+                 ) -> None:
+        self.run = RunDir(run_dir)
+        self.speech_llm, self.text_llm = speech_llm, text_llm
+        self.reference_arm = reference_arm or (TEXT_LLM_TEXT if text_llm is not None else SPEECH_LLM_TEXT)
+        self.system, self.instruction = system, instruction
+        self.probe_max_new_tokens, self.max_tokens = probe_max_new_tokens, max_tokens
+        self.shared = (shared_vocabulary(speech_llm.tokenizer, text_llm.tokenizer)  # type: ignore[attr-defined]
+                       if text_llm is not None else None)
+        self.responses: dict[str, dict[str, Any]] | None = None
+        self._writers: dict[str, RecordWriter] = {}
+        self._done: dict[str, set[str]] = {}
+        self._written: dict[str, int] = {}
+        self._pending: tuple[list[Item], list[Prompt], Any] | None = None
+
+    def __enter__(self) -> "SpeechArmDiagnostics":
+        state = process_state()
+        for name in (DIAGNOSTICS, PERCEPTION):
+            self._done[name] = self.run.completed_ids(name)
+            self._written[name] = 0
+            path = self.run.records_path(name, state.process_index, state.num_processes)
+            self._writers[name] = RecordWriter(path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        if self._written and process_state().is_main_process:
+            logging.getLogger(__name__).info(
+                "on the speech arm's prompts: %d KL/JSD record(s), %d transcript(s) (this process)",
+                self._written[DIAGNOSTICS], self._written[PERCEPTION])
+
+    def answer(self, plan: Any, batch: Sequence[Item], generation: GenerationConfig,
+               audio_source: Callable[[Item], Any]) -> list[dict[str, Any]]:
+        """The speech arm's records of ``batch``, and its diagnostics and perception records written on the way."""
+        from speechlm_eval.runner import answer_batch
+
+        if self.responses is None:  # read at the first batch: every process has finished the earlier arms by then
+            self.responses = self.run.stream_records(self.reference_arm)
+        self._pending = None
+
+        def keep_prompts(items: list[Item], prompts: list[Prompt]) -> list[Any]:
+            outputs, state = plan.model.generate_keeping_prompt(prompts, generation)
+            self._pending = (items, prompts, state)
+            return outputs
+
+        records = answer_batch(plan, batch, generation, audio_source, generate=keep_prompts)
+        if self._pending is not None:
+            items, prompts, state = self._pending
+            self._pending = None
+            window = getattr(plan.model, "max_audio_seconds", None) if plan.truncate_audio else None
+            usable = [k for k, (item, prompt) in enumerate(zip(items, prompts))
+                      if item.has_text_equivalent and prompt.text is None and prompt.system == self.system
+                      and not (window and len(prompt.audio) >= int(window * SAMPLING_RATE))]
+            try:
+                self._divergences(items, prompts, state, usable)
+                self._probe(items, prompts, state, usable)
+            except Exception as error:  # noqa: BLE001 - the separate passes redo what is left, with error records
+                logging.getLogger(__name__).info("diagnostics on the speech arm's prompts stopped (%s); the separate "
+                                                 "passes will run what is left", error)
+        return records
+
+    def _divergences(self, items: list[Item], prompts: list[Prompt], state: Any, usable: list[int]) -> None:
+        """KL/JSD records of the batch's rows whose fixed response is known (teacher-forced after the cached
+        prompts; the text sides as in :func:`run_distribution_diagnostics`)."""
+        assert self.responses is not None
+        targets: list[list[int]] = [[] for _ in items]
+        rows = []
+        for k in usable:
+            item = items[k]
+            answer = self.responses.get(item.id, {})
+            if item.id in self._done[DIAGNOSTICS] or answer.get("error") is not None or not answer.get("response"):
+                continue
+            ids = self.speech_llm.tokenizer(answer["response"], add_special_tokens=False)["input_ids"]  # type: ignore[attr-defined]
+            if ids[: self.max_tokens]:
+                targets[k] = ids[: self.max_tokens]
+                rows.append(k)
+        if not rows:
+            return
+        given_speech, _, _ = state.continuation_logits(targets)
+        longest = max(len(targets[k]) for k in rows)
+        index = torch.tensor(rows, device=given_speech.device)
+        given_speech = given_speech[index][:, given_speech.shape[1] - longest:]
+        chosen = [items[k] for k in rows]
+        records = _divergence_records(chosen, [Prompt(text=i.text, system=self.system) for i in chosen],
+                                      [prompts[k] for k in rows], [targets[k] for k in rows], self.speech_llm,
+                                      self.text_llm, self.shared, self.reference_arm, given_speech=given_speech)
+        self._write(DIAGNOSTICS, records)
+
+    def _probe(self, items: list[Item], prompts: list[Prompt], state: Any, usable: list[int]) -> None:
+        """Perception records of the batch's rows: transcripts generated after the cached clips."""
+        rows = [k for k in usable if items[k].text_to_speak() and items[k].id not in self._done[PERCEPTION]]
+        if not rows:
+            return
+        budgets = [probe_budget(spoken_tokens(self.speech_llm, items[k].text_to_speak() or ""),
+                                self.probe_max_new_tokens) for k in rows]
+        if len(rows) < len(items):
+            state = state.select(rows)
+        asked = [Prompt(audio=prompts[k].audio, text=self.instruction, system=self.system) for k in rows]
+        outputs = state.generate(asked, GenerationConfig(max_new_tokens=max(budgets)), budgets=budgets)
+        self._write(PERCEPTION, [probe_record(items[k], out.text) for k, out in zip(rows, outputs)])
+
+    def _write(self, name: str, records: list[dict[str, Any]]) -> None:
+        self._writers[name].write_many(records)
+        self._done[name].update(r["id"] for r in records)
+        self._written[name] += len(records)

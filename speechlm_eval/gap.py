@@ -22,6 +22,7 @@ from speechlm_eval.rundir import (
     DIAGNOSTICS,
     PERCEPTION,
     PARITY,
+    SPEECH_LLM_SPEECH,
     TEXT_LLM_TEXT,
     ItemRow,
     Manifest,
@@ -163,7 +164,14 @@ class GapConfig:
                                      "reused by the speech arm, the KL/JSD pass and the perception probe instead of "
                                      "computing them three times. Records are the same either way (byte-identical "
                                      "on CPU). Applies to in-process families with an audio encoder; off by itself "
-                                     "elsewhere.")
+                                     "elsewhere, and where nothing would read it (--no-diagnostics, or the passes run "
+                                     "on the speech arm's prompts: --reuse-prompt-cache).")
+    reuse_prompt_cache: bool = _opt(True, "Run the KL/JSD pass and the perception probe on top of the speech arm's "
+                                    "prompts: the speech LLM's cache of each batch's prompts (system turn and audio) "
+                                    "is continued with the fixed response and with the probe's instruction instead "
+                                    "of encoding the clip's audio tokens again. Transcripts are the same either way; "
+                                    "KL/JSD values agree to float rounding. Applies to in-process families that "
+                                    "support it (qwen2-audio); the others run the passes separately.")
     audio_cache_gib: float = _opt(2.0, "Most CPU memory the audio cache holds (GiB; half for features, half for "
                                   "encoder outputs); clips past it are encoded each time they are used.", min=0.0)
     n_resamples: int = _opt(10_000, "Bootstrap resamples of every confidence interval.", min=1)
@@ -511,10 +519,13 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     order = [i.id for i in items]
     local = LocalModels(config, models)
     usage = UsageLog(run, models, state.process_index)
-    # Each clip's encoder outputs, computed in the speech arm and reused by the KL/JSD pass and the probe.
-    with audio_encoder_cache(config, models["speech_llm"]) as cache:
+    # The KL/JSD pass and the probe run on top of the speech arm's prompts where the family allows it; elsewhere
+    # each clip's features and encoder outputs, computed in the speech arm, are kept for the two passes.
+    fused = speech_arm_diagnostics(config, models, local, system)
+    with audio_encoder_cache(config, models["speech_llm"], needed=config.diagnostics and fused is None) as cache:
         try:
-            run_arms(config, items, models, audio_source, console, system, after_arm=usage.flush)
+            run_arms(config, items, models, audio_source, console, system, after_arm=usage.flush,
+                     diagnostics=fused)
             state.wait_for_everyone()
             if state.is_main_process:
                 run.merge(config.arms, order)
@@ -554,12 +565,15 @@ def run_gap(config: GapConfig, *, console: Any = None) -> Path:
     return run.path
 
 
-def audio_encoder_cache(config: GapConfig, model: Any) -> Any:
+def audio_encoder_cache(config: GapConfig, model: Any, needed: bool = True) -> Any:
     """The context in which ``model``'s audio encoder outputs are cached per clip (``--cache-audio-encoder``): a
-    :func:`~speechlm_eval.models.encoder_cache.cached_audio_encoder`, which does nothing where it cannot apply."""
+    :func:`~speechlm_eval.models.encoder_cache.cached_audio_encoder`, which does nothing where it cannot apply.
+
+    ``needed``: whether anything would read the cache (the separate KL/JSD pass and probe); when not (diagnostics
+    off, or run on top of the speech arm's prompts), none is kept, so the run's memory does not grow with clips."""
     import contextlib
 
-    if not config.cache_audio_encoder or is_served(config, "speech_llm"):
+    if not needed or not config.cache_audio_encoder or is_served(config, "speech_llm"):
         return contextlib.nullcontext()
     from speechlm_eval.models.encoder_cache import cached_audio_encoder
 
@@ -672,6 +686,28 @@ def describe_portably(model: Any, run_dir: Path) -> dict[str, Any]:
     return description
 
 
+def speech_arm_diagnostics(config: GapConfig, models: dict[str, Any], local: "LocalModels",
+                           system: str | None) -> Any:
+    """The diagnostics that run on top of the speech arm's prompts (``--reuse-prompt-cache``), or ``None`` where
+    they cannot: diagnostics off, a served speech LLM, or a family whose prompt cache is not reused."""
+    speech_llm = models["speech_llm"]
+    if not (config.diagnostics and config.reuse_prompt_cache and SPEECH_LLM_SPEECH in config.arms
+            and not is_served(config, "speech_llm") and getattr(speech_llm, "reuses_prompt_cache", False)):
+        return None
+    from speechlm_eval.diagnostics import PROBE_INSTRUCTION, SpeechArmDiagnostics
+
+    text_llm = local.get("text_llm") if local.available("text_llm") else None
+    reference = TEXT_LLM_TEXT if TEXT_LLM_TEXT in config.arms and models["text_llm"] is not None else None
+    return SpeechArmDiagnostics(Path(config.out), speech_llm, text_llm, reference_arm=reference, system=system,
+                                instruction=config.probe_instruction or PROBE_INSTRUCTION,
+                                probe_max_new_tokens=probe_limit(config))
+
+
+def probe_limit(config: GapConfig) -> int:
+    """The perception probe's largest new-token budget: four times the arms', at most 256."""
+    return min(256, 4 * int(config.max_new_tokens or 64))
+
+
 def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any], local: LocalModels,
                     audio_source: Any, system: str | None = None) -> None:
     """Judge-free diagnostics after the arms: per-token KL/JSD and the perception (transcription) probe.
@@ -692,7 +728,7 @@ def run_diagnostics(config: GapConfig, items: list[Item], models: dict[str, Any]
     run_perception_probe(out, [i for i in items if i.has_text_equivalent], speech_llm, audio_source,
                          instruction=config.probe_instruction or PROBE_INSTRUCTION,
                          batch_size=arm_batch_size(config, speech_llm),
-                         max_new_tokens=min(256, 4 * int(config.max_new_tokens or 64)), system=system)
+                         max_new_tokens=probe_limit(config), system=system)
 
 
 def load_models(config: GapConfig) -> dict[str, Any]:
@@ -770,9 +806,11 @@ def make_audio_source(config: GapConfig):
 
 
 def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], audio_source: Any,
-             console: Any, system: str | None = None, after_arm: Any = None) -> None:
+             console: Any, system: str | None = None, after_arm: Any = None, diagnostics: Any = None) -> None:
     """Each arm in turn, with its progress (:mod:`speechlm_eval.progress`) and a warning when items got errors;
-    ``after_arm`` (if given) runs after each arm."""
+    ``after_arm`` (if given) runs after each arm; ``diagnostics`` (a
+    :class:`~speechlm_eval.diagnostics.SpeechArmDiagnostics`, if given) answers the speech arm's batches."""
+    import contextlib
     import logging
 
     from speechlm_eval.distributed import process_state
@@ -782,8 +820,11 @@ def run_arms(config: GapConfig, items: Sequence[Item], models: dict[str, Any], a
                      truncate_audio=config.preset == "voicebench")
     state = process_state()
     for plan in plans:
-        stats = run_arm(plan, Path(config.out), generation=generation_config(config),
-                        batch_size=arm_batch_size(config, plan.model), audio_source=audio_source)
+        fused = diagnostics if diagnostics is not None and plan.name == SPEECH_LLM_SPEECH else None
+        with fused if fused is not None else contextlib.nullcontext():
+            stats = run_arm(plan, Path(config.out), generation=generation_config(config),
+                            batch_size=arm_batch_size(config, plan.model), audio_source=audio_source,
+                            answer=fused.answer if fused is not None else None)
         if stats.errors and state.is_main_process:
             logging.getLogger(__name__).warning("%s: %d item(s) got error records", plan.name, stats.errors)
         if after_arm is not None:

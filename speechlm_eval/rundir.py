@@ -384,6 +384,13 @@ class RunDir:
         """``{arm: {item id: record}}`` for every arm with a merged records file, in :data:`ARMS` order."""
         return {arm: self.records(arm) for arm in ARMS if self.records_path(arm).exists()}
 
+    def stream_records(self, stream: str) -> dict[str, dict[str, Any]]:
+        """``{item id: record}`` from the stream's merged file and every rank's file (before the stream is merged)."""
+        found: dict[str, dict[str, Any]] = {}
+        for path in self.stream_files(stream):
+            found.update((r["id"], r) for r in read_records(path, repair=True))
+        return found
+
     def completed_ids(self, stream: str) -> set[str]:
         """Ids with a record in the stream's merged file or in any rank's file (a killed multi-process run)."""
         done: set[str] = set()

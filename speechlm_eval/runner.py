@@ -92,9 +92,14 @@ def run_arm(
     batch_size: int,
     audio_source: AudioSource,
     progress: bool = True,
+    answer: Callable[..., list[dict[str, Any]]] | None = None,
 ) -> ArmProgress:
     """Answer this process's share of the arm's pending items, appending a record per item as each batch finishes;
-    ``progress`` shows the arm's progress (:func:`speechlm_eval.progress.stage`) on the main process."""
+    ``progress`` shows the arm's progress (:func:`speechlm_eval.progress.stage`) on the main process.
+
+    ``answer``: what turns a batch into records, called as :func:`answer_batch` is (the default); a caller may do
+    more with each batch (``gap``'s diagnostics on top of the speech arm's prompts)."""
+    answer = answer or answer_batch
     state = process_state()
     rank, world = state.process_index, state.num_processes
     run = RunDir(run_dir)
@@ -109,7 +114,7 @@ def run_arm(
     shown = stage(plan.name, total=len(mine), enabled=progress and state.is_main_process)
     with shown, RecordWriter(run.records_path(plan.name, rank, world)) as writer:
         for batch in batches(mine, batch_size):
-            records = answer_batch(plan, batch, generation, audio_source)
+            records = answer(plan, batch, generation, audio_source)
             writer.write_many(records)
             stats.done += len(records)
             stats.errors += sum(r["error"] is not None for r in records)
@@ -182,10 +187,13 @@ def largest_fitting_batch(model: SpeechLM, items: Sequence[Item], audio_source: 
     return 1
 
 
-def answer_batch(plan: ArmPlan, batch: Sequence[Item], generation: GenerationConfig,
-                 audio_source: AudioSource) -> list[dict[str, Any]]:
+def answer_batch(plan: ArmPlan, batch: Sequence[Item], generation: GenerationConfig, audio_source: AudioSource,
+                 *, generate: Callable[[list[Item], list[Prompt]], list[Any]] | None = None) -> list[dict[str, Any]]:
     """Records for one batch. A prompt that cannot be built, or a batch that fails, never loses the other items:
-    a failing batch is retried item by item so only the culprit gets an error record."""
+    a failing batch is retried item by item so only the culprit gets an error record.
+
+    ``generate``: answers the whole batch's ready items and prompts (default: ``plan.model.generate`` with
+    ``generation``); the item-by-item retry always calls ``plan.model.generate``."""
     records: list[dict[str, Any]] = []
     ready: list[tuple[Item, Prompt]] = []
     truncated: dict[str, float] = {}
@@ -202,7 +210,10 @@ def answer_batch(plan: ArmPlan, batch: Sequence[Item], generation: GenerationCon
     if not ready:
         return records
     try:
-        outputs = plan.model.generate([p for _, p in ready], generation)
+        if generate is not None:
+            outputs = generate([i for i, _ in ready], [p for _, p in ready])
+        else:
+            outputs = plan.model.generate([p for _, p in ready], generation)
         records.extend(answer_record(plan.name, item, out) for (item, _), out in zip(ready, outputs))
     except Exception as batch_error:  # noqa: BLE001
         if len(ready) == 1:

@@ -82,7 +82,9 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 @pytest.mark.slow
 @needs_espeak
 def test_gap_redirected_to_a_file_logs_every_stage(tmp_path: Path) -> None:
-    text = _run_redirected(tmp_path, "gap", "--out", str(tmp_path / "run"), "--limit", "8")
+    # The diagnostics as separate passes, each with its own stage (by default they run on top of the speech arm's
+    # prompts, within its stage: tests/test_diagnostics.py).
+    text = _run_redirected(tmp_path, "gap", "--out", str(tmp_path / "run"), "--limit", "8", "--no-reuse-prompt-cache")
     stages = _stages(text)
     for name in ("text_llm_text", "speech_llm_text", "speech_llm_speech", "diagnostics: KL/JSD", "perception probe"):
         assert name in stages, (name, text)
@@ -99,9 +101,11 @@ def test_short_organism_distill_redirected_to_a_file_logs_every_stage(tmp_path: 
                            "--max-examples", "24", "--eval-limit", "4")
     stages = _stages(text)
     for name in ("distill data: TTS", "distill data: teacher targets", "teacher cache", "distill training",
-                 "speech_llm_speech", "perception probe"):
+                 "speech_llm_speech"):
         assert name in stages, (name, text)
         assert stages[name][-1].endswith("[done]")
+    # the before/after evaluations' diagnostics ran within their speech arm's stage
+    assert text.count("on the speech arm's prompts: 4 KL/JSD record(s), 4 transcript(s)") == 2, text
     for phase in ("distill 1/4", "distill 2/4", "distill 3/4", "distill 4/4"):
         assert phase in text
     assert "before / after" in text and "inequivalence" in text

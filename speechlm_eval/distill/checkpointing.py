@@ -226,26 +226,43 @@ def save_student(model: torch.nn.Module, processor: Any, out: Path, config: Dist
     - with a full fine-tune, ``OUT/checkpoint``. Both carry the processor and the distillation config.
 
     ``state_dict``: the gathered full state dict (:func:`gathered_student_state`) under FSDP, whose sharded
-    parameters rank 0 cannot save alone; the merge needs the unsharded LoRA layers, so under FSDP only the adapter is
-    written (merge it with ``peft``'s ``merge_and_unload`` on one process).
+    parameters rank 0 cannot save alone. The merge needs unsharded LoRA layers, so there the merged student is built
+    from what was just saved: the adapter folder loaded onto a fresh copy of the original student on this process's
+    CPU (:func:`merged_from_adapter`; memory: one unsharded student, as a merge on one GPU would need).
     """
     record = {"config": config.to_dict(), "our_reading": our_reading_for(config)}
-    weights = {} if state_dict is None else {"state_dict": state_dict}
 
-    def write(target: torch.nn.Module) -> Callable[[Path], Any]:
+    def write(target: torch.nn.Module, weights: dict[str, Any]) -> Callable[[Path], Any]:
         return lambda tmp: (target.save_pretrained(tmp, **weights), processor.save_pretrained(tmp),
                             write_json(tmp / "speechlm_eval_distill.json", record))
 
+    gathered = {} if state_dict is None else {"state_dict": state_dict}
     if config.lora:
         adapter = out / "adapter"
-        _replace_folder(adapter, write(model))
-        if not config.merge or state_dict is not None:
+        _replace_folder(adapter, write(model, gathered))
+        if not config.merge:
             return adapter
-        model = model.merge_and_unload()
+        if state_dict is not None:
+            frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+            model = merged_from_adapter(adapter, frozen.dtype if frozen is not None else None)
+        else:
+            model = model.merge_and_unload()
+        gathered = {}
     model.eval()
     checkpoint = out / "checkpoint"
-    _replace_folder(checkpoint, write(model))
+    _replace_folder(checkpoint, write(model, gathered))
     return checkpoint
+
+
+def merged_from_adapter(adapter: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The student with the LoRA adapter saved at ``adapter`` merged in, loaded on the CPU in ``dtype`` (the trained
+    student's; default: float32) through the family loader, as ``gap`` loads an adapter folder (the base model from
+    ``base_model_name_or_path``)."""
+    from speechlm_eval.models.base import LoadOptions
+    from speechlm_eval.models.registry import load_model
+
+    options = LoadOptions(device="cpu", dtype=str(dtype).removeprefix("torch.") if dtype is not None else "auto")
+    return load_model(str(adapter), options).model  # type: ignore[attr-defined]
 
 
 def gathered_student_state(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:

@@ -55,6 +55,9 @@ class AudioTextSpec:
             the common ones (``None``: found by name).
         lora_targets: regex of the modules LoRA adapts.
         extras: facts for the manifest and ``speechlm-eval families`` (e.g. the public text backbone).
+        reuses_prompt_cache: whether a batch's prompt cache can be continued with other tokens after ``generate``
+            (:mod:`.prompt_cache`: plain position ids, one dynamic cache), so ``gap``'s diagnostics run on top of the
+            speech arm's prompts instead of encoding them again.
     """
 
     family: str
@@ -71,6 +74,7 @@ class AudioTextSpec:
     projector: Callable[[torch.nn.Module], torch.nn.Module | None] | None = None
     lora_targets: str = DEFAULT_LORA_TARGETS
     extras: Mapping[str, Any] = field(default_factory=dict)
+    reuses_prompt_cache: bool = False
 
 
 def find_module(model: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module | None:
@@ -133,6 +137,7 @@ class AudioTextModel(HFAdapter):
         self.max_audio_seconds: float | None = (spec.max_audio_seconds(processor) if spec.max_audio_seconds
                                                 else window_seconds(processor))
         self._eos_ids = eos_token_ids(model, self.tokenizer)
+        self.reuses_prompt_cache = spec.reuses_prompt_cache
 
     # -- prompts
     def conversation(self, prompt: Prompt) -> list[dict[str, Any]]:

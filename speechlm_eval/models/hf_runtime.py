@@ -142,11 +142,20 @@ def generate_batch(
     with contextlib.nullcontext() if keep_checkpoint else only_token_ids_from_checkpoint(model), \
             head_on_last_positions(model, 1):
         output = model.generate(**inputs, generation_config=generation)
-    prompt_width = inputs["input_ids"].shape[1]
-    n_prompt = inputs["attention_mask"].sum(dim=1).tolist()
+    return decode_generations(output, inputs["input_ids"].shape[1], inputs["attention_mask"].sum(dim=1).tolist(),
+                              tokenizer, eos_token_ids)
+
+
+def decode_generations(sequences: torch.Tensor, prompt_width: int, n_prompt: Sequence[int], tokenizer: Any,
+                       eos_token_ids: Sequence[int], budgets: Sequence[int] | None = None) -> list[Generation]:
+    """The new tokens of ``generate``'s ``sequences`` ``(batch, prompt_width + new)``, decoded (VoiceBench's decoding:
+    special tokens skipped), each cut after its first end-of-sequence token and, when ``budgets`` is given, to its
+    row's own budget first."""
     results = []
-    for row, n in zip(output[:, prompt_width:], n_prompt):
+    for k, (row, n) in enumerate(zip(sequences[:, prompt_width:], n_prompt)):
         tokens = row.tolist()
+        if budgets is not None:
+            tokens = tokens[: int(budgets[k])]
         hit_eos = next((i for i, t in enumerate(tokens) if t in eos_token_ids), None)
         kept = tokens if hit_eos is None else tokens[: hit_eos + 1]
         while kept and kept[-1] == tokenizer.pad_token_id and kept[-1] not in eos_token_ids:
@@ -305,6 +314,18 @@ class HFAdapter:
 
     def generate(self, prompts: Sequence[Any], config: GenerationConfig) -> list[Generation]:
         return generate_batch(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids)
+
+    reuses_prompt_cache: bool = False  # a family whose prompt cache can be continued (:mod:`.prompt_cache`)
+
+    def generate_keeping_prompt(self, prompts: Sequence[Any], config: GenerationConfig) -> tuple[list[Generation], Any]:
+        """:meth:`generate`, plus the prompts' :class:`~.prompt_cache.PromptState` to run more tokens after them;
+        only for a family with ``reuses_prompt_cache``."""
+        if not self.reuses_prompt_cache:
+            raise NotImplementedError(f"{self.family}: its prompt cache is not reused")
+        from speechlm_eval.models.prompt_cache import generate_keeping_prompt
+
+        return generate_keeping_prompt(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids,
+                                       self.encode)
 
     def default_system_prompt(self) -> str | None:
         """The system text this model's prompts carry when none is given (its chat template's default, or the one

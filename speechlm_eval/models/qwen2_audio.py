@@ -34,6 +34,7 @@ SPEC = AudioTextSpec(
     audio_tokens=_audio_tokens,
     # One audio token looks exactly like an unexpanded prompt to the model, which then fails inside its merge.
     min_audio_tokens=2,
+    reuses_prompt_cache=True,
     extras={"backbone": None, "notes": "language model = Qwen-7B (4096 wide, 32 layers), not Qwen2-7B: no public chat "
                                        "checkpoint is its backbone, so any text LLM is a proxy"},
 )

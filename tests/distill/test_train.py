@@ -450,8 +450,9 @@ def test_accelerate_launch_with_the_fsdp_config_completes_and_saves_a_loadable_c
 
 
 def test_a_gathered_state_dict_saves_the_same_adapter_and_full_checkpoint(tiny_pair, tmp_path) -> None:
-    """The FSDP save path (a gathered full state dict handed to save_pretrained, no merge) writes the same adapter
-    tensors as the plain one, and a full fine-tune's checkpoint loads with the same weights."""
+    """The FSDP save path (a gathered full state dict handed to save_pretrained) writes the same adapter tensors as
+    the plain one and, merged from the saved adapter onto a fresh copy of the student, the same merged checkpoint;
+    a full fine-tune's checkpoint loads with the same weights."""
     from safetensors.torch import load_file
 
     from speechlm_eval.distill.checkpointing import gathered_student_state, save_student
@@ -468,12 +469,15 @@ def test_a_gathered_state_dict_saves_the_same_adapter_and_full_checkpoint(tiny_p
         gathered = save_student(model, student.processor, tmp_path / f"gathered{lora}", config,
                                 state_dict=gathered_student_state(model, lora))
         plain = save_student(model, student.processor, tmp_path / f"plain{lora}", config)  # merges in place: last
+        assert plain.name == gathered.name == "checkpoint"
         if lora:
-            assert plain.name == "checkpoint" and gathered.name == "adapter"  # no merge from a gathered state
-            a, b = (load_file(d / "adapter_model.safetensors") for d in (plain.parent / "adapter", gathered))
-        else:
-            a, b = (state_tensors(d) for d in (plain, gathered))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            a, b = (load_file(d.parent / "adapter" / "adapter_model.safetensors") for d in (plain, gathered))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        a, b = (state_tensors(d) for d in (plain, gathered))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+        if lora:  # the merge did change the student
+            old = state_tensors(tiny_pair[0])
+            assert any(k in old and not torch.equal(a[k], old[k]) for k in a)
 
 
 def test_a_moved_output_folder_holds_no_absolute_path_and_resumes(tiny_pair, tmp_path):

@@ -72,7 +72,8 @@ def test_off_where_it_cannot_apply(tiny_pair) -> None:
 @pytest.mark.slow
 def test_gap_records_are_byte_identical_with_and_without_the_cache(tmp_path, monkeypatch) -> None:
     """The default organism run (its 3 arms, KL/JSD pass and probe), on 24 items: without the cache, with it, and
-    with one so small that most clips are encoded again, mixing cached and fresh rows in a batch."""
+    with one so small that most clips are encoded again, mixing cached and fresh rows in a batch. The passes run
+    separately here (``--no-reuse-prompt-cache``), so each of the three encodes the clips."""
     caches: list[EncoderCache] = []
 
     class Recorded(EncoderCache):
@@ -84,7 +85,8 @@ def test_gap_records_are_byte_identical_with_and_without_the_cache(tmp_path, mon
     runner = CliRunner()
     runs = {"off": ["--no-cache-audio-encoder"], "on": [], "small": ["--audio-cache-gib", str(2 * 120_000 / 2**30)]}
     for name, extra in runs.items():
-        result = runner.invoke(app, ["gap", "--limit", "24", "--out", str(tmp_path / name), *extra],
+        result = runner.invoke(app, ["gap", "--limit", "24", "--out", str(tmp_path / name), "--no-reuse-prompt-cache",
+                                     *extra],
                                catch_exceptions=False)
         assert result.exit_code == 0, result.output
     on, small = caches
