@@ -20,9 +20,12 @@ drop). Runs at 100, 400 and 800 items (medians of ``--repeats``). Printed:
   their 800/100 ratio (linear: 8, within 9.2), and the ``slope ratio``: their seconds per added item from 400 to 800
   over those from 100 to 400 (1 = linear; above 1.15, a cost grows faster than the items). Whole-process
   differences would carry the start-up's noise (imports alone vary by two seconds here);
-- ``memory``: peaks at 100 and 800 items and the growth per added item, with the audio encoder cache on (the default:
-  it keeps each clip's encoder output and log-mel features up to ``--audio-cache-gib``, so it grows with the clips
-  until that bound) and off (``--no-cache-audio-encoder``: what the run holds besides that bounded cache).
+- ``memory``: peaks at 100 and 800 items and the growth per added item.
+
+Three configurations: ``default`` (the KL/JSD pass and the probe on top of the speech arm's prompt cache; no audio
+cache, since nothing would read it), ``separate+cache`` (``--no-reuse-prompt-cache``: the two passes on their own,
+with the audio cache keeping each clip's encoder output and log-mel features up to ``--audio-cache-gib``, so memory
+grows with the clips until that bound) and ``separate`` (also ``--no-cache-audio-encoder``).
 
 Run: ``.venv/bin/python benchmarks/bench_gap_scale.py [--repeats 3] [--batch-size 64]``.
 """
@@ -78,7 +81,11 @@ def build_voicebench_copy(root: Path, count: int) -> Path:
 FIXED_PHASES = {"imports", "model load", "plots", "report (markdown, html)", "other", "data", "judge"}
 
 
-def gap_argv(data_dir: Path, out: Path, limit: int, cache: bool, batch_size: int) -> list[str]:
+CONFIGS = {"default": [], "separate+cache": ["--no-reuse-prompt-cache"],
+           "separate": ["--no-reuse-prompt-cache", "--no-cache-audio-encoder"]}
+
+
+def gap_argv(data_dir: Path, out: Path, limit: int, config: str, batch_size: int) -> list[str]:
     """``gap``'s arguments (the default organism run on the copy), without the program."""
     from speechlm_eval.embedded import embedded_models
 
@@ -86,19 +93,19 @@ def gap_argv(data_dir: Path, out: Path, limit: int, cache: bool, batch_size: int
     argv = ["gap", "--model", str(speech), "--text-model", str(text), "--suite", f"voicebench:{SUBSET}",
             "--data-dir", str(data_dir), "--limit", str(limit), "--out", str(out), "--overwrite", "--threads", "1",
             "--max-new-tokens", "8", "--batch-size", str(batch_size)]
-    return argv + ([] if cache else ["--no-cache-audio-encoder"])
+    return argv + CONFIGS[config]
 
 
-def measure(data_dir: Path, tmp: Path, limit: int, cache: bool, args: argparse.Namespace) -> dict[str, float]:
+def measure(data_dir: Path, tmp: Path, limit: int, config: str, args: argparse.Namespace) -> dict[str, float]:
     """Medians over ``args.repeats`` runs at ``limit`` items: wall seconds, peak RSS and peak anonymous memory (MiB),
     and the seconds of the per-item phases. Each run is ``gap`` under ``profile_gap.py``'s phase hooks (its child
     mode), which charge every second to one phase: the per-item phases' sum leaves out start-up, imports, model load,
     plots and report, whose run-to-run noise (seconds) would swamp a difference of whole-process times."""
     runs = []
     for r in range(args.repeats):
-        phases = tmp / f"phases-{limit}-{cache}-{r}.json"
+        phases = tmp / f"phases-{limit}-{config}-{r}.json"
         argv = [sys.executable, str(ROOT / "benchmarks" / "profile_gap.py"), "--child", str(phases), "--",
-                *gap_argv(data_dir, tmp / f"run-{limit}-{cache}", limit, cache, args.batch_size)]
+                *gap_argv(data_dir, tmp / f"run-{limit}-{config}", limit, config, args.batch_size)]
         seconds, rss, anon = timed_process(argv)
         table = json.loads(phases.read_text())["seconds"]
         runs.append((seconds, rss / 1024, anon / 1024, sum(v for k, v in table.items() if k not in FIXED_PHASES)))
@@ -119,14 +126,14 @@ def main() -> None:
         tmp = Path(name)
         data_dir = build_voicebench_copy(tmp / "voicebench", sizes[-1])
         rows = []
-        for cache in (True, False):
-            m = {n: measure(data_dir, tmp, n, cache, args) for n in sizes}
+        for config in CONFIGS:
+            m = {n: measure(data_dir, tmp, n, config, args) for n in sizes}
 
             def col(name: str, digits: int = 2) -> dict[int, float]:
                 return {n: round(m[n][name], digits) for n in sizes}
 
             t, items = col("seconds"), col("item_seconds")
-            row = {"audio_cache": cache, "seconds": t, "item_seconds": items,
+            row = {"config": config, "seconds": t, "item_seconds": items,
                    "time_ratio_800_100": round(t[800] / t[100], 2), "linear_bound": 9.2,
                    "item_ratio_800_100": round(items[800] / items[100], 2),
                    "slope_ratio": round(((items[800] - items[400]) / 400) / ((items[400] - items[100]) / 300), 2),
@@ -137,11 +144,11 @@ def main() -> None:
                    "rss_kib_per_added_item": round((m[800]["rss_mib"] - m[100]["rss_mib"]) * 1024 / 700, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'audio cache':<11} {'s@100':>6} {'s@800':>6} {'800/100':>7} {'items s@100/400/800':>21} {'800/100':>7} "
+    print(f"\n{'config':<14} {'s@100':>6} {'s@800':>6} {'800/100':>7} {'items s@100/400/800':>21} {'800/100':>7} "
           f"{'slopes':>6} {'anon MiB 100/800':>17} {'KiB/item':>8} {'RSS MiB 100/800':>16}")
     for r in rows:
         t, i, a, m = r["seconds"], r["item_seconds"], r["peak_anon_mib"], r["peak_rss_mib"]
-        print(f"{'on' if r['audio_cache'] else 'off':<11} {t[100]:>6.2f} {t[800]:>6.2f} {r['time_ratio_800_100']:>6.2f}x "
+        print(f"{r['config']:<14} {t[100]:>6.2f} {t[800]:>6.2f} {r['time_ratio_800_100']:>6.2f}x "
               f"{i[100]:>6.2f}/{i[400]:>6.2f}/{i[800]:>6.2f} {r['item_ratio_800_100']:>6.2f}x {r['slope_ratio']:>5.2f}x "
               f"{a[100]:>8.1f}/{a[800]:<8.1f} {r['anon_kib_per_added_item']:>8.1f} {m[100]:>7.1f}/{m[800]:<8.1f}")
 

@@ -147,6 +147,10 @@ class AudioTextModel(HFAdapter):
         return self.processor.apply_chat_template(self.conversation(prompt), add_generation_prompt=True,
                                                   tokenize=False)
 
+    def chat_token_ids(self, prompt: Prompt) -> list[int]:
+        """The token ids of the prompt's chat text, each clip still its one placeholder token (no audio read)."""
+        return self.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"]
+
     def encode(self, prompts: Sequence[Prompt]) -> Mapping[str, torch.Tensor]:
         """Left-padded model inputs; all prompts of a batch must agree on having audio (the runner batches per arm)."""
         texts = [self.chat_text(p) for p in prompts]

@@ -324,8 +324,9 @@ class HFAdapter:
             raise NotImplementedError(f"{self.family}: its prompt cache is not reused")
         from speechlm_eval.models.prompt_cache import generate_keeping_prompt
 
+        chat_ids = getattr(self, "chat_token_ids", None)
         return generate_keeping_prompt(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids,
-                                       self.encode)
+                                       self.encode, prompts, chat_ids)
 
     def default_system_prompt(self) -> str | None:
         """The system text this model's prompts carry when none is given (its chat template's default, or the one

@@ -43,8 +43,11 @@ class PromptState:
 
     ``input_ids``/``attention_mask``: the prompts, ``(batch, P)``; ``cache``: the model's cache, holding at least the
     ``P`` prompt columns (``generate`` leaves its answer's tokens in it too; they are cut off before any reuse).
-    ``encode``: the family's prompt encoder, for new prompts given as :class:`~.base.Prompt`. Each method changes the
-    cache (cuts it back, then extends it), so a state serves one call after another, never two at once.
+    ``encode``: the family's prompt encoder, for new prompts given as :class:`~.base.Prompt`; ``prompts`` and
+    ``chat_ids`` (the prompts of the batch, and the family's token ids of a prompt's chat text, with each clip still
+    one placeholder token) let a new prompt about the same clip get its ids without extracting the clip's features
+    again (:func:`same_clip_rows`). Each method changes the cache (cuts it back, then extends it), so a state serves
+    one call after another, never two at once.
     """
 
     model: torch.nn.Module
@@ -54,6 +57,8 @@ class PromptState:
     attention_mask: torch.Tensor
     cache: Any
     encode: Callable[[Sequence[Any]], Mapping[str, torch.Tensor]]
+    prompts: Sequence[Any] | None = None
+    chat_ids: Callable[[Any], list[int]] | None = None
 
     @property
     def rows(self) -> list[list[int]]:
@@ -65,7 +70,8 @@ class PromptState:
         index = torch.tensor(list(rows), dtype=torch.long, device=self.input_ids.device)
         self.cache.batch_select_indices(index.to(_cache_device(self.cache, index.device)))
         return PromptState(self.model, self.tokenizer, self.eos_token_ids, self.input_ids[index],
-                           self.attention_mask[index], self.cache, self.encode)
+                           self.attention_mask[index], self.cache, self.encode,
+                           [self.prompts[k] for k in rows] if self.prompts is not None else None, self.chat_ids)
 
     def extend(self, new_rows: Sequence[Sequence[int]], recompute: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Cut the cache back to what every row shares with ``new_rows`` and return the full new batch.
@@ -125,17 +131,49 @@ class PromptState:
         ``budgets``: each row's own new-token limit, at most ``config.max_new_tokens`` (the batch runs to the largest;
         a greedy answer's first tokens do not depend on the limit, so each row is cut to its own).
         """
-        encoded = self.encode(prompts)
-        new_rows = unpadded_rows(encoded["input_ids"], encoded["attention_mask"])
+        new_rows = self.same_clip_rows(prompts)
+        if new_rows is None:
+            encoded = self.encode(prompts)
+            new_rows = unpadded_rows(encoded["input_ids"], encoded["attention_mask"])
         input_ids, attention_mask, _ = self.extend(new_rows, [1] * len(new_rows))
         return _generate_from(self.model, self.tokenizer, self.eos_token_ids, input_ids, attention_mask, config,
                               cache=self.cache, budgets=budgets)
 
 
+    def same_clip_rows(self, prompts: Sequence[Any]) -> list[list[int]] | None:
+        """Token ids of new prompts that each hold their row's clip, built from the cached rows: a row's audio tokens
+        are the run that replaced the clip's placeholder in its chat text's ids; the new prompt's chat ids get the
+        same run in place of their placeholder. ``None`` (encode them instead) where that does not hold for a row."""
+        if self.prompts is None or self.chat_ids is None or len(prompts) != len(self.prompts):
+            return None
+        rows = []
+        for cached, old, new in zip(self.rows, self.prompts, prompts):
+            if new.audio is None or old.audio is not new.audio and not _same_clip(old.audio, new.audio):
+                return None
+            template, asked = self.chat_ids(old), self.chat_ids(new)
+            at = _common_prefix(template, cached)
+            extra = len(cached) - len(template)
+            if at >= len(template) or extra < 0:
+                return None
+            placeholder, run = template[at], cached[at : at + extra + 1]
+            if cached != template[:at] + run + template[at + 1:] or asked.count(placeholder) != 1:
+                return None
+            where = asked.index(placeholder)
+            rows.append(asked[:where] + run + asked[where + 1:])
+        return rows
+
+
+def _same_clip(a: Any, b: Any) -> bool:
+    import numpy as np
+
+    return np.shape(a) == np.shape(b) and bool(np.array_equal(a, b))
+
+
 @torch.inference_mode()
 def generate_keeping_prompt(model: torch.nn.Module, tokenizer: Any, inputs: Mapping[str, torch.Tensor],
                             config: GenerationConfig, eos_token_ids: Sequence[int],
-                            encode: Callable[[Sequence[Any]], Mapping[str, torch.Tensor]]
+                            encode: Callable[[Sequence[Any]], Mapping[str, torch.Tensor]],
+                            prompts: Sequence[Any] | None = None, chat_ids: Callable[[Any], list[int]] | None = None,
                             ) -> tuple[list[Generation], PromptState]:
     """:func:`~.hf_runtime.generate_batch` that also returns the prompts' :class:`PromptState`."""
     device = next(model.parameters()).device
@@ -145,7 +183,8 @@ def generate_keeping_prompt(model: torch.nn.Module, tokenizer: Any, inputs: Mapp
                                                        if k not in ("input_ids", "attention_mask")},
                                         keep_cache=True)
     return generations, PromptState(model, tokenizer, list(eos_token_ids), inputs["input_ids"],
-                                    inputs["attention_mask"], cache, encode)
+                                    inputs["attention_mask"], cache, encode,
+                                    list(prompts) if prompts is not None else None, chat_ids)
 
 
 def _generate_from(model: torch.nn.Module, tokenizer: Any, eos_token_ids: Sequence[int], input_ids: torch.Tensor,

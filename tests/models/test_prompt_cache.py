@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from speechlm_eval.models.base import GenerationConfig, Prompt
+from speechlm_eval.models.hf_runtime import unpadded_rows
 from speechlm_eval.models.registry import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +54,11 @@ def test_new_prompts_after_the_cache_answer_as_from_scratch(speech) -> None:
     state.continuation_logits([[5, 6]] * 6)
     rows, budgets = [0, 2, 3, 5], [7, 2, 5, 7]
     asked = [Prompt(audio=audio[k], text="Transcribe the speech in the audio exactly.") for k in rows]
-    answers = state.select(rows).generate(asked, GenerationConfig(max_new_tokens=7), budgets=budgets)
+    state = state.select(rows)
+    encoded = speech.encode(asked)  # the processor's ids, which the state builds without reading the clips
+    assert state.same_clip_rows(asked) == unpadded_rows(encoded["input_ids"], encoded["attention_mask"])
+    assert state.same_clip_rows([Prompt(audio=audio[1], text="x")] * 4) is None  # another clip: encode instead
+    answers = state.generate(asked, GenerationConfig(max_new_tokens=7), budgets=budgets)
     alone = [speech.generate([p], GenerationConfig(max_new_tokens=b))[0] for p, b in zip(asked, budgets)]
     assert answers == alone
     assert [a.n_new_tokens <= b for a, b in zip(answers, budgets)] == [True] * 4
