@@ -84,5 +84,6 @@ SPEC = AudioTextSpec(
     extras={"backbone": "Qwen/Qwen2.5-7B (-Instruct is the matching chat model)",
             "notes": "language model = Qwen2.5-7B (AF3 paper; same dims), vocabulary resized to 151672 for the audio "
                      "tokens; whether base or -Instruct was its starting point is not recorded"},
+    reuses_prompt_cache=True,
 )
 FAMILY = audio_text_family(SPEC)

@@ -83,6 +83,7 @@ SPEC = AudioTextSpec(
                         "Ministral 3B is not public)",
             "notes": "Mistral's tokenizer (mistral-common, no chat template); no system prompt with audio; 375 audio "
                      "tokens per started 30 s window; needs pip install 'speechlm-eval[voxtral]'"},
+    reuses_prompt_cache=True,
 )
 
 

@@ -143,3 +143,20 @@ def assert_audio_cache_answers_alike(model, prompts: list[Prompt]) -> None:
     assert [g.n_prompt_tokens for g in again] == [g.n_prompt_tokens for g in plain]
     assert cache.stats.hits + cache.stats.uncached_calls > 0
     assert "forward" not in vars(model.audio_encoder())
+
+
+def assert_prompt_cache_matches(model, clips: list[np.ndarray]) -> None:
+    """For a family that reuses its prompt cache (``gap``'s diagnostics on the speech arm's prompts): the kept cache
+    gives the teacher-forced logits of a fresh forward (to 1e-4) and, for another instruction about the same clips,
+    the answers of one-at-a-time generate."""
+    assert model.reuses_prompt_cache
+    prompts = [Prompt(audio=a) for a in clips]
+    answers, state = model.generate_keeping_prompt(prompts, GREEDY)
+    assert answers == model.generate(prompts, GREEDY)
+    continuations = [[11 + k] * (1 + k % 3) for k in range(len(clips))]
+    with torch.no_grad():
+        fresh, _, fresh_mask = model.continuation_logits(prompts, continuations)
+    logits, _, mask = state.continuation_logits(continuations)
+    assert torch.equal(mask, fresh_mask) and torch.allclose(logits[mask], fresh[fresh_mask], atol=1e-4, rtol=0)
+    asked = [Prompt(audio=a, text="Transcribe the speech in the audio exactly.") for a in clips]
+    assert state.generate(asked, GREEDY) == [model.generate([p], GREEDY)[0] for p in asked]

@@ -20,6 +20,7 @@ from tests.models.family_contract import (
     assert_continuation_logits_contract,
     assert_distill_modules,
     assert_gap_run_is_complete,
+    assert_prompt_cache_matches,
     assert_the_audio_reaches_the_model,
     clip,
     contract_prompts,
@@ -161,3 +162,7 @@ def test_the_audio_cache_changes_no_answer(af3):
 
     assert_audio_cache_answers_alike(af3, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
                                            Prompt(audio=contract_clip(1.0, 3), text="ok?")])
+
+
+def test_the_prompt_cache_is_reused_as_a_fresh_forward_would_answer(af3):
+    assert_prompt_cache_matches(af3, [clip(0.5 + 0.5 * k, seed=k) for k in range(4)])

@@ -21,6 +21,7 @@ from tests.models.family_contract import (
     assert_continuation_logits_contract,
     assert_distill_modules,
     assert_gap_run_is_complete,
+    assert_prompt_cache_matches,
     assert_the_audio_reaches_the_model,
     clip,
     contract_prompts,
@@ -140,3 +141,7 @@ def test_distill_refuses_the_family_with_the_reason(voxtral_dir, tiny_pair, tmp_
         distill(DistillConfig(student=str(voxtral_dir), teacher=str(tiny_pair[1]), out=tmp_path / "run",
                               max_examples=4, batch_size=2, epochs=1))
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_the_prompt_cache_is_reused_as_a_fresh_forward_would_answer(vox):
+    assert_prompt_cache_matches(vox, [clip(0.5 + 0.5 * k, seed=k) for k in range(4)])
