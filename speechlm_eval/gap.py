@@ -89,6 +89,10 @@ class GapConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N. auto = this process's device under torchrun/accelerate, "
                        "else CUDA if present, else CPU.")
     dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16. auto = checkpoint dtype on GPU, float32 on CPU.")
+    attn_implementation: str | None = _opt(None, "Attention kernel of the in-process models, as transformers names it: "
+                                           "sdpa, eager, flash_attention_2 (GPU, needs flash-attn), flex_attention. "
+                                           "Default: transformers' choice (sdpa where the model supports it). The "
+                                           "manifest records the one each model ran with.")
     seed: int = _opt(0, "Seed for sampling, scoring fallbacks and bootstrap resampling.")
     model_family: str | None = _opt(None, "Force the speech LLM's family (default: from its config).")
     text_model_family: str | None = _opt(None, "Force the text LLM's family (default: from its config).")
@@ -450,6 +454,7 @@ def request_identity(config: GapConfig, items_sha256: str) -> dict[str, Any]:
         "apply_chat_template": config.lm_eval_apply_chat_template, "num_fewshot": config.lm_eval_num_fewshot,
         "gen_kwargs": config.lm_eval_gen_kwargs}} if config.lm_eval_tasks else {}) | (
         {"system_prompt": config.system_prompt} if config.system_prompt is not None else {}) | (
+        {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}) | (
         {"preset": config.preset} if config.preset != "none" else {}) | served_identity(config)
 
 
@@ -739,7 +744,8 @@ def load_models(config: GapConfig) -> dict[str, Any]:
 
     def resolve(name: str, family: str | None, revision: str | None):
         options = LoadOptions(device=config.device, dtype=config.dtype, revision=revision,
-                              trust_remote_code=config.trust_remote_code)
+                              trust_remote_code=config.trust_remote_code,
+                              attn_implementation=config.attn_implementation)
         chosen = get_family(family) if family else detect_family(name, options)
         return chosen, options
 
@@ -784,7 +790,7 @@ def load_checkpoint(config: GapConfig, role: str, path: str) -> Any:
     family = config.model_family if role == "speech_llm" else config.text_model_family
     revision = config.model_revision if role == "speech_llm" else config.text_model_revision
     options = LoadOptions(device=config.device, dtype=config.dtype, revision=revision,
-                          trust_remote_code=config.trust_remote_code)
+                          trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation)
     return (get_family(family) if family else detect_family(path, options)).load(path, options)
 
 

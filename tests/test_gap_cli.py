@@ -263,3 +263,20 @@ def test_lm_eval_tasks_join_the_same_results_and_report(tiny_pair, tmp_path):
     assert "inequivalence" not in task and "forgetting" not in spoken
     assert set(results["overall"]["arms"]) == {"text_llm_text", "speech_llm_text", "speech_llm_speech"}
     assert "## lm-eval: spoken vs typed" in (out / "report.md").read_text()
+
+
+def test_the_attention_kernel_is_chosen_recorded_and_changes_no_answer(full_run, tiny_pair, tmp_path):
+    """Default: transformers' choice (sdpa), in the manifest; --attn-implementation eager loads both models with the
+    eager kernel, is part of what a resumed run must match, and answers the same greedy answers."""
+    manifest = json.loads((full_run / "manifest.json").read_text())
+    assert {m["attn_implementation"] for m in manifest["models"].values()} == {"sdpa"}
+    out = tmp_path / "eager"
+    result = gap(*model_args(tiny_pair), "--suite", "bundled", "--out", str(out), "--max-new-tokens", "16",
+                 "--attn-implementation", "eager", "--no-diagnostics")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {m["attn_implementation"] for m in manifest["models"].values()} == {"eager"}
+    assert manifest["request"]["attn_implementation"] == "eager"
+    for arm in ARMS:
+        answers = [r["response"] for r in read_lines(out / "records" / f"{arm}.jsonl")]
+        assert answers == [r["response"] for r in read_lines(full_run / "records" / f"{arm}.jsonl")], arm

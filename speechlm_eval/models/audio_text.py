@@ -18,7 +18,14 @@ import torch
 
 from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.models.base import Family, LoadOptions, ModelInputError, Prompt
-from speechlm_eval.models.hf_runtime import HFAdapter, check_clip, eos_token_ids, resolve_device, resolve_dtype
+from speechlm_eval.models.hf_runtime import (
+    HFAdapter,
+    attention_kwargs,
+    check_clip,
+    eos_token_ids,
+    resolve_device,
+    resolve_dtype,
+)
 
 # Module names transformers' composite models use, tried in order when a spec does not name its own.
 LANGUAGE_MODEL_NAMES = ("language_model",)
@@ -240,7 +247,8 @@ def load_audio_text(name_or_path: str, options: LoadOptions, spec: AudioTextSpec
         processor = transformers.AutoProcessor.from_pretrained(name_or_path, **common)
     model_class = model_class or getattr(transformers, spec.model_class)
     extra = ({"config": config} if config is not None else {}) | dict(model_kwargs or {})
-    model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(options.dtype, device), **common, **extra)
+    model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(options.dtype, device), **common, **extra,
+                                        **attention_kwargs(options))
     model.to(device).eval()
     return AudioTextModel(name_or_path, model, processor, spec, revision=options.revision, tokenizer=tokenizer)
 

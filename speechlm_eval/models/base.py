@@ -87,6 +87,7 @@ class LoadOptions:
     dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
+    attn_implementation: str | None = None  # transformers' name ("sdpa", "eager", ...); None: transformers' choice
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from speechlm_eval.models.base import Family, LoadOptions, ModelInputError, Prompt
-from speechlm_eval.models.hf_runtime import HFAdapter, eos_token_ids, resolve_device, resolve_dtype
+from speechlm_eval.models.hf_runtime import HFAdapter, attention_kwargs, eos_token_ids, resolve_device, resolve_dtype
 
 
 class CausalLMModel(HFAdapter):
@@ -70,6 +70,7 @@ def load(name_or_path: str, options: LoadOptions) -> CausalLMModel:
         revision=options.revision,
         dtype=resolve_dtype(options.dtype, device),
         trust_remote_code=options.trust_remote_code,
+        **attention_kwargs(options),
     )
     model.to(device).eval()
     return CausalLMModel(name_or_path, model, tokenizer, revision=options.revision)

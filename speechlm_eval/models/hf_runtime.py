@@ -37,6 +37,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
 
+def attention_kwargs(options: Any) -> dict[str, str]:
+    """``from_pretrained`` keyword for the attention kernel the options ask for (none: transformers' default)."""
+    chosen = getattr(options, "attn_implementation", None)
+    return {"attn_implementation": chosen} if chosen else {}
+
+
 def checkpoint_identity(name_or_path: str, model: torch.nn.Module, revision: str | None) -> dict[str, Any]:
     """Id, requested revision, resolved hub commit (when downloaded) and a cheap local fingerprint."""
     identity: dict[str, Any] = {
@@ -381,5 +387,6 @@ class HFAdapter:
             **checkpoint_identity(self.name, self.model, self.revision),
             "dtype": str(param.dtype).removeprefix("torch."),
             "device": str(param.device),
+            "attn_implementation": getattr(getattr(self.model, "config", None), "_attn_implementation", None),
             **extra,
         }
