@@ -331,8 +331,11 @@ class HFAdapter:
         from speechlm_eval.models.prompt_cache import generate_keeping_prompt
 
         chat_ids = getattr(self, "chat_token_ids", None)
+        config_of = getattr(self.model, "config", None)
+        audio_ids = frozenset(int(getattr(config_of, name)) for name in ("audio_token_id", "audio_token_index")
+                              if isinstance(getattr(config_of, name, None), int))
         return generate_keeping_prompt(self.model, self.tokenizer, self.encode(prompts), config, self._eos_ids,
-                                       self.encode, prompts, chat_ids)
+                                       self.encode, prompts, chat_ids, audio_ids)
 
     def default_system_prompt(self) -> str | None:
         """The system text this model's prompts carry when none is given (its chat template's default, or the one

@@ -46,7 +46,9 @@ class PromptState:
     ``encode``: the family's prompt encoder, for new prompts given as :class:`~.base.Prompt`; ``prompts`` and
     ``chat_ids`` (the prompts of the batch, and the family's token ids of a prompt's chat text, with each clip still
     one placeholder token) let a new prompt about the same clip get its ids without extracting the clip's features
-    again (:func:`same_clip_rows`). Each method changes the cache (cuts it back, then extends it), so a state serves
+    again (:func:`same_clip_rows`). ``audio_token_ids``: the ids that stand for encoder outputs; a new row whose
+    uncached part holds one is refused (the features are not passed again, so the model would read the placeholder
+    as a plain token). Each method changes the cache (cuts it back, then extends it), so a state serves
     one call after another, never two at once.
     """
 
@@ -59,6 +61,7 @@ class PromptState:
     encode: Callable[[Sequence[Any]], Mapping[str, torch.Tensor]]
     prompts: Sequence[Any] | None = None
     chat_ids: Callable[[Any], list[int]] | None = None
+    audio_token_ids: frozenset[int] = frozenset()
 
     @property
     def rows(self) -> list[list[int]]:
@@ -71,7 +74,8 @@ class PromptState:
         self.cache.batch_select_indices(index.to(_cache_device(self.cache, index.device)))
         return PromptState(self.model, self.tokenizer, self.eos_token_ids, self.input_ids[index],
                            self.attention_mask[index], self.cache, self.encode,
-                           [self.prompts[k] for k in rows] if self.prompts is not None else None, self.chat_ids)
+                           [self.prompts[k] for k in rows] if self.prompts is not None else None, self.chat_ids,
+                           self.audio_token_ids)
 
     def extend(self, new_rows: Sequence[Sequence[int]], recompute: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Cut the cache back to what every row shares with ``new_rows`` and return the full new batch.
@@ -90,6 +94,10 @@ class PromptState:
             keep = min(keep, start + min(shared, len(new) - max(1, int(last))))
         keep = max(0, keep)
         tails = [list(new[max(0, keep - (width - int(n))):]) for new, n in zip(new_rows, lengths)]
+        for row, tail in enumerate(tails):
+            if self.audio_token_ids.intersection(tail):
+                raise ValueError(f"row {row}: the new tokens differ from the cached prompt before its audio ends; "
+                                 "encode the prompt anew instead")
         tail_ids, tail_mask = left_pad(tails, self.tokenizer.pad_token_id)
         device = self.input_ids.device
         input_ids = torch.cat([self.input_ids[:, :keep], tail_ids.to(device)], dim=1)
@@ -174,6 +182,7 @@ def generate_keeping_prompt(model: torch.nn.Module, tokenizer: Any, inputs: Mapp
                             config: GenerationConfig, eos_token_ids: Sequence[int],
                             encode: Callable[[Sequence[Any]], Mapping[str, torch.Tensor]],
                             prompts: Sequence[Any] | None = None, chat_ids: Callable[[Any], list[int]] | None = None,
+                            audio_token_ids: frozenset[int] = frozenset(),
                             ) -> tuple[list[Generation], PromptState]:
     """:func:`~.hf_runtime.generate_batch` that also returns the prompts' :class:`PromptState`."""
     device = next(model.parameters()).device
@@ -184,7 +193,7 @@ def generate_keeping_prompt(model: torch.nn.Module, tokenizer: Any, inputs: Mapp
                                         keep_cache=True)
     return generations, PromptState(model, tokenizer, list(eos_token_ids), inputs["input_ids"],
                                     inputs["attention_mask"], cache, encode,
-                                    list(prompts) if prompts is not None else None, chat_ids)
+                                    list(prompts) if prompts is not None else None, chat_ids, audio_token_ids)
 
 
 def _generate_from(model: torch.nn.Module, tokenizer: Any, eos_token_ids: Sequence[int], input_ids: torch.Tensor,

@@ -69,3 +69,13 @@ def test_a_family_that_does_not_reuse_its_cache_says_so(tiny_pair) -> None:
     assert not text_llm.reuses_prompt_cache
     with pytest.raises(NotImplementedError, match="not reused"):
         text_llm.generate_keeping_prompt([Prompt(text="hi")], GenerationConfig(max_new_tokens=2))
+
+
+def test_a_new_prompt_that_differs_before_its_audio_is_refused(speech) -> None:
+    """Another system turn: the audio tokens would have to run again without their features, so the state refuses
+    (the caller encodes the prompt anew)."""
+    audio = clips(2)
+    _, state = speech.generate_keeping_prompt([Prompt(audio=a) for a in audio], GenerationConfig(max_new_tokens=2))
+    assert state.audio_token_ids  # read from the model's config
+    with pytest.raises(ValueError, match="before its audio ends"):
+        state.generate([Prompt(audio=a, system="Another system turn.") for a in audio], GenerationConfig())
