@@ -348,12 +348,16 @@ def text_prompt(example: DistillExample):
     return Prompt(text=example.question, system=example.system_prompt or None)
 
 
-def speech_prompt(example: DistillExample):
-    """The spoken query as a model prompt (the student's input in S→T); the system prompt stays text."""
+def speech_prompt(example: DistillExample, system_with_audio: bool = True):
+    """The spoken query as a model prompt (the student's input in S→T); the system prompt stays text: its system
+    turn, or, for a student that takes no system turn beside audio (``system_with_audio`` false: Voxtral), text in
+    the user turn after the audio."""
     from speechlm_eval.models.base import Prompt
 
     if example.audio is None:
         raise ValueError(f"example {example.id!r} has no audio; synthesise its question first")
+    if not system_with_audio:
+        return Prompt(audio=example.audio, text=example.system_prompt or None)
     return Prompt(audio=example.audio, system=example.system_prompt or None)
 
 

@@ -181,7 +181,10 @@ def setup(config: DistillConfig, *, eval_items: Sequence[Any] | None = None) -> 
               run_facts={"kd_support": support.describe(),
                          "lora_targets": lora_targets(student, config) if config.lora else None,
                          "gradient_checkpointing": checkpointing,
-                         "distributed_type": accelerator.distributed_type.value})
+                         "distributed_type": accelerator.distributed_type.value}
+              | ({} if getattr(student, "system_with_audio", True) else {
+                  "speech_prompt_system": "text in the user turn after the audio: the student's tokenizer takes no "
+                                          "system turn beside audio"}))
     run.audio_cache = make_audio_cache(run)
     run.feature_cache = make_feature_cache(run)
     if config.resume and (state_dir := latest_train_state(config.out)) is not None:
@@ -337,7 +340,7 @@ def alignment_loss(student: Any, batch: Sequence[DistillExample], targets: Seque
                    config: DistillConfig, text_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One alignment channel's weighted loss (:mod:`speechlm_eval.distill.alignment`): the student hears the question
     and is pulled towards what its own text path computes from the typed question."""
-    speech = [speech_prompt(e) for e in batch]
+    speech = [speech_prompt(e, getattr(student, "system_with_audio", True)) for e in batch]
     if channel == "st_hidden":
         layers = config.layers()
         heard = student.prompt_hidden_states(speech, layers, config.align_pool)
@@ -363,7 +366,8 @@ def channel_loss(student: Any, teacher_dist: Any, teacher_mask: torch.Tensor | N
     if channel not in KD_CHANNELS:
         return alignment_loss(student, batch, targets, channel, config, text_logits)
     n_channels = max(1, sum(1 for c in config.active_channels() if c in KD_CHANNELS))
-    prompts = [text_prompt(e) for e in batch] if channel == "tt" else [speech_prompt(e) for e in batch]
+    prompts = ([text_prompt(e) for e in batch] if channel == "tt" else
+               [speech_prompt(e, getattr(student, "system_with_audio", True)) for e in batch])
     logits, target_grid, mask = student.continuation_logits(prompts, targets)
     if mask.shape != teacher_mask.shape or not torch.equal(mask.cpu(), teacher_mask.cpu()):
         raise RuntimeError(f"{channel}: student and teacher response masks differ; targets are misaligned")

@@ -60,9 +60,61 @@ def check_vocab_compatible(
 def _id_to_token(tokenizer: Any) -> dict[int, str]:
     vocab = tokenizer.get_vocab()
     inverse = {token_id: token for token, token_id in vocab.items()}
-    if len(inverse) != len(vocab):
+    if len(inverse) != len(vocab) or len(inverse) < real_vocab_size(tokenizer):
         raise VocabMismatchError(f"{type(tokenizer).__name__} maps several strings to one id; cannot compare")
     return inverse
+
+
+# A token compared by what it stands for: ("special", its name) for control and added tokens, ("bytes", the bytes it
+# decodes to) for the rest. Needed where a tokenizer's strings are not one per id: Mistral's tekken (mistral-common)
+# names every byte token that is not valid UTF-8 on its own "\ufffd".
+TokenKey = tuple[str, "str | bytes"]
+
+
+def token_keys(tokenizer: Any) -> dict[int, TokenKey]:
+    """``{id: key}`` for every id of the tokenizer: mistral-common's tekken (its byte pieces and special names), or a
+    transformers tokenizer (added tokens by name; the rest as bytes, through the byte-level alphabet when its decoder
+    is byte-level, else sentencepiece's ``▁`` and ``<0xNN>`` conventions)."""
+    tekken = _tekkenizer(tokenizer)
+    if tekken is not None:
+        return {i: ("special", tekken.id_to_piece(i)) if tekken.is_special(i) else
+                ("bytes", tekken.id_to_byte_piece(i, "keep")) for i in range(tekken.n_words)}
+    added = {int(i): str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    byte_level = _is_byte_level(tokenizer)
+    alphabet = {c: b for b, c in _bytes_to_unicode().items()}
+    keys: dict[int, TokenKey] = {}
+    for token, i in tokenizer.get_vocab().items():
+        if i in added:
+            keys[i] = ("special", added[i])
+        elif byte_level:
+            keys[i] = ("bytes", bytes(alphabet[c] for c in token) if all(c in alphabet for c in token)
+                       else token.encode("utf-8"))
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            keys[i] = ("bytes", bytes([int(token[3:5], 16)]))
+        else:
+            keys[i] = ("bytes", token.replace("\u2581", " ").encode("utf-8"))
+    return keys
+
+
+def _tekkenizer(tokenizer: Any) -> Any:
+    inner = getattr(getattr(getattr(tokenizer, "tokenizer", None), "instruct_tokenizer", None), "tokenizer", None)
+    return inner if inner is not None and hasattr(inner, "id_to_byte_piece") else None
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (the byte-level BPE alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def _show(token: str | None) -> str:
@@ -98,6 +150,7 @@ class KDSupport:
     student_ids: Tensor | None = None
     masked_teacher: tuple[str, ...] = ()
     masked_student: tuple[str, ...] = ()
+    key: str = "string"  # what tokens were matched by: "string", or "bytes" (special names and byte pieces)
 
     @property
     def is_prefix(self) -> bool:
@@ -125,14 +178,13 @@ class KDSupport:
         """The student's target ids in the teacher's id space (``None`` when one is outside the support)."""
         if self.is_prefix:
             return list(student_target_ids) if all(i < self.size for i in student_target_ids) else None
-        teacher_vocab = teacher_tokenizer.get_vocab()
-        tokens = student_tokenizer.convert_ids_to_tokens(list(student_target_ids))
-        ids = [teacher_vocab.get(t) for t in tokens]
+        to_teacher = dict(zip(self.student_ids.tolist(), self.teacher_ids.tolist()))
+        ids = [to_teacher.get(int(i)) for i in student_target_ids]
         return None if any(i is None for i in ids) else ids  # type: ignore[return-value]
 
     def describe(self, shown: int = 10) -> dict[str, Any]:
         """For the manifest: the support's size and how many (and which) tokens each side has outside it."""
-        return {"size": self.size, "aligned": "id prefix" if self.is_prefix else "by token string",
+        return {"size": self.size, "aligned": "id prefix" if self.is_prefix else f"by token {self.key}",
                 "masked_teacher": len(self.masked_teacher), "masked_student": len(self.masked_student),
                 "masked_teacher_tokens": list(self.masked_teacher[:shown]),
                 "masked_student_tokens": list(self.masked_student[:shown])}
@@ -140,11 +192,17 @@ class KDSupport:
 
 def kd_support(teacher_tokenizer: Any, student_tokenizer: Any) -> KDSupport:
     """The ids KD compares: the teacher's whole vocabulary when the student agrees with it id for id (extra student
-    tokens after it allowed), else every token string both tokenizers have."""
-    teacher, student = _id_to_token(teacher_tokenizer), _id_to_token(student_tokenizer)
+    tokens after it allowed), else every token string both tokenizers have. Where a tokenizer's strings are not one
+    per id (Mistral's tekken), tokens are compared by :func:`token_keys` (special name or bytes) on both sides."""
+    key = "string"
+    try:
+        teacher, student = _id_to_token(teacher_tokenizer), _id_to_token(student_tokenizer)
+    except VocabMismatchError:
+        teacher, student = token_keys(teacher_tokenizer), token_keys(student_tokenizer)  # type: ignore[assignment]
+        key = "bytes"
     size = real_vocab_size(teacher_tokenizer)
     if all(student.get(i) == t for i, t in teacher.items()):
-        extra = tuple(t for i, t in sorted(student.items()) if i not in teacher)
+        extra = tuple(_shown_key(t) for i, t in sorted(student.items()) if i not in teacher)
         return KDSupport(size=size, masked_student=extra)
     student_vocab = {t: i for i, t in student.items()}
     pairs = [(i, student_vocab[t]) for i, t in sorted(teacher.items()) if t in student_vocab]
@@ -156,6 +214,11 @@ def kd_support(teacher_tokenizer: Any, student_tokenizer: Any) -> KDSupport:
         size=len(pairs),
         teacher_ids=torch.tensor([i for i, _ in pairs], dtype=torch.long),
         student_ids=torch.tensor([j for _, j in pairs], dtype=torch.long),
-        masked_teacher=tuple(t for i, t in sorted(teacher.items()) if i not in kept_teacher),
-        masked_student=tuple(t for i, t in sorted(student.items()) if i not in kept_student),
+        key=key,
+        masked_teacher=tuple(_shown_key(t) for i, t in sorted(teacher.items()) if i not in kept_teacher),
+        masked_student=tuple(_shown_key(t) for i, t in sorted(student.items()) if i not in kept_student),
     )
+
+
+def _shown_key(token: Any) -> str:
+    return token if isinstance(token, str) else str(token[1]) if token[0] == "special" else repr(token[1])

@@ -130,6 +130,7 @@ class AudioTextModel(HFAdapter):
     """
 
     accepts_audio = True
+    system_with_audio = True  # whether a prompt may hold a system turn and audio together (not Voxtral's)
 
     def __init__(self, name: str, model: torch.nn.Module, processor: Any, spec: AudioTextSpec,
                  revision: str | None = None, tokenizer: Any = None) -> None:

@@ -18,7 +18,8 @@ default. Clips up to 40 minutes, the model card's limit for audio understanding,
 
 Backbone: Voxtral Mini 3B is built on Ministral 3B, whose weights are not public; Voxtral Small 24B on Mistral Small
 3.1 24B (``mistralai/Mistral-Small-3.1-24B-Instruct-2503``). Needs ``mistral-common`` (``pip install
-'speechlm-eval[voxtral]'``). ``gap`` only: ``distill`` refuses the family (:data:`NOT_DISTILLABLE`).
+'speechlm-eval[voxtral]'``). Distillation matches its tokens to the teacher's by bytes (mistral-common's byte tokens have no
+one-to-one strings: :func:`speechlm_eval.distill.vocab.token_keys`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ SPEC = AudioTextSpec(
 class VoxtralModel(AudioTextModel):
     """A Voxtral checkpoint: prompts encoded by mistral-common's request encoding, text and audio alike."""
 
+    system_with_audio = False  # tekken before v13 refuses it: distillation puts the system text in the user turn
+
     def __init__(self, name: str, model: torch.nn.Module, processor: Any, revision: str | None = None) -> None:
         super().__init__(name, model, processor, SPEC, revision=revision)
 
@@ -136,7 +139,4 @@ def load(name_or_path: str, options: LoadOptions) -> VoxtralModel:
     return VoxtralModel(name_or_path, loaded.model, loaded.processor, revision=options.revision)
 
 
-NOT_DISTILLABLE = ("distillation aligns the teacher's and the student's vocabularies token string by token string, "
-                   "and Mistral's tokenizer (mistral-common) gives its byte tokens no one-to-one strings; not "
-                   "supported yet")
-FAMILY = audio_text_family(SPEC, load, not_distillable=NOT_DISTILLABLE)
+FAMILY = audio_text_family(SPEC, load)

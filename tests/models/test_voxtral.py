@@ -5,6 +5,9 @@ text LLM of another family (a proxy)."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import importlib.util
 
 import pytest
@@ -131,16 +134,49 @@ def test_gap_three_arms_and_diagnostics(voxtral_dir, tiny_pair, tmp_path):
     assert manifest["system_prompt"]["text"] is None
 
 
-def test_distill_refuses_the_family_with_the_reason(voxtral_dir, tiny_pair, tmp_path):
-    from speechlm_eval.distill.config import ConfigError, DistillConfig
-    from speechlm_eval.distill.train import distill
-    from speechlm_eval.models.registry import get_family
+def test_kd_support_matches_mistral_byte_tokens_to_a_converted_tekken_teacher(vox, tmp_path):
+    """mistral-common names every byte token that is not UTF-8 alone "\ufffd"; matched by bytes, the student and
+    a teacher reading the same tekken.json through transformers agree id for id."""
+    from transformers import AutoTokenizer
 
-    assert "distill" not in get_family("voxtral").capabilities
-    with pytest.raises(ConfigError, match="Mistral's tokenizer"):
-        distill(DistillConfig(student=str(voxtral_dir), teacher=str(tiny_pair[1]), out=tmp_path / "run",
-                              max_examples=4, batch_size=2, epochs=1))
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    from speechlm_eval.distill.vocab import kd_support, token_keys
+    from tests.fixtures.tiny_voxtral import build_tiny_tekken_teacher
+
+    teacher = AutoTokenizer.from_pretrained(str(build_tiny_tekken_teacher(tmp_path / "teacher")))
+    keys = token_keys(vox.tokenizer)
+    assert keys[24] == ("special", "[AUDIO]") and keys[1000 + 0xC8] == ("bytes", b"\xc8")
+    assert token_keys(teacher) == keys
+    support = kd_support(teacher, vox.tokenizer)
+    assert support.is_prefix and support.size == len(teacher)
+    ids = vox.tokenizer("Hello, world", add_special_tokens=False)["input_ids"]
+    assert support.teacher_targets(ids, vox.tokenizer, teacher) == teacher("Hello, world",
+                                                                           add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_distill_runs_to_a_before_after_report_and_both_outputs_load(voxtral_dir, tmp_path):
+    from speechlm_eval.distill.config import DistillConfig, EvalConfig
+    from speechlm_eval.distill.pipeline import distill_and_compare
+    from speechlm_eval.models.registry import get_family
+    from tests.fixtures.tiny_voxtral import build_tiny_tekken_teacher
+
+    assert "distill" in get_family("voxtral").capabilities
+    teacher = build_tiny_tekken_teacher(tmp_path / "teacher")
+    out = tmp_path / "run"
+    report = distill_and_compare(
+        DistillConfig(student=str(voxtral_dir), teacher=str(teacher), out=out, max_examples=8, batch_size=4,
+                      max_response_tokens=12, lr=1e-2, epochs=1, seed=0, lora=True),
+        EvalConfig(eval_limit=4, eval_max_new_tokens=4, eval_device="cpu"))
+    assert "inequivalence" in report.read_text() and (out / "comparison.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] and manifest["kd_support"]["aligned"] == "id prefix"
+    assert "user turn" in manifest["speech_prompt_system"]  # its tokenizer takes no system turn beside audio
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(math.isfinite(r["loss_tt"]) and math.isfinite(r["loss_st"]) for r in log)
+    prompt = [Prompt(audio=clip(1.0))]
+    merged, adapter = load_model(str(out / "checkpoint"), CPU), load_model(str(out / "adapter"), CPU)
+    assert merged.family == adapter.family == "voxtral"
+    assert merged.generate(prompt, GREEDY) == adapter.generate(prompt, GREEDY)
 
 
 def test_the_prompt_cache_is_reused_as_a_fresh_forward_would_answer(vox):
