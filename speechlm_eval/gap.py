@@ -175,8 +175,8 @@ class GapConfig:
                                     "is continued with the fixed response and with the probe's instruction instead "
                                     "of encoding the clip's audio tokens again. Transcripts are the same either way; "
                                     "KL/JSD values agree to float rounding. Applies to in-process families that "
-                                    "support it (qwen2-audio, audioflamingo3, voxtral); the others run the passes "
-                                    "separately.")
+                                    "support it (qwen2-audio, audioflamingo3, voxtral, qwen2.5-omni, qwen3-omni); "
+                                    "the others run the passes separately.")
     audio_cache_gib: float = _opt(2.0, "Most CPU memory the audio cache holds (GiB; half for features, half for "
                                   "encoder outputs); clips past it are encoded each time they are used.", min=0.0)
     n_resamples: int = _opt(10_000, "Bootstrap resamples of every confidence interval.", min=1)

@@ -14,8 +14,10 @@ top. Positions are counted along each row's attention mask, as ``generate`` coun
 tokens keep their distances whatever the padding. The results equal those of encoding the prompts anew, up to float
 rounding (tested: logits within 1e-4, greedy answers identical).
 
-Only families whose model keeps plain position ids and one dynamic cache take part (a family opts in with
-``reuses_prompt_cache``); the others run each pass from scratch.
+A family opts in with ``reuses_prompt_cache``, tested against a fresh forward and one-at-a-time generate: one
+dynamic cache, and positions either plain or, for the multimodal-rotary Omni thinkers, the prefill's per-row offsets
+(``rope_deltas``), which follow a row selection; there new prompts after the cache must be of one length. The others
+(a sliding-window cache, audio run in sub-batches) run each pass from scratch.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class PromptState:
         """A state of the given rows only (the cache is narrowed in place: this state must not be used after)."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.input_ids.device)
         self.cache.batch_select_indices(index.to(_cache_device(self.cache, index.device)))
+        for holder in _rope_delta_holders(self.model, self.input_ids.shape[0]):  # per-row state of mrope models
+            holder.rope_deltas = holder.rope_deltas[index.to(holder.rope_deltas.device)]
         return PromptState(self.model, self.tokenizer, self.eos_token_ids, self.input_ids[index],
                            self.attention_mask[index], self.cache, self.encode,
                            [self.prompts[k] for k in rows] if self.prompts is not None else None, self.chat_ids,
@@ -143,7 +147,11 @@ class PromptState:
         if new_rows is None:
             encoded = self.encode(prompts)
             new_rows = unpadded_rows(encoded["input_ids"], encoded["attention_mask"])
-        input_ids, attention_mask, _ = self.extend(new_rows, [1] * len(new_rows))
+        input_ids, attention_mask, keep = self.extend(new_rows, [1] * len(new_rows))
+        if _rope_delta_holders(self.model, len(new_rows)) and len(set(attention_mask[:, keep:].sum(1).tolist())) > 1:
+            # Multimodal-rotary models (the Omni thinkers) count a new token's position from its column and the
+            # prefill's per-row offset, which padding between the cached and the new columns would shift.
+            raise ValueError("new prompts of different lengths after the cached columns: encode them anew")
         return _generate_from(self.model, self.tokenizer, self.eos_token_ids, input_ids, attention_mask, config,
                               cache=self.cache, budgets=budgets)
 
@@ -219,6 +227,17 @@ def _generate_from(model: torch.nn.Module, tokenizer: Any, eos_token_ids: Sequen
     generations = decode_generations(output.sequences, width, attention_mask.sum(dim=1).tolist(), tokenizer,
                                      eos_token_ids, budgets=budgets)
     return (generations, output.cache) if keep_cache else generations
+
+
+def _rope_delta_holders(model: torch.nn.Module, batch: int) -> list[Any]:
+    """The modules holding per-row rotary offsets from the last prefill (``rope_deltas``, ``(batch, 1)``: the
+    multimodal-rotary models such as the Omni thinkers), which must follow a row selection."""
+    holders = []
+    for holder in (model, getattr(model, "model", None)):
+        deltas = getattr(holder, "rope_deltas", None)
+        if isinstance(deltas, torch.Tensor) and deltas.dim() >= 1 and deltas.shape[0] == batch:
+            holders.append(holder)
+    return holders
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

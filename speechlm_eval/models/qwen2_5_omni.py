@@ -113,6 +113,7 @@ SPEC = AudioTextSpec(
     encode=encode_audio,
     extras={"backbone": "Qwen/Qwen2.5-7B (3B: Qwen/Qwen2.5-3B); -Instruct is the matching chat model",
             "notes": "the thinker only (text output); its language model is initialised from Qwen2.5"},
+    reuses_prompt_cache=True,
 )
 
 

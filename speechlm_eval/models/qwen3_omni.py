@@ -126,6 +126,7 @@ SPEC = AudioTextSpec(
     extras={"backbone": "Qwen/Qwen3-30B-A3B (-Instruct-2507 is the matching chat model)",
             "notes": "the thinker only (text output); its MoE language model is initialised from Qwen3 "
                      "(30B-A3B shape), vocabulary 152064 vs Qwen3's 151936"},
+    reuses_prompt_cache=True,
 )
 
 

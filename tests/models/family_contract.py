@@ -158,5 +158,7 @@ def assert_prompt_cache_matches(model, clips: list[np.ndarray]) -> None:
         fresh, _, fresh_mask = model.continuation_logits(prompts, continuations)
     logits, _, mask = state.continuation_logits(continuations)
     assert torch.equal(mask, fresh_mask) and torch.allclose(logits[mask], fresh[fresh_mask], atol=1e-4, rtol=0)
-    asked = [Prompt(audio=a, text="Transcribe the speech in the audio exactly.") for a in clips]
-    assert state.generate(asked, GREEDY) == [model.generate([p], GREEDY)[0] for p in asked]
+    rows = list(range(0, len(clips), 2)) + [len(clips) - 1] if len(clips) > 2 else list(range(len(clips)))
+    rows = sorted(set(rows))  # a subset of the rows, as the diagnostics ask when some items are done already
+    asked = [Prompt(audio=clips[k], text="Transcribe the speech in the audio exactly.") for k in rows]
+    assert state.select(rows).generate(asked, GREEDY) == [model.generate([p], GREEDY)[0] for p in asked]

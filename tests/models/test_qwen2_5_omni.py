@@ -246,3 +246,11 @@ def test_gap_three_arms_and_diagnostics(omni_pair, tmp_path):
     text_dir, speech_dir = omni_pair
     results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "qwen2.5-omni")
     assert results["manifest"]["system_prompt"]["text"] == "You are a helpful assistant."
+
+
+def test_the_prompt_cache_is_reused_as_a_fresh_forward_would_answer(omni):
+    """Multimodal rotary positions: explicit positions for the teacher-forced tokens, the prefill's per-row offsets
+    following a row selection."""
+    from tests.models.family_contract import assert_prompt_cache_matches, clip as contract_clip
+
+    assert_prompt_cache_matches(omni, [contract_clip(0.5 + 0.5 * k, seed=k) for k in range(4)])

@@ -205,3 +205,11 @@ def test_the_audio_cache_changes_no_answer(q3):
 
     assert_audio_cache_answers_alike(q3, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
                                            Prompt(audio=contract_clip(1.0, 3), text="ok?")])
+
+
+def test_the_prompt_cache_is_reused_as_a_fresh_forward_would_answer(q3):
+    """Multimodal rotary positions: explicit positions for the teacher-forced tokens, the prefill's per-row offsets
+    following a row selection."""
+    from tests.models.family_contract import assert_prompt_cache_matches, clip as contract_clip
+
+    assert_prompt_cache_matches(q3, [contract_clip(0.5 + 0.5 * k, seed=k) for k in range(4)])
