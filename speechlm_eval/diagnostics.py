@@ -382,6 +382,7 @@ class SpeechArmDiagnostics:
                                                  "passes will run what is left", error)
         return records
 
+    @torch.no_grad()
     def _divergences(self, items: list[Item], prompts: list[Prompt], state: Any, usable: list[int]) -> None:
         """KL/JSD records of the batch's rows whose fixed response is known (teacher-forced after the cached
         prompts; the text sides as in :func:`run_distribution_diagnostics`)."""
@@ -409,6 +410,7 @@ class SpeechArmDiagnostics:
                                       self.text_llm, self.shared, self.reference_arm, given_speech=given_speech)
         self._write(DIAGNOSTICS, records)
 
+    @torch.no_grad()
     def _probe(self, items: list[Item], prompts: list[Prompt], state: Any, usable: list[int]) -> None:
         """Perception records of the batch's rows: transcripts generated after the cached clips."""
         rows = [k for k in usable if items[k].text_to_speak() and items[k].id not in self._done[PERCEPTION]]

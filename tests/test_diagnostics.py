@@ -56,9 +56,11 @@ def test_diagnostics_on_the_speech_arms_prompts_match_the_separate_passes(tmp_pa
     nothing left to do. Then half the diagnostics are deleted and the run resumed: the separate passes redo them."""
     calls = {"separate KL": 0, "separate probe": 0}
     divergence_records, probe_group = diagnostics._divergence_records, diagnostics._probe_group
+    with_grad = []
 
     def counted_divergences(*args, given_speech=None, **kwargs):
         calls["separate KL"] += given_speech is None
+        with_grad.append(torch.is_grad_enabled())  # teacher-forced forwards without autograd, either way
         return divergence_records(*args, given_speech=given_speech, **kwargs)
 
     def counted_probe(*args, **kwargs):
@@ -84,6 +86,7 @@ def test_diagnostics_on_the_speech_arms_prompts_match_the_separate_passes(tmp_pa
         reused = (tmp_path / "reused" / "records" / f"{arm}.jsonl").read_bytes()
         assert reused and reused == (tmp_path / "separate" / "records" / f"{arm}.jsonl").read_bytes(), arm
     assert_same_diagnostics(tmp_path / "reused", tmp_path / "separate")
+    assert with_grad and not any(with_grad)
 
     for name in ("diagnostics", "perception"):  # a run killed before its diagnostics finished
         path = tmp_path / "reused" / "records" / f"{name}.jsonl"
