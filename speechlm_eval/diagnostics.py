@@ -347,7 +347,7 @@ class SpeechArmDiagnostics:
     def __exit__(self, *exc: object) -> None:
         for writer in self._writers.values():
             writer.close()
-        if self._written and process_state().is_main_process:
+        if any(self._written.values()) and process_state().is_main_process:
             logging.getLogger(__name__).info(
                 "on the speech arm's prompts: %d KL/JSD record(s), %d transcript(s) (this process)",
                 self._written[DIAGNOSTICS], self._written[PERCEPTION])
@@ -400,10 +400,8 @@ class SpeechArmDiagnostics:
                 rows.append(k)
         if not rows:
             return
-        given_speech, _, _ = state.continuation_logits(targets)
-        longest = max(len(targets[k]) for k in rows)
-        index = torch.tensor(rows, device=given_speech.device)
-        given_speech = given_speech[index][:, given_speech.shape[1] - longest:]
+        given_speech, _, _ = state.continuation_logits(targets)  # width: the chosen rows' longest (others have none)
+        given_speech = given_speech[torch.tensor(rows, device=given_speech.device)]
         chosen = [items[k] for k in rows]
         records = _divergence_records(chosen, [Prompt(text=i.text, system=self.system) for i in chosen],
                                       [prompts[k] for k in rows], [targets[k] for k in rows], self.speech_llm,

@@ -218,7 +218,7 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def save_student(model: torch.nn.Module, processor: Any, out: Path, config: DistillConfig,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                 state_dict: dict[str, torch.Tensor] | None = None, speech_adapter_folder: str | None = None) -> Path:
     """Write what a user keeps, each folder replaced atomically, and return the one ``gap`` should score:
 
     - with LoRA, ``OUT/adapter`` (``adapter_model.safetensors`` + ``adapter_config.json``, loadable with peft onto the
@@ -229,24 +229,41 @@ def save_student(model: torch.nn.Module, processor: Any, out: Path, config: Dist
     parameters rank 0 cannot save alone. The merge needs unsharded LoRA layers, so there the merged student is built
     from what was just saved: the adapter folder loaded onto a fresh copy of the original student on this process's
     CPU (:func:`merged_from_adapter`; memory: one unsharded student, as a merge on one GPU would need).
+
+    A student that holds its checkpoint's own audio-only adapter (Granite Speech, Phi-4-multimodal): ``OUT/adapter``
+    holds distillation's LoRA only; ``OUT/checkpoint`` has it merged into the base weights and the audio-only adapter
+    written apart again, unchanged, in ``speech_adapter_folder`` (the family's place for it), so that it stays off
+    on text.
     """
+    from speechlm_eval.models.speech_adapter import merge_lora, save_with_speech_adapter, speech_adapter_loaded
+
     record = {"config": config.to_dict(), "our_reading": our_reading_for(config)}
 
-    def write(target: torch.nn.Module, weights: dict[str, Any]) -> Callable[[Path], Any]:
-        return lambda tmp: (target.save_pretrained(tmp, **weights), processor.save_pretrained(tmp),
-                            write_json(tmp / "speechlm_eval_distill.json", record))
+    def write(target: torch.nn.Module, weights: dict[str, Any], adapter_only: bool = False) -> Callable[[Path], Any]:
+        def into(tmp: Path) -> None:
+            if adapter_only:  # distillation's LoRA alone
+                target.save_pretrained(tmp, selected_adapters=["default"], **weights)
+            elif speech_adapter_loaded(target):
+                if speech_adapter_folder is None:
+                    raise ValueError("a student with an audio-only adapter needs its family's speech_adapter_folder")
+                save_with_speech_adapter(target, tmp, speech_adapter_folder, weights.get("state_dict"))
+            else:
+                target.save_pretrained(tmp, **weights)
+            processor.save_pretrained(tmp)
+            write_json(tmp / "speechlm_eval_distill.json", record)
+        return into
 
     gathered = {} if state_dict is None else {"state_dict": state_dict}
     if config.lora:
         adapter = out / "adapter"
-        _replace_folder(adapter, write(model, gathered))
+        _replace_folder(adapter, write(model, gathered, adapter_only=True))
         if not config.merge:
             return adapter
         if state_dict is not None:
             frozen = next((p for p in model.parameters() if not p.requires_grad), None)
             model = merged_from_adapter(adapter, frozen.dtype if frozen is not None else None)
         else:
-            model = model.merge_and_unload()
+            model = merge_lora(model)
         gathered = {}
     model.eval()
     checkpoint = out / "checkpoint"

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -264,7 +265,8 @@ def finish(run: Run) -> Path:
         run.run_facts["audio_feature_cache"] = run.feature_cache.stats.as_dict()
     if accelerator.is_main_process:
         checkpoint = save_student(accelerator.unwrap_model(run.model), run.student.processor, config.out, config,
-                                  state_dict=state)
+                                  state_dict=state,
+                                  speech_adapter_folder=getattr(run.student, "speech_adapter_folder", None))
         write_run_manifest(run, finished=True, seconds=time.time() - run.started)
     accelerator.wait_for_everyone()
     return checkpoint
@@ -623,16 +625,14 @@ def make_trainable(student: Any, config: DistillConfig, checkpointing: bool = Fa
 
     The audio encoder is always frozen; the projector trains only with ``train_projector``. The modules are found
     through the model's interface (:class:`~speechlm_eval.models.base.TrainableSpeechLM`), whatever the family
-    calls them.
+    calls them. A checkpoint's own audio-only LoRA (Granite Speech, Phi-4-multimodal) stays frozen and separate:
+    distillation's LoRA joins it on the same layers and is on for every prompt, the speech adapter for audio only
+    (:mod:`speechlm_eval.models.speech_adapter`; :func:`~.checkpointing.save_student` saves it apart again).
     """
-    from speechlm_eval.models.audio_text import speech_adapter_loaded
+    from speechlm_eval.models.speech_adapter import freeze_speech_adapter, speech_adapter_loaded
 
     model = student.model
-    if speech_adapter_loaded(model):
-        # Granite Speech / Phi-4-multimodal: the LoRA they ship is on for audio only. Merging the student's LoRA
-        # (or saving a full fine-tune) would bake that adapter into the text path or drop it: refused, not guessed.
-        raise ConfigError(f"{student.family}: the checkpoint ships an audio-only LoRA adapter; distilling such a "
-                          "student (keeping that adapter separate in the saved checkpoint) is not supported yet")
+    keeps_speech_adapter = speech_adapter_loaded(model)
     model.requires_grad_(False)
     projector = student.projector() if config.train_projector else None
     if config.train_projector and projector is None:
@@ -646,7 +646,10 @@ def make_trainable(student: Any, config: DistillConfig, checkpointing: bool = Fa
                               "of the language model")
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, bias="none")
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            if keeps_speech_adapter:  # peft warns that a second adapter joins the checkpoint's own: intended here
+                warnings.filterwarnings("ignore", message=".*(for a second time|multiple adapters).*")
+            model = get_peft_model(model, lora)
     else:
         student.language_model().requires_grad_(True)
         student.lm_head().requires_grad_(True)
@@ -655,6 +658,10 @@ def make_trainable(student: Any, config: DistillConfig, checkpointing: bool = Fa
         student.audio_encoder().requires_grad_(False)
         if student.projector() is not None:
             student.projector().requires_grad_(False)
+        for module in getattr(student, "kept_frozen", list)():  # e.g. Phi-4-multimodal's vision path
+            module.requires_grad_(False)
+    if keeps_speech_adapter:
+        freeze_speech_adapter(model)  # peft, or unfreezing the language model, turned its gradients on
     if projector is not None:
         projector.requires_grad_(True)  # the same module object inside the LoRA wrapper
     if checkpointing:

@@ -138,6 +138,7 @@ class FeatureCache:
 
     def __init__(self, extractor: Any, max_bytes: int) -> None:
         self.extractor = extractor
+        self.__wrapped__ = extractor  # ``inspect.signature(proxy)`` reads the extractor's own call defaults
         self.max_bytes = max_bytes
         self.rows: dict[str, dict[str, Any]] = {}
         self.output_type: type | None = None

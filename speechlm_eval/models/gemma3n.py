@@ -112,7 +112,7 @@ def window_seconds(processor: Any) -> float | None:
     """The longest clip ``Gemma3nAudioFeatureExtractor`` keeps: its call's ``max_length`` (480 000 samples, 30 s),
     past which it truncates silently (``Gemma3nProcessor`` passes no ``max_length`` of its own)."""
     extractor = processor.feature_extractor
-    parameters = inspect.signature(extractor.__call__).parameters
+    parameters = inspect.signature(extractor).parameters  # its ``__call__``'s, through a proxy's ``__wrapped__``
     default = parameters["max_length"].default if "max_length" in parameters else None
     return int(default) / extractor.sampling_rate if isinstance(default, int) else None
 
@@ -141,9 +141,10 @@ def extractor_defaults(extractor: Any) -> dict[str, Any]:
     Passed explicitly because ``ProcessorMixin`` copies same-named keys of the tokenizer's init kwargs into every
     modality's kwargs, and a tokenizer saved after a padded call (as distillation saves a student's processor) is
     reloaded with ``max_length: None, pad_to_multiple_of: None`` from its ``tokenizer.json`` padding: the extractor
-    would then pad differently and refuse to truncate ("make sure that max_length is defined").
+    would then pad differently and refuse to truncate ("make sure that max_length is defined"). Read through the
+    feature cache's proxy too (:class:`~.encoder_cache.FeatureCache`), whose own ``__call__`` has no defaults.
     """
-    parameters = inspect.signature(extractor.__call__).parameters
+    parameters = inspect.signature(extractor).parameters  # its ``__call__``'s, through a proxy's ``__wrapped__``
     return {k: parameters[k].default for k in EXTRACTOR_DEFAULTS
             if k in parameters and parameters[k].default is not inspect.Parameter.empty}
 

@@ -36,10 +36,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechlm_eval.models.audio_text import (NO_AUTOMATIC_ADAPTER, AudioTextModel, AudioTextSpec, LengthGroupedAudio,
-                                             audio_text_family, load_audio_text, load_speech_adapter,
-                                             set_speech_adapter, speech_adapter_loaded)
+from speechlm_eval.models.audio_text import (AudioTextModel, AudioTextSpec, LengthGroupedAudio, audio_text_family,
+                                             load_audio_text)
 from speechlm_eval.models.base import LoadOptions, Prompt
+from speechlm_eval.models.speech_adapter import (NO_AUTOMATIC_ADAPTER, load_speech_adapter, set_speech_adapter,
+                                                 speech_adapter_loaded)
 
 AUDIO_TOKEN = "<|audio|>"
 # The model card's system prompt (granite-speech-3.3-8b, revision 3.3.2), verbatim: no period at the end.
@@ -152,6 +153,8 @@ SPEC = AudioTextSpec(
 class GraniteSpeechModel(LengthGroupedAudio, AudioTextModel):
     """A Granite Speech checkpoint: string-content conversations, and the audio-only adapter switched per batch."""
 
+    speech_adapter_folder = ""  # the audio-only adapter's files sit beside the weights (a saved copy writes them there)
+
     def conversation(self, prompt: Prompt) -> list[dict[str, Any]]:
         """System turn (the card's unless ``prompt.system``), then one user turn ``<|audio|>`` + text."""
         system = prompt.system if prompt.system is not None else self.spec.system_prompt
@@ -195,6 +198,4 @@ def load(name_or_path: str, options: LoadOptions) -> GraniteSpeechModel:
     return GraniteSpeechModel(name_or_path, model, processor, SPEC, revision=options.revision)
 
 
-# Not "distill": the audio-only adapter would have to stay separate in the distilled checkpoint (see
-# distill.train.make_trainable, which refuses such a student).
-FAMILY = audio_text_family(SPEC, load, capabilities=("generate", "log-probs", "transcription probe"))
+FAMILY = audio_text_family(SPEC, load)

@@ -134,22 +134,35 @@ def generate_batch(
     inputs: Mapping[str, torch.Tensor],
     config: GenerationConfig,
     eos_token_ids: Sequence[int],
-) -> list[Generation]:
-    """Run ``model.generate`` on left-padded ``inputs`` and decode only the new tokens (VoiceBench's decoding)."""
+    *,
+    cache: Any = None,
+    budgets: Sequence[int] | None = None,
+    keep_cache: bool = False,
+) -> Any:
+    """Run ``model.generate`` on left-padded ``inputs`` and decode only the new tokens (VoiceBench's decoding).
+
+    ``cache``: a key/value cache already filled for the first columns of ``inputs`` (generation continues from it;
+    :mod:`~.prompt_cache`); ``budgets``: each row's own new-token limit, applied when decoding; ``keep_cache``: also
+    return the cache ``generate`` filled, as ``(generations, cache)``.
+    """
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if config.do_sample:
         torch.manual_seed(config.seed)
     generation = effective_generation_config(config, eos_token_ids, tokenizer.pad_token_id)
+    generation.return_dict_in_generate = True
     keep_checkpoint = dict(config.extra).get(CHECKPOINT_DEFAULTS, False)
+    extra = {} if cache is None else {"cache": cache}
     # The prefill needs the next-token logits of the last position only; families whose forward ignores
     # ``logits_to_keep`` (Qwen2-Audio, the Omni thinkers) would project every prompt position (at a 152k-156k
     # vocabulary: gigabytes for a batch of long audio prompts, and the memory the auto batch trial does not count).
     with contextlib.nullcontext() if keep_checkpoint else only_token_ids_from_checkpoint(model), \
             head_on_last_positions(model, 1):
-        output = model.generate(**inputs, generation_config=generation)
-    return decode_generations(output, inputs["input_ids"].shape[1], inputs["attention_mask"].sum(dim=1).tolist(),
-                              tokenizer, eos_token_ids)
+        output = model.generate(**inputs, **extra, generation_config=generation)
+    generations = decode_generations(output.sequences, inputs["input_ids"].shape[1],
+                                     inputs["attention_mask"].sum(dim=1).tolist(), tokenizer, eos_token_ids,
+                                     budgets=budgets)
+    return (generations, output.cache) if keep_cache else generations
 
 
 def decode_generations(sequences: torch.Tensor, prompt_width: int, n_prompt: Sequence[int], tokenizer: Any,

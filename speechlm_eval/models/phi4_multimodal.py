@@ -38,9 +38,9 @@ import torch
 
 from speechlm_eval.audio_format import SAMPLING_RATE
 from speechlm_eval.models.audio_text import (AudioTextModel, AudioTextSpec, LengthGroupedAudio, audio_text_family,
-                                             load_audio_text, load_speech_adapter, set_speech_adapter,
-                                             speech_adapter_loaded)
+                                             load_audio_text)
 from speechlm_eval.models.base import LoadOptions, Prompt
+from speechlm_eval.models.speech_adapter import load_speech_adapter, set_speech_adapter, speech_adapter_loaded
 
 AUDIO_TOKEN = "<|audio|>"
 SPEECH_LORA = "speech-lora"  # the subfolder of the checkpoint that holds the speech adapter
@@ -119,6 +119,8 @@ class Phi4MultimodalModel(LengthGroupedAudio, AudioTextModel):
     """A Phi-4-multimodal checkpoint: string-content conversations, the speech adapter switched per batch, and
     the speech projector exposed as one module (its two linear layers)."""
 
+    speech_adapter_folder = SPEECH_LORA  # the checkpoint's subfolder for the audio-only adapter
+
     def __init__(self, name: str, model: torch.nn.Module, processor: Phi4InputFiles, revision: str | None = None):
         super().__init__(name, model, processor, SPEC, revision=revision, tokenizer=processor.tokenizer)
         embed = model.model.embed_tokens_extend.audio_embed
@@ -137,6 +139,11 @@ class Phi4MultimodalModel(LengthGroupedAudio, AudioTextModel):
         """``up_proj_for_speech`` and ``down_proj_for_speech`` (the GELU between them has no weights); the vision
         path's projections (``*_for_vision_speech``, used when an image is present too) are not part of it."""
         return self._projector
+
+    def kept_frozen(self) -> list[torch.nn.Module]:
+        """What a full fine-tune of :meth:`language_model` leaves frozen: the whole modality embedding inside it (audio
+        encoder and projector, the vision path, the projections used when an image comes with the audio)."""
+        return [self.model.model.embed_tokens_extend]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "speech_adapter": speech_adapter_loaded(self.model)}
@@ -168,6 +175,4 @@ def load(name_or_path: str, options: LoadOptions) -> Phi4MultimodalModel:
     return Phi4MultimodalModel(name_or_path, model, processor, revision=options.revision)
 
 
-# Not "distill": the audio-only adapter would have to stay separate in the distilled checkpoint (see
-# distill.train.make_trainable, which refuses such a student).
-FAMILY = audio_text_family(SPEC, load, capabilities=("generate", "log-probs", "transcription probe"))
+FAMILY = audio_text_family(SPEC, load)

@@ -22,21 +22,13 @@ dynamic cache, and positions either plain or, for the multimodal-rotary Omni thi
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from speechlm_eval.models.base import CHECKPOINT_DEFAULTS, Generation, GenerationConfig
-from speechlm_eval.models.hf_runtime import (
-    decode_generations,
-    effective_generation_config,
-    head_on_last_positions,
-    left_pad,
-    only_token_ids_from_checkpoint,
-    unpadded_rows,
-)
+from speechlm_eval.models.base import Generation, GenerationConfig
+from speechlm_eval.models.hf_runtime import generate_batch, head_on_last_positions, left_pad, unpadded_rows
 
 
 @dataclass
@@ -152,8 +144,8 @@ class PromptState:
             # Multimodal-rotary models (the Omni thinkers) count a new token's position from its column and the
             # prefill's per-row offset, which padding between the cached and the new columns would shift.
             raise ValueError("new prompts of different lengths after the cached columns: encode them anew")
-        return _generate_from(self.model, self.tokenizer, self.eos_token_ids, input_ids, attention_mask, config,
-                              cache=self.cache, budgets=budgets)
+        return generate_batch(self.model, self.tokenizer, {"input_ids": input_ids, "attention_mask": attention_mask},
+                              config, self.eos_token_ids, cache=self.cache, budgets=budgets)
 
 
     def same_clip_rows(self, prompts: Sequence[Any]) -> list[list[int]] | None:
@@ -195,38 +187,10 @@ def generate_keeping_prompt(model: torch.nn.Module, tokenizer: Any, inputs: Mapp
     """:func:`~.hf_runtime.generate_batch` that also returns the prompts' :class:`PromptState`."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    generations, cache = _generate_from(model, tokenizer, eos_token_ids, inputs["input_ids"], inputs["attention_mask"],
-                                        config, extra={k: v for k, v in inputs.items()
-                                                       if k not in ("input_ids", "attention_mask")},
-                                        keep_cache=True)
+    generations, cache = generate_batch(model, tokenizer, inputs, config, eos_token_ids, keep_cache=True)
     return generations, PromptState(model, tokenizer, list(eos_token_ids), inputs["input_ids"],
                                     inputs["attention_mask"], cache, encode,
                                     list(prompts) if prompts is not None else None, chat_ids, audio_token_ids)
-
-
-def _generate_from(model: torch.nn.Module, tokenizer: Any, eos_token_ids: Sequence[int], input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, config: GenerationConfig, *, cache: Any = None,
-                   extra: Mapping[str, torch.Tensor] | None = None, budgets: Sequence[int] | None = None,
-                   keep_cache: bool = False) -> Any:
-    """``model.generate`` as :func:`~.hf_runtime.generate_batch` runs it, optionally from a filled ``cache``;
-    returns the generations, and the cache too when ``keep_cache``."""
-    if config.do_sample:
-        torch.manual_seed(config.seed)
-    device = next(model.parameters()).device
-    generation = effective_generation_config(config, eos_token_ids, tokenizer.pad_token_id)
-    generation.return_dict_in_generate = True
-    keep_checkpoint = dict(config.extra).get(CHECKPOINT_DEFAULTS, False)
-    kwargs: dict[str, Any] = dict(extra or {})
-    if cache is not None:
-        kwargs["cache"] = cache
-    with contextlib.nullcontext() if keep_checkpoint else only_token_ids_from_checkpoint(model), \
-            head_on_last_positions(model, 1):
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                generation_config=generation, **kwargs)
-    width = input_ids.shape[1]
-    generations = decode_generations(output.sequences, width, attention_mask.sum(dim=1).tolist(), tokenizer,
-                                     eos_token_ids, budgets=budgets)
-    return (generations, output.cache) if keep_cache else generations
 
 
 def _rope_delta_holders(model: torch.nn.Module, batch: int) -> list[Any]:

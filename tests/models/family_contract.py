@@ -162,3 +162,87 @@ def assert_prompt_cache_matches(model, clips: list[np.ndarray]) -> None:
     rows = sorted(set(rows))  # a subset of the rows, as the diagnostics ask when some items are done already
     asked = [Prompt(audio=clips[k], text="Transcribe the speech in the audio exactly.") for k in rows]
     assert state.select(rows).generate(asked, GREEDY) == [model.generate([p], GREEDY)[0] for p in asked]
+
+
+def assert_distilled_keeps_its_speech_adapter(speech_dir: Path, text_dir: Path, out: Path, folder: str) -> None:
+    """A student that ships an audio-only LoRA (``speech_dir/folder``) trains distillation's LoRA beside it and saves
+    it apart: the speech adapter stays frozen and on for audio only while training; the merged checkpoint keeps it,
+    unchanged, in ``folder``; the checkpoint and the adapter folder both reload to the trained model's logits, on
+    text and on audio (a merge that baked the speech adapter into the weights, or dropped it, fails here)."""
+    from safetensors.torch import load_file
+
+    from speechlm_eval.distill.checkpointing import save_student
+    from speechlm_eval.distill.config import DistillConfig, resolve_distill_config
+    from speechlm_eval.distill.train import make_trainable
+    from speechlm_eval.models.registry import LoadOptions, load_model
+    from speechlm_eval.models.speech_adapter import SPEECH_ADAPTER, lora_layers_with
+
+    cpu = LoadOptions(device="cpu")
+    student = load_model(str(speech_dir), cpu)
+    original = load_model(str(speech_dir), cpu)
+    config = resolve_distill_config(DistillConfig(student=str(speech_dir), teacher=str(text_dir), out=out, lora=True,
+                                                  lora_r=2, lora_alpha=4))
+    model = make_trainable(student, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable), sorted(trainable)[:3]
+    torch.manual_seed(0)
+    for layer in lora_layers_with(model, "default"):  # peft starts lora_B at zero: make the adapter do something
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    shared = [layer for layer in lora_layers_with(model, "default") if SPEECH_ADAPTER in layer.lora_A]
+    assert shared, "distillation's LoRA shares no layer with the speech adapter: the test shows nothing"
+    student.model = model.eval()
+    prompts = [Prompt(text="Which animal is a mammal?"), Prompt(audio=clip(1.0, 3), text="Answer.")]
+    targets = ["B. whale", "the sea"]
+
+    def logits(speech_lm, prompt: Prompt, target: str) -> torch.Tensor:
+        with torch.no_grad():
+            return speech_lm.continuation_logits([prompt], [target])[0].float()
+
+    trained = [logits(student, p, t) for p, t in zip(prompts, targets)]
+    assert set(shared[0].active_adapters) == {"default", SPEECH_ADAPTER}  # the last batch held audio
+    logits(student, prompts[0], targets[0])
+    assert list(shared[0].active_adapters) == ["default"]  # text: distillation's LoRA alone
+    for before, after in zip((logits(original, p, t) for p, t in zip(prompts, targets)), trained):
+        assert (before - after).abs().max() > 1e-3  # the trained LoRA changes both paths
+    saved = save_student(model, student.processor, out, config, speech_adapter_folder=folder)
+    assert saved == out / "checkpoint"
+    written = load_file(str(saved / folder / "adapter_model.safetensors"))
+    shipped = load_file(str(speech_dir / folder / "adapter_model.safetensors"))
+    assert written.keys() == shipped.keys() and all(torch.equal(written[k], shipped[k]) for k in shipped)
+    weights = load_file(str(saved / "model.safetensors"))
+    assert not [k for k in weights if "lora_" in k or "base_layer" in k]
+    assert not (out / "adapter" / "speech").exists()  # the adapter folder holds distillation's LoRA only
+    for reloaded in (load_model(str(saved), cpu), load_model(str(out / "adapter"), cpu)):
+        assert reloaded.describe()["speech_adapter"] is True
+        for prompt, target, expected in zip(prompts, targets, trained):
+            torch.testing.assert_close(logits(reloaded, prompt, target), expected, rtol=1e-4, atol=1e-4)
+
+
+def assert_distill_runs_to_a_report(speech_dir: Path, text_dir: Path, out: Path, *, lora: bool) -> dict:
+    """``distill`` then the before/after evaluation on a tiny pair: the report and comparison are written, every
+    logged loss is finite, and what ``gap`` would score loads back (with LoRA: the merged checkpoint and the adapter
+    folder answer alike, on audio and on text). Returns the run's manifest."""
+    import math
+
+    from speechlm_eval.distill.config import DistillConfig, EvalConfig
+    from speechlm_eval.distill.pipeline import distill_and_compare
+    from speechlm_eval.models.registry import LoadOptions, load_model
+
+    report = distill_and_compare(
+        DistillConfig(student=str(speech_dir), teacher=str(text_dir), out=out, max_examples=8, batch_size=4,
+                      max_response_tokens=12, lr=1e-2, epochs=1, seed=0, lora=lora),
+        EvalConfig(eval_limit=4, eval_max_new_tokens=4, eval_device="cpu"))
+    assert "inequivalence" in report.read_text() and (out / "comparison.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(math.isfinite(r["loss_tt"]) and math.isfinite(r["loss_st"]) for r in log)
+    cpu = LoadOptions(device="cpu")
+    merged = load_model(str(out / "checkpoint"), cpu)
+    prompts = [Prompt(audio=clip(1.0, 4)), Prompt(text="Which animal is a mammal?")]
+    if lora:
+        adapter = load_model(str(out / "adapter"), cpu)
+        assert adapter.family == merged.family
+        for prompt in prompts:  # one at a time: a batch is all-audio or all-text
+            assert merged.generate([prompt], GREEDY)[0].text == adapter.generate([prompt], GREEDY)[0].text
+    return manifest

@@ -19,6 +19,7 @@ from tests.models.family_contract import (
     assert_batched_equals_single,
     assert_continuation_logits_contract,
     assert_distill_modules,
+    assert_distill_runs_to_a_report,
     assert_gap_run_is_complete,
     assert_prompt_cache_matches,
     assert_the_audio_reaches_the_model,
@@ -166,3 +167,10 @@ def test_the_audio_cache_changes_no_answer(af3):
 
 def test_the_prompt_cache_is_reused_as_a_fresh_forward_would_answer(af3):
     assert_prompt_cache_matches(af3, [clip(0.5 + 0.5 * k, seed=k) for k in range(4)])
+
+
+@pytest.mark.slow
+def test_distill_with_lora_runs_to_a_before_after_report(af3_pair, tmp_path):
+    text_dir, speech_dir = af3_pair
+    manifest = assert_distill_runs_to_a_report(speech_dir, text_dir, tmp_path / "run", lora=True)
+    assert manifest["student"]["family"] == "audioflamingo3"

@@ -17,9 +17,11 @@ from tests.fixtures.tiny import bundled_corpus
 from tests.fixtures.tiny_gemma3n import build_tiny_gemma3n_pair
 from tests.fixtures.tiny_models import CORPUS
 from tests.models.family_contract import (
+    assert_audio_cache_answers_alike,
     assert_batched_equals_single,
     assert_continuation_logits_contract,
     assert_distill_modules,
+    assert_distill_runs_to_a_report,
     assert_gap_run_is_complete,
     run_gap,
 )
@@ -171,6 +173,8 @@ def test_saved_checkpoint_round_trips(gemma, tmp_path):
     assert again.family == "gemma3n" and again.max_audio_seconds == gemma.max_audio_seconds
     assert again.generate([prompt], GREEDY)[0].text == expected
     torch.testing.assert_close(again.encode([prompt])["input_features"], gemma.encode([prompt])["input_features"])
+    # And through gap's audio cache, whose proxy stands in for the feature extractor (its own call has no defaults).
+    assert_audio_cache_answers_alike(again, [prompt, Prompt(audio=clip(2.0, 11))])
 
 
 def test_the_tiny_text_llm_is_its_backbone_and_the_family_names_none(gemma, text_llm):
@@ -190,7 +194,14 @@ def test_gap_end_to_end(pair, tmp_path):
 
 
 def test_the_audio_cache_changes_no_answer(gemma):
-    from tests.models.family_contract import assert_audio_cache_answers_alike, clip as contract_clip
+    from tests.models.family_contract import clip as contract_clip
 
     assert_audio_cache_answers_alike(gemma, [Prompt(audio=contract_clip(1.0, 1)), Prompt(audio=contract_clip(2.5, 2)),
                                            Prompt(audio=contract_clip(1.0, 3), text="ok?")])
+
+
+@pytest.mark.slow
+def test_distill_with_lora_runs_to_a_before_after_report(pair, tmp_path):
+    text_dir, speech_dir = pair
+    manifest = assert_distill_runs_to_a_report(speech_dir, text_dir, tmp_path / "run", lora=True)
+    assert manifest["student"]["family"] == "gemma3n"

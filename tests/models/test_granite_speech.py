@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from speechlm_eval.models import granite_speech
-from speechlm_eval.models.audio_text import SPEECH_ADAPTER, set_speech_adapter
+from speechlm_eval.models.speech_adapter import SPEECH_ADAPTER, set_speech_adapter
 from speechlm_eval.models.base import GenerationConfig, ModelInputError, Prompt
 from speechlm_eval.models.registry import LoadOptions, detect_family, load_model
 from tests.fixtures.tiny import bundled_corpus
@@ -21,6 +21,8 @@ from tests.models.family_contract import (
     assert_batched_equals_single,
     assert_continuation_logits_contract,
     assert_distill_modules,
+    assert_distill_runs_to_a_report,
+    assert_distilled_keeps_its_speech_adapter,
     assert_gap_run_is_complete,
     run_gap,
 )
@@ -179,14 +181,11 @@ def test_language_model_encoder_projector_and_lora_targets(pair):
     assert all(".language_model.layers." in name for name in model.lora_target_modules())
 
 
-def test_distillation_refuses_a_student_with_its_audio_only_adapter(granite):
-    from speechlm_eval.distill.config import ConfigError, DistillConfig
-    from speechlm_eval.distill.train import make_trainable
+def test_distillation_keeps_the_audio_only_adapter_separate(pair, tmp_path):
     from speechlm_eval.models.registry import get_family
 
-    assert "distill" not in get_family("granite-speech").capabilities
-    with pytest.raises(ConfigError, match="audio-only LoRA adapter"):
-        make_trainable(granite, DistillConfig())
+    assert "distill" in get_family("granite-speech").capabilities
+    assert_distilled_keeps_its_speech_adapter(pair[1], pair[0], tmp_path / "run", granite_speech.GraniteSpeechModel.speech_adapter_folder)
 
 
 def test_the_text_llm_is_labelled_its_backbone(pair, granite):
@@ -215,6 +214,13 @@ def test_gap_end_to_end(pair, tmp_path):
     results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "granite-speech")
     assert results["manifest"]["system_prompt"]["text"] == granite_speech.SYSTEM_PROMPT
     assert results["manifest"]["text_llm_reference"]["label"] == "backbone"
+
+
+@pytest.mark.slow
+def test_distill_with_lora_runs_to_a_before_after_report(pair, tmp_path):
+    manifest = assert_distill_runs_to_a_report(pair[1], pair[0], tmp_path / "run", lora=True)
+    assert manifest["student"]["speech_adapter"] is True
+    assert load_model(str(tmp_path / "run" / "checkpoint"), CPU).describe()["speech_adapter"] is True
 
 
 def test_the_audio_cache_changes_no_answer(granite):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm_eval.models.audio_text import SPEECH_ADAPTER
+from speechlm_eval.models.speech_adapter import SPEECH_ADAPTER
 from speechlm_eval.models.base import GenerationConfig, ModelInputError, Prompt
 from speechlm_eval.models.registry import LoadOptions, detect_family, load_model
 from tests.fixtures.tiny import bundled_corpus
@@ -20,6 +20,8 @@ from tests.models.family_contract import (
     assert_batched_equals_single,
     assert_continuation_logits_contract,
     assert_distill_modules,
+    assert_distill_runs_to_a_report,
+    assert_distilled_keeps_its_speech_adapter,
     assert_gap_run_is_complete,
     run_gap,
 )
@@ -164,15 +166,17 @@ def test_the_audio_path_inside_the_embedding_layer_and_lora_targets(pair):
 
 
 def test_a_full_fine_tune_keeps_the_audio_encoder_and_projector_frozen(pair, tmp_path):
-    """The audio encoder and projector sit inside the language model's module; unfreezing it leaves them frozen.
-    A checkpoint with its speech adapter is refused (the merge would bake the adapter into text, or drop it)."""
+    """The audio encoder and projector sit inside the language model's module; unfreezing it leaves them frozen,
+    and the vision path and the checkpoint's speech adapter too."""
     import shutil
 
-    from speechlm_eval.distill.config import ConfigError, DistillConfig
+    from speechlm_eval.distill.config import DistillConfig
     from speechlm_eval.distill.train import make_trainable
 
-    with pytest.raises(ConfigError, match="audio-only LoRA adapter"):
-        make_trainable(load_model(str(pair[1]), CPU), DistillConfig(lora=False))
+    with_adapter = load_model(str(pair[1]), CPU)
+    make_trainable(with_adapter, DistillConfig(lora=False))
+    trainable = [n for n, p in with_adapter.model.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if f".{SPEECH_ADAPTER}." in n or "embed_tokens_extend" in n]
     shutil.copytree(pair[1], tmp_path / "no_adapter", ignore=shutil.ignore_patterns("speech-lora"))
     model = load_model(str(tmp_path / "no_adapter"), CPU)
     assert model.describe()["speech_adapter"] is False
@@ -180,6 +184,14 @@ def test_a_full_fine_tune_keeps_the_audio_encoder_and_projector_frozen(pair, tmp
     assert not any(p.requires_grad for p in model.audio_encoder().parameters())
     assert not any(p.requires_grad for p in model.projector().parameters())
     assert all(p.requires_grad for p in model.model.model.layers.parameters())
+
+
+def test_distillation_keeps_the_speech_adapter_in_its_subfolder(pair, tmp_path):
+    from speechlm_eval.models.phi4_multimodal import SPEECH_LORA, Phi4MultimodalModel
+    from speechlm_eval.models.registry import get_family
+
+    assert "distill" in get_family("phi4-multimodal").capabilities and Phi4MultimodalModel.speech_adapter_folder == SPEECH_LORA
+    assert_distilled_keeps_its_speech_adapter(pair[1], pair[0], tmp_path / "run", SPEECH_LORA)
 
 
 def test_the_text_llm_is_labelled_its_backbone(pair, phi):
@@ -195,6 +207,25 @@ def test_gap_end_to_end(pair, tmp_path):
     results = assert_gap_run_is_complete(run_gap(speech_dir, text_dir, tmp_path / "run"), "phi4-multimodal")
     assert results["manifest"]["system_prompt"]["text"] is None
     assert results["manifest"]["text_llm_reference"]["label"] == "backbone"
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_runs_to_a_report_and_saves_the_speech_adapter_apart(pair, tmp_path):
+    from safetensors.torch import load_file
+
+    from speechlm_eval.models.phi4_multimodal import SPEECH_LORA
+
+    assert_distill_runs_to_a_report(pair[1], pair[0], tmp_path / "run", lora=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    written = load_file(str(checkpoint / SPEECH_LORA / "adapter_model.safetensors"))
+    shipped = load_file(str(pair[1] / SPEECH_LORA / "adapter_model.safetensors"))
+    assert written.keys() == shipped.keys() and all(torch.equal(written[k], shipped[k]) for k in shipped)
+    trained, original = load_file(str(checkpoint / "model.safetensors")), load_file(str(pair[1] / "model.safetensors"))
+    assert trained.keys() == original.keys()  # the checkpoint's own layout: no peft names
+    changed = [k for k in original if not torch.equal(trained[k], original[k])]
+    assert changed and all(k.startswith("model.layers.") or k.startswith("model.embed_tokens.") or k.startswith(
+        "model.norm.") or k.startswith("lm_head.") for k in changed), changed[:3]
+    assert load_model(str(checkpoint), CPU).describe()["speech_adapter"] is True
 
 
 def test_the_audio_cache_changes_no_answer(phi):

@@ -20,6 +20,7 @@ from tests.models.family_contract import (
     assert_batched_equals_single,
     assert_continuation_logits_contract,
     assert_distill_modules,
+    assert_distill_runs_to_a_report,
     assert_gap_run_is_complete,
     clip,
     run_gap,
@@ -213,3 +214,10 @@ def test_the_prompt_cache_is_reused_as_a_fresh_forward_would_answer(q3):
     from tests.models.family_contract import assert_prompt_cache_matches, clip as contract_clip
 
     assert_prompt_cache_matches(q3, [contract_clip(0.5 + 0.5 * k, seed=k) for k in range(4)])
+
+
+@pytest.mark.slow
+def test_distill_with_lora_runs_to_a_before_after_report(q3_pair, tmp_path):
+    text_dir, speech_dir = q3_pair
+    manifest = assert_distill_runs_to_a_report(speech_dir, text_dir, tmp_path / "run", lora=True)
+    assert manifest["student"]["family"] == "qwen3-omni"
