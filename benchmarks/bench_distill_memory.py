@@ -2,6 +2,9 @@
 real width and vocabulary (random weights, CPU), at ``speechlm-eval distill``'s defaults.
 
 Run: ``.venv/bin/python benchmarks/bench_distill_memory.py [--tokens 600] [--response 256]``; prints one JSON object.
+On a GPU: ``--device cuda`` measures the same cases in bfloat16 with ``torch.cuda.max_memory_allocated`` (no halving),
+and ``--full-depth`` adds each model at its real layer count, default batch and length, measured whole: the peak
+the projection stands for, printed beside it (a check of the projection; 7B weights do not fit this CPU machine).
 
 What is measured, in a fresh subprocess per case (peak resident-set growth over the model and inputs, ``ru_maxrss``),
 in float32 (CPU bfloat16 matmuls run ~50x slower here); activations are halved for the bfloat16 projection:
@@ -42,8 +45,10 @@ CONFIGS = {
 }
 
 
-def measure(name: str, layers: int, checkpointing: bool, batch: int, tokens: int, response: int) -> dict:
-    """One case in this process: peak RSS growth (bytes) of forward + backward over the model and inputs."""
+def measure(name: str, layers: int, checkpointing: bool, batch: int, tokens: int, response: int,
+            device: str = "cpu") -> dict:
+    """One case in this process: peak memory growth (bytes) of forward + backward over the model and inputs (RSS
+    on CPU, in float32; allocated GPU memory on cuda, in bfloat16), and on cuda the absolute peak, weights included."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -58,32 +63,48 @@ def measure(name: str, layers: int, checkpointing: bool, batch: int, tokens: int
                          num_attention_heads=spec["num_attention_heads"],
                          num_key_value_heads=spec["num_key_value_heads"], vocab_size=spec["vocab_size"],
                          num_hidden_layers=layers, max_position_embeddings=4096, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
+    cuda = device.startswith("cuda")
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    if cuda:
+        model = model.to(torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                    "o_proj"]))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    input_ids = torch.randint(0, spec["vocab_size"], (batch, tokens))
-    # A cached top-k teacher as the loop reads it (64 ids + rest + 64 tail samples per token): made directly, small.
-    vocab, lead = spec["vocab_size"], (batch, response)
-    logprobs = torch.randn(*lead, 64).sort(-1, descending=True).values - 3
-    teacher = TopK(logprobs, torch.randint(0, vocab, (*lead, 64)), torch.full(lead, -2.0),
-                   tail_indices=torch.randint(0, vocab, (*lead, 64)), tail_logprobs=torch.full((*lead, 64), -12.0),
-                   tail_stats=torch.stack([torch.zeros(lead), torch.full(lead, -1.0)], -1), tail_temperature=2.0)
-    mask = torch.ones(batch, response, dtype=torch.bool)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.device(device):
+        input_ids = torch.randint(0, spec["vocab_size"], (batch, tokens))
+        # A cached top-k teacher as the loop reads it (64 ids + rest + 64 tail samples per token): made directly.
+        vocab, lead = spec["vocab_size"], (batch, response)
+        logprobs = torch.randn(*lead, 64).sort(-1, descending=True).values - 3
+        teacher = TopK(logprobs, torch.randint(0, vocab, (*lead, 64)), torch.full(lead, -2.0),
+                       tail_indices=torch.randint(0, vocab, (*lead, 64)), tail_logprobs=torch.full((*lead, 64), -12.0),
+                       tail_stats=torch.stack([torch.zeros(lead), torch.full(lead, -1.0)], -1), tail_temperature=2.0)
+        mask = torch.ones(batch, response, dtype=torch.bool)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with head_on_last_positions(model, response + 1):
         logits = model(input_ids=input_ids, logits_to_keep=response + 1).logits[:, -(response + 1):-1]
     loss = kd_loss(logits, teacher, mask, temperature=2.0, topk_tail="sampled")
     loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"growth_bytes": peak - before, "peak_bytes": peak,
+                "parameters": sum(p.numel() for p in model.parameters())}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"growth_bytes": peak - before}
 
 
-def run_case(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--case", *args], capture_output=True, text=True, check=True)
+def run_case(*args: str, options: tuple[str, ...] = ()) -> dict:
+    done = subprocess.run([sys.executable, __file__, *options, "--case", *args], capture_output=True, text=True,
+                          check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -94,24 +115,40 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="the projection's micro-batch (distill --batch-size)")
     parser.add_argument("--measure-batch", type=int, default=1, help="batch of the measured cases")
     parser.add_argument("--measure-tokens", type=int, default=300)
+    parser.add_argument("--device", default="cpu", help="cpu (float32, RSS) or cuda (bfloat16, allocated memory)")
+    parser.add_argument("--full-depth", action="store_true",
+                        help="also measure each model whole at the defaults (real layers; needs a GPU's memory)")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if args.full_depth and not cuda:
+        parser.error("--full-depth builds 7B models: it needs --device cuda")
     if args.case:
         name, layers, checkpointing = args.case
-        print(json.dumps(measure(name, int(layers), checkpointing == "1", args.measure_batch, args.measure_tokens,
-                                 min(args.response, args.measure_tokens - 8))))
+        if int(layers) == CONFIGS[name]["layers"]:  # a whole model, at the projection's batch and length
+            batch, tokens, response = args.batch, args.tokens, args.response
+        else:
+            batch, tokens = args.measure_batch, args.measure_tokens
+            response = min(args.response, args.measure_tokens - 8)
+        print(json.dumps(measure(name, int(layers), checkpointing == "1", batch, tokens, response, args.device)))
         return
+    options = ("--device", args.device, "--batch", str(args.batch), "--tokens", str(args.tokens),
+               "--response", str(args.response), "--measure-batch", str(args.measure_batch),
+               "--measure-tokens", str(args.measure_tokens))
+    scale = 1.0 if cuda else BF16_OVER_FP32
     report: dict = {"defaults": {"batch": args.batch, "tokens": args.tokens, "response": args.response,
-                                 "dtype": "bfloat16 (measured in float32, activations halved)",
+                                 "dtype": "bfloat16 (measured in bfloat16 on the GPU)" if cuda else
+                                          "bfloat16 (measured in float32, activations halved)",
                                  "lora": "r=16 on q/k/v/o"},
-                    "measured_on": {"batch": args.measure_batch, "tokens": args.measure_tokens}, "models": {}}
+                    "measured_on": {"batch": args.measure_batch, "tokens": args.measure_tokens,
+                                    "device": args.device}, "models": {}}
     measured_tokens = args.measure_batch * args.measure_tokens
     for name, spec in CONFIGS.items():
         entry: dict = {"real_layers": spec["layers"], "parameters": spec["parameters"]}
         for checkpointing in (False, True):
-            one = run_case(name, "1", str(int(checkpointing)))["growth_bytes"]
-            two = run_case(name, "2", str(int(checkpointing)))["growth_bytes"]
-            per_layer_token = max(0, two - one) / measured_tokens * BF16_OVER_FP32
+            one = run_case(name, "1", str(int(checkpointing)), options=options)["growth_bytes"]
+            two = run_case(name, "2", str(int(checkpointing)), options=options)["growth_bytes"]
+            per_layer_token = max(0, two - one) / measured_tokens * scale
             # Embedding lookups, the head on the response positions, the chunked loss (bf16 as well, except the loss's
             # float32 chunks: kept at their measured size, an overestimate for the rest).
             rest = max(0, one - (two - one))
@@ -123,7 +160,8 @@ def main() -> None:
             # The previous recipe: both channels alive until one backward, logits at every position.
             full_logits = args.batch * args.tokens * spec["vocab_size"] * 4 * 2  # fp32 logits + their gradient
             before = weights + 2 * activations + rest_scaled + full_logits
-            entry["checkpointing" if checkpointing else "no_checkpointing"] = {
+            key = "checkpointing" if checkpointing else "no_checkpointing"
+            entry[key] = {
                 "measured_growth_1_layer_gib": round(one / GIB, 3), "measured_growth_2_layers_gib": round(two / GIB, 3),
                 "per_layer_per_token_kib": round(per_layer_token / 1024, 1),
                 "projected_peak_gib": round(projected / GIB, 1),
@@ -131,6 +169,12 @@ def main() -> None:
                 "parts_gib": {"weights_bf16": round(weights / GIB, 1), "activations": round(activations / GIB, 1),
                               "rest": round(rest_scaled / GIB, 1)},
             }
+            if args.full_depth:
+                whole = run_case(name, str(spec["layers"]), str(int(checkpointing)), options=options)
+                # The language model is built, not the audio encoder: its bf16 weights are added (frozen, no grad).
+                measured = whole["peak_bytes"] + max(0, spec["parameters"] - whole["parameters"]) * 2
+                entry[key]["measured_peak_full_depth_gib"] = round(measured / GIB, 1)
+                entry[key]["measured_over_projected"] = round(measured / projected, 3)
         entry["target_gib"] = 40
         report["models"][name] = entry
     print(json.dumps(report, indent=2))

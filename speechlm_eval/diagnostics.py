@@ -127,7 +127,8 @@ def run_distribution_diagnostics(
         and responses.get(i.id, {}).get("error") is None and responses.get(i.id, {}).get("response")])
     todo = sorted(todo, key=lambda i: -audio_length(i))  # similar clip lengths share a batch: least padding
     tokenizer = speech_llm.tokenizer  # type: ignore[attr-defined]
-    shown = stage("diagnostics: KL/JSD", total=len(todo), enabled=process_state().is_main_process)
+    # Nothing left (the speech arm's prompt cache did it all, or a resume): no stage line of 0 items.
+    shown = stage("diagnostics: KL/JSD", total=len(todo), enabled=process_state().is_main_process and bool(todo))
     with shown, RecordWriter(path) as writer:
         for batch in batches(todo, batch_size):
             records, ready, audio_prompts = [], [], []
@@ -239,7 +240,7 @@ def run_perception_probe(
     path, todo = _my_share(run_dir, PERCEPTION, [i for i in items if i.id not in done and i.text_to_speak()])
     budgets = {i.id: probe_budget(spoken_tokens(speech_llm, i.text_to_speak() or ""), max_new_tokens) for i in todo}
     todo = sorted(todo, key=lambda i: (-budgets[i.id], -audio_length(i)))
-    shown = stage("perception probe", total=len(todo), enabled=process_state().is_main_process)
+    shown = stage("perception probe", total=len(todo), enabled=process_state().is_main_process and bool(todo))
     with shown, RecordWriter(path) as writer:
         for budget, group in itertools.groupby(todo, key=lambda i: budgets[i.id]):
             _probe_group(list(group), budget, speech_llm, audio_source, instruction, batch_size, system, writer,

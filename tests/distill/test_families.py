@@ -54,14 +54,14 @@ def test_distill_a_real_shaped_pair_over_the_shared_support(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("thinker_only", [False, True])
-def test_distill_the_omni_thinker(tmp_path, thinker_only):
+def test_distill_the_omni_thinker_to_a_before_after_report(tmp_path, thinker_only):
+    from tests.models.family_contract import assert_distill_runs_to_a_report
+
     text_dir, speech_dir = build_tiny_omni_pair(CORPUS, tmp_path / "omni", TinySpec(vocab_size=400),
                                                 thinker_only=thinker_only)
-    out = tmp_path / "run"
-    checkpoint = distill(DistillConfig(student=str(speech_dir), teacher=str(text_dir), out=out, **SMALL))
-    assert json.loads((out / "manifest.json").read_text())["finished"]
-    reloaded = load_model(str(checkpoint), LoadOptions(device="cpu"))
-    assert reloaded.describe()["family"] == "qwen2.5-omni"
+    manifest = assert_distill_runs_to_a_report(speech_dir, text_dir, tmp_path / "run", lora=True)
+    assert manifest["student"]["family"] == "qwen2.5-omni"
+    assert load_model(str(tmp_path / "run" / "checkpoint"), LoadOptions(device="cpu")).family == "qwen2.5-omni"
 
 
 @pytest.mark.slow

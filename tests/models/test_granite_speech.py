@@ -188,6 +188,36 @@ def test_distillation_keeps_the_audio_only_adapter_separate(pair, tmp_path):
     assert_distilled_keeps_its_speech_adapter(pair[1], pair[0], tmp_path / "run", granite_speech.GraniteSpeechModel.speech_adapter_folder)
 
 
+def test_the_fsdp_save_path_writes_what_the_plain_one_does(pair, tmp_path):
+    """The save from a gathered full state dict (FSDP's path: the merge is rebuilt from the saved adapter on a fresh
+    student) writes the same weights and the same speech adapter as the plain save, with LoRA and without."""
+    from safetensors.torch import load_file
+
+    from speechlm_eval.distill.checkpointing import gathered_student_state, save_student
+    from speechlm_eval.distill.config import DistillConfig, resolve_distill_config
+    from speechlm_eval.distill.train import make_trainable
+
+    folder = granite_speech.GraniteSpeechModel.speech_adapter_folder
+    for lora in (True, False):
+        config = resolve_distill_config(DistillConfig(student=str(pair[1]), teacher=str(pair[0]), lora=lora,
+                                                      out=tmp_path / f"cfg{lora}"))
+        student = load_model(str(pair[1]), CPU)
+        model = make_trainable(student, config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)
+        gathered = save_student(model, student.processor, tmp_path / f"gathered{lora}", config,
+                                state_dict=gathered_student_state(model, lora), speech_adapter_folder=folder)
+        plain = save_student(model, student.processor, tmp_path / f"plain{lora}", config,
+                             speech_adapter_folder=folder)
+        for name in ("model.safetensors", "adapter_model.safetensors"):
+            a, b = (load_file(str(d / name)) for d in (plain, gathered))
+            assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), name
+        shipped = load_file(str(pair[1] / "adapter_model.safetensors"))
+        assert all(torch.equal(load_file(str(gathered / "adapter_model.safetensors"))[k], v) for k, v in shipped.items())
+
+
 def test_the_text_llm_is_labelled_its_backbone(pair, granite):
     from speechlm_eval.backbone import backbone_identity
 
