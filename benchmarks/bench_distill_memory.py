@@ -6,8 +6,11 @@ On a GPU: ``--device cuda`` measures the same cases in bfloat16 with ``torch.cud
 and ``--full-depth`` adds each model at its real layer count, default batch and length, measured whole: the peak
 the projection stands for, printed beside it (a check of the projection; 7B weights do not fit this CPU machine).
 
-What is measured, in a fresh subprocess per case (peak resident-set growth over the model and inputs, ``ru_maxrss``),
-in float32 (CPU bfloat16 matmuls run ~50x slower here); activations are halved for the bfloat16 projection:
+What is measured, in a fresh subprocess per case (peak resident-set growth over the model and inputs: the peak is
+reset to the current RSS after set-up, Linux ``clear_refs``), at the projection's own batch and length (by default;
+``--measure-batch``/``--measure-tokens`` measure smaller and scale linearly, which overstates the head-and-loss part
+that scales with the response positions), in float32 (CPU bfloat16 matmuls run ~50x slower here); activations are
+halved for the bfloat16 projection:
 one channel's forward + backward of the KD loss exactly as the training loop runs it (LoRA r=16 on q/k/v/o, the head
 projecting only the response positions, the chunked KD loss against a cached top-k teacher), for the language model of
 each 7B configuration with 1 and 2 decoder layers, with and without gradient checkpointing. The difference between the
@@ -30,6 +33,7 @@ import json
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -88,7 +92,7 @@ def measure(name: str, layers: int, checkpointing: bool, batch: int, tokens: int
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = start_peak_window()
     with head_on_last_positions(model, response + 1):
         logits = model(input_ids=input_ids, logits_to_keep=response + 1).logits[:, -(response + 1):-1]
     loss = kd_loss(logits, teacher, mask, temperature=2.0, topk_tail="sampled")
@@ -98,8 +102,33 @@ def measure(name: str, layers: int, checkpointing: bool, batch: int, tokens: int
         peak = torch.cuda.max_memory_allocated()
         return {"growth_bytes": peak - before, "peak_bytes": peak,
                 "parameters": sum(p.numel() for p in model.parameters())}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"growth_bytes": peak - before}
+    return {"growth_bytes": peak_rss() - before}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+
+def start_peak_window() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux ``clear_refs`` 5) and return that RSS in bytes, so
+    the peak read later is this window's own. ``ru_maxrss`` alone cannot be reset: it keeps the model set-up's peak
+    (random initialisation's temporaries), which hides a forward+backward peak below it. Without ``clear_refs``
+    (not Linux), the set-up's peak is the baseline."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    """The process's peak RSS in bytes since :func:`start_peak_window` (``VmHWM``; else ``ru_maxrss``)."""
+    try:
+        return _status_kib("VmHWM") * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_case(*args: str, options: tuple[str, ...] = ()) -> dict:
@@ -113,13 +142,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=600, help="tokens per sequence (prompt + response)")
     parser.add_argument("--response", type=int, default=256, help="response tokens (the positions the head sees)")
     parser.add_argument("--batch", type=int, default=8, help="the projection's micro-batch (distill --batch-size)")
-    parser.add_argument("--measure-batch", type=int, default=1, help="batch of the measured cases")
-    parser.add_argument("--measure-tokens", type=int, default=300)
+    parser.add_argument("--measure-batch", type=int, default=None, help="batch of the measured cases (--batch)")
+    parser.add_argument("--measure-tokens", type=int, default=None, help="their tokens per sequence (--tokens)")
+    parser.add_argument("--jobs", type=int, default=1, help="cases measured at once (each its own process)")
     parser.add_argument("--device", default="cpu", help="cpu (float32, RSS) or cuda (bfloat16, allocated memory)")
     parser.add_argument("--full-depth", action="store_true",
                         help="also measure each model whole at the defaults (real layers; needs a GPU's memory)")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.measure_batch = args.measure_batch or args.batch
+    args.measure_tokens = args.measure_tokens or args.tokens
     cuda = args.device.startswith("cuda")
     if args.full_depth and not cuda:
         parser.error("--full-depth builds 7B models: it needs --device cuda")
@@ -143,11 +175,14 @@ def main() -> None:
                     "measured_on": {"batch": args.measure_batch, "tokens": args.measure_tokens,
                                     "device": args.device}, "models": {}}
     measured_tokens = args.measure_batch * args.measure_tokens
+    cases = [(name, str(layers), str(int(checkpointing))) for name in CONFIGS for checkpointing in (False, True)
+             for layers in (1, 2)]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        growth = dict(zip(cases, pool.map(lambda case: run_case(*case, options=options)["growth_bytes"], cases)))
     for name, spec in CONFIGS.items():
         entry: dict = {"real_layers": spec["layers"], "parameters": spec["parameters"]}
         for checkpointing in (False, True):
-            one = run_case(name, "1", str(int(checkpointing)), options=options)["growth_bytes"]
-            two = run_case(name, "2", str(int(checkpointing)), options=options)["growth_bytes"]
+            one, two = (growth[(name, layers, str(int(checkpointing)))] for layers in ("1", "2"))
             per_layer_token = max(0, two - one) / measured_tokens * scale
             # Embedding lookups, the head on the response positions, the chunked loss (bf16 as well, except the loss's
             # float32 chunks: kept at their measured size, an overestimate for the rest).
