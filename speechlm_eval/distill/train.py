@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -629,7 +628,8 @@ def make_trainable(student: Any, config: DistillConfig, checkpointing: bool = Fa
     distillation's LoRA joins it on the same layers and is on for every prompt, the speech adapter for audio only
     (:mod:`speechlm_eval.models.speech_adapter`; :func:`~.checkpointing.save_student` saves it apart again).
     """
-    from speechlm_eval.models.speech_adapter import freeze_speech_adapter, speech_adapter_loaded
+    from speechlm_eval.models.speech_adapter import (beside_speech_adapter, freeze_speech_adapter,
+                                                     speech_adapter_loaded)
 
     model = student.model
     keeps_speech_adapter = speech_adapter_loaded(model)
@@ -646,9 +646,7 @@ def make_trainable(student: Any, config: DistillConfig, checkpointing: bool = Fa
                               "of the language model")
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, bias="none")
-        with warnings.catch_warnings():
-            if keeps_speech_adapter:  # peft warns that a second adapter joins the checkpoint's own: intended here
-                warnings.filterwarnings("ignore", message=".*(for a second time|multiple adapters).*")
+        with beside_speech_adapter() if keeps_speech_adapter else contextlib.nullcontext():
             model = get_peft_model(model, lora)
     else:
         student.language_model().requires_grad_(True)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 from speechlm_eval.models.base import Family, LoadOptions, ModelLoadError, SpeechLM
@@ -86,14 +85,13 @@ def load_adapter(path: str, adapter_config: dict, options: LoadOptions, family: 
     """The base model with the LoRA adapter at ``path`` merged in; its manifest identity names both."""
     from peft import PeftModel
 
-    from speechlm_eval.models.speech_adapter import merge_lora
+    from speechlm_eval.models.speech_adapter import beside_speech_adapter, merge_lora
 
     base = adapter_config.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{path}: adapter_config.json names no base model (base_model_name_or_path)")
     model = load_model(base, options, family)
-    with warnings.catch_warnings():  # a base with its own audio-only adapter: peft warns of a second one (intended)
-        warnings.filterwarnings("ignore", message=".*(for a second time|multiple adapters).*")
+    with beside_speech_adapter():  # a base may hold its own audio-only adapter
         adapted = PeftModel.from_pretrained(model.model, path)  # type: ignore[attr-defined]
     model.model = merge_lora(adapted).eval()  # type: ignore[attr-defined]
     describe = model.describe

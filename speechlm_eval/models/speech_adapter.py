@@ -9,11 +9,12 @@ off on text (peft's ``merge_and_unload`` would bake every active adapter into th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -68,6 +69,21 @@ def load_speech_adapter(model: torch.nn.Module, name_or_path: str, options: Load
 NO_AUTOMATIC_ADAPTER = {"subfolder": "speechlm-eval-loads-the-adapter-itself"}
 
 
+def lora_layers_with(model: torch.nn.Module, adapter: str) -> list[Any]:
+    """The peft LoRA layers of ``model`` that hold ``adapter``."""
+    return [m for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+            and adapter in m.lora_A]
+
+
+@contextlib.contextmanager
+def beside_speech_adapter() -> Iterator[None]:
+    """Silence peft's warnings that a second adapter joins a model that already holds one (the checkpoint's speech
+    adapter): intended wherever distillation's LoRA is added beside it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(for a second time|multiple adapters).*")
+        yield
+
+
 def set_speech_adapter(model: torch.nn.Module, active: bool, adapter: str = SPEECH_ADAPTER) -> None:
     """Turn a checkpoint's own audio-only LoRA adapter on (audio prompts) or off (text prompts).
 
@@ -77,10 +93,7 @@ def set_speech_adapter(model: torch.nn.Module, active: bool, adapter: str = SPEE
     Only this adapter is added to or removed from each layer's active adapters (another one, e.g. distillation's
     LoRA, stays as it is), and no ``requires_grad`` flag changes. No-op on layers without it.
     """
-    for module in model.modules():
-        lora_a = getattr(module, "lora_A", None)
-        if not isinstance(lora_a, torch.nn.ModuleDict) or adapter not in lora_a:
-            continue
+    for module in lora_layers_with(model, adapter):
         names = [n for n in module.active_adapters if n != adapter]
         wanted = names + [adapter] if active else names
         if list(module.active_adapters) != wanted:
@@ -89,14 +102,7 @@ def set_speech_adapter(model: torch.nn.Module, active: bool, adapter: str = SPEE
 
 def speech_adapter_loaded(model: torch.nn.Module, adapter: str = SPEECH_ADAPTER) -> bool:
     """Whether ``model`` holds the checkpoint's own audio-only adapter."""
-    return any(isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and adapter in m.lora_A
-               for m in model.modules())
-
-
-def lora_layers_with(model: torch.nn.Module, adapter: str) -> list[Any]:
-    """The peft LoRA layers of ``model`` that hold ``adapter``."""
-    return [m for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
-            and adapter in m.lora_A]
+    return bool(lora_layers_with(model, adapter))
 
 
 def freeze_speech_adapter(model: torch.nn.Module, adapter: str = SPEECH_ADAPTER) -> None:

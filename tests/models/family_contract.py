@@ -67,12 +67,16 @@ def assert_distill_modules(model, encoder_class: str, projector_class: str | Non
     ``lora_targets`` adapts some of the language model's modules (with ``lm_only``, nothing outside it)."""
     from peft import LoraConfig, get_peft_model
 
+    from speechlm_eval.models.speech_adapter import beside_speech_adapter
+
     assert type(model.language_model()).__name__ == lm_class
     assert type(model.audio_encoder()).__name__ == encoder_class
     projector = model.projector()
     assert (type(projector).__name__ if projector is not None else None) == projector_class
     assert model.language_model() is not model.model and model.audio_encoder() is not model.model
-    peft_model = get_peft_model(model.model, LoraConfig(r=2, lora_alpha=4, target_modules=model.lora_target_modules()))
+    with beside_speech_adapter():  # Granite Speech / Phi-4 already hold their own adapter
+        peft_model = get_peft_model(model.model, LoraConfig(r=2, lora_alpha=4,
+                                                            target_modules=model.lora_target_modules()))
     try:
         adapted = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]
         assert adapted, f"{model.lora_targets!r} matched no module"
